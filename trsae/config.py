@@ -1,0 +1,126 @@
+"""Typed, self-checking configurations for each stage, and parameter files.
+
+Imports nothing of trsae. Every dataclass validates itself in ``__post_init__`` and raises a ``ValueError``
+that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def cache_dir() -> Path:
+    """Root of the project's caches (converted models, downloaded data): ``$TRSAE_CACHE`` or ``~/.cache/trsae``."""
+    return Path(os.environ.get("TRSAE_CACHE", Path.home() / ".cache" / "trsae"))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (dataclasses are converted first)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest: which model, layer and text, how many tokens, and how to store them."""
+
+    model: str = "gemma-3-270m"
+    """Model name from `trsae.lm.MODELS`."""
+    layer: int = 6
+    """Residual stream after decoder block ``layer`` (0-based): ``hidden_states[layer + 1]``."""
+    data: str = "brown+sotu"
+    """Text sources joined by ``+`` (see `trsae.data`)."""
+    tokens: int = 200_000
+    """Tokens to harvest (rounded up to whole contexts)."""
+    ctx_len: int = 128
+    """Context length T, BOS included."""
+    seqs_per_shard: int = 64
+    """Sequences per shard file; a shard is the unit of resume."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    dtype: str = "float32"
+    """Storage dtype: float32 or bfloat16."""
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    split_seed: int = 0
+    """Seed of the permutation that assigns sequences to train / val / test."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "ctx_len", "seqs_per_shard", "batch_size"):
+            _positive(name, getattr(self, name))
+        if self.ctx_len < 2:
+            raise ValueError(f"ctx_len must be at least 2 (BOS plus one token), got {self.ctx_len}")
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ValueError(f"val_frac and test_frac must be in [0, 1) and sum below 1, "
+                             f"got {self.val_frac}, {self.test_frac}")
+
+    @property
+    def n_seq(self) -> int:
+        """Number of contexts: tokens / ctx_len, rounded up."""
+        return -(-self.tokens // self.ctx_len)
+
+
+def load_params(path: str | os.PathLike, allowed: set[str] | None = None) -> dict[str, Any]:
+    """Read a papermill parameter file (YAML) and reject keys not in ``allowed``."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"parameter file {p} not found")
+    params = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{p}: expected a mapping of parameter names to values")
+    if allowed is not None:
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(f"{p}: unknown parameter(s) {unknown}; known: {sorted(allowed)}")
+    return params
+
+
+@dataclass
+class TrainConfig:
+    """How to train one SAE on a store (the SAE's own config lives with the SAE in `trsae.saes`)."""
+
+    tokens: int = 1_000_000
+    """Training tokens (valid tokens seen are slightly fewer: BOS is masked)."""
+    batch_size: int = 32
+    """Windows per batch."""
+    window_len: int = 128
+    """Tokens per window; must divide the store's context length."""
+    shuffle: str = "window"
+    """Shuffle whole windows ("window") or whole sequences ("sequence"); never single tokens."""
+    lr: float = 4e-4
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2
+    """Linear decay to zero over the last ``decay_frac`` of training."""
+    seed: int = 0
+    dead_tokens: int = 200_000
+    """A latent that has not fired for this many tokens is dead (feeds the TopK auxiliary loss)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    log_every: int = 20
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "window_len", "lr", "dead_tokens", "checkpoint_every", "log_every"):
+            _positive(name, getattr(self, name))
+        if self.shuffle not in ("window", "sequence"):
+            raise ValueError(f"shuffle must be 'window' or 'sequence', got {self.shuffle!r}")
+        if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1 and self.warmup_frac + self.decay_frac <= 1):
+            raise ValueError("warmup_frac and decay_frac must be fractions that sum to at most 1")
