@@ -1,0 +1,151 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trsae.config import HarvestConfig
+from trsae.store import ActivationStore, StoreError, harvest
+
+CFG = HarvestConfig(model="tiny-gpt2", layer=1, data="brown", tokens=40 * 32, ctx_len=32, seqs_per_shard=8,
+                    batch_size=4, val_frac=0.1, test_frac=0.1)
+
+
+def test_stored_acts_equal_the_models_hidden_states(tiny_store, tiny_model):
+    for seq in (0, 17, 39):
+        acts_TD, ids_T = tiny_store.sequence(seq)
+        ref = tiny_model.hf(ids_T[None].long(), output_hidden_states=True).hidden_states[2][0]
+        torch.testing.assert_close(acts_TD, ref, rtol=0, atol=1e-5)
+        assert ids_T[0] == tiny_model.bos_id
+
+
+def test_manifest_says_what_the_store_is(tiny_store):
+    m = tiny_store.manifest
+    assert (m["model"], m["layer"], m["data"], m["ctx_len"], m["dtype"]) == ("tiny-gpt2", 1, "brown", 32, "float32")
+    assert m["token_count"] == 40 * 32 and m["complete"] and len(m["shards"]) == 5
+    assert m["split"] == {"train": 32, "val": 4, "test": 4}
+
+
+def test_norm_scale_gives_unit_mean_square_per_dim_on_train(tiny_store):
+    sq = []
+    for seq in tiny_store.splits["train"]:
+        a, ids = tiny_store.sequence(int(seq))
+        sq.append(a[ids != 50256].double().pow(2).sum(-1))
+    mean_sq = torch.cat(sq).mean().item()
+    assert tiny_store.norm_scale ** 2 * mean_sq == pytest.approx(tiny_store.d_model, rel=1e-6)
+
+
+def test_splits_are_disjoint_and_cover_every_sequence(tiny_store):
+    s = tiny_store.splits
+    allseq = np.concatenate([s["train"], s["val"], s["test"]])
+    assert sorted(allseq.tolist()) == list(range(40))
+
+
+def test_interrupted_harvest_resumes_to_the_same_store(tmp_path, tiny_model, tiny_store):
+    out = tmp_path / "resumed"
+    partial = harvest(CFG, out, model=tiny_model, progress=False, max_shards=2)
+    assert not partial.manifest["complete"] and len(partial.manifest["shards"]) == 2
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(out)
+    resumed = harvest(CFG, out, model=tiny_model, progress=False, max_shards=1)
+    resumed = harvest(CFG, out, model=tiny_model, progress=False)
+    ref = tiny_store.manifest
+    got = resumed.manifest
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in ref["shards"]]
+    assert got["norm_scale"] == ref["norm_scale"] and got["complete"]
+
+
+def test_another_config_in_the_same_folder_is_refused(tmp_path, tiny_model):
+    harvest(CFG, tmp_path, model=tiny_model, progress=False, max_shards=1)
+    with pytest.raises(StoreError, match="another configuration"):
+        harvest(dataclasses.replace(CFG, layer=2), tmp_path, model=tiny_model, progress=False)
+
+
+def _copy_store(src, dst):
+    import shutil
+    shutil.copytree(src.path, dst)
+    return dst
+
+
+def test_corrupted_shard_is_detected(tmp_path, tiny_store):
+    p = _copy_store(tiny_store, tmp_path / "s")
+    shard = p / "shard_00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-7] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    store = ActivationStore(p)
+    store.sequence(0)  # shard 0 is intact
+    with pytest.raises(StoreError, match="corrupted or truncated"):
+        store.sequence(8)
+
+
+def test_truncated_shard_is_detected_even_without_checksums(tmp_path, tiny_store):
+    p = _copy_store(tiny_store, tmp_path / "s")
+    shard = p / "shard_00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(StoreError, match="corrupted or truncated"):
+        ActivationStore(p).sequence(16)
+    with pytest.raises(StoreError, match="cannot be read"):
+        ActivationStore(p, verify=False).sequence(16)
+
+
+def test_missing_store_and_broken_manifest(tmp_path):
+    with pytest.raises(StoreError, match="python -m trsae harvest"):
+        ActivationStore(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        ActivationStore(tmp_path)
+
+
+@pytest.mark.parametrize("shuffle", ["window", "sequence", None])
+@pytest.mark.parametrize("window_len", [8, 32])
+def test_windows_are_whole_and_never_mix_sequences(tiny_store, shuffle, window_len):
+    n = 0
+    for b in tiny_store.batches("train", batch_size=6, window_len=window_len, shuffle=shuffle, seed=1, epochs=1):
+        for acts_TD, ids_T, pos_T, seq in zip(b.acts_BTD, b.ids_BT, b.pos_BT, b.seq_B):
+            ref_acts, ref_ids = tiny_store.sequence(int(seq))
+            assert int(seq) in tiny_store.splits["train"]
+            assert torch.equal(pos_T, torch.arange(pos_T[0], pos_T[0] + window_len))
+            assert torch.equal(ids_T, ref_ids[pos_T].long())
+            torch.testing.assert_close(acts_TD, ref_acts[pos_T] * tiny_store.norm_scale)
+            n += 1
+    assert n == (32 * (32 // window_len)) // 6 * 6
+
+
+def test_bos_never_reaches_training_tokens(tiny_store):
+    saw_bos = False
+    for b in tiny_store.batches("train", batch_size=4, window_len=8, seed=0, epochs=1):
+        assert not (b.ids_BT[b.mask_BT] == 50256).any()
+        assert (b.mask_BT == (b.ids_BT != 50256)).all()
+        saw_bos |= bool((~b.mask_BT).any())
+    assert saw_bos  # windows that start a sequence carry BOS, masked out
+
+
+def test_cursor_resumes_the_same_stream(tiny_store):
+    full = list(tiny_store.batches("train", batch_size=5, window_len=16, seed=3, epochs=3))
+    tail = list(tiny_store.batches("train", batch_size=5, window_len=16, seed=3, start=7, epochs=3))
+    assert len(tail) == len(full) - 7
+    for a, b in zip(full[7:], tail):
+        assert torch.equal(a.seq_B, b.seq_B) and torch.equal(a.pos_BT, b.pos_BT)
+    # a new epoch is a new permutation, and a shuffled epoch differs from the ordered one
+    per_epoch = len(full) // 3
+    assert not torch.equal(full[0].seq_B, full[per_epoch].seq_B) or not torch.equal(full[0].pos_BT, full[per_epoch].pos_BT)
+
+
+def test_window_must_divide_context(tiny_store):
+    with pytest.raises(ValueError, match="divide"):
+        next(tiny_store.batches("train", window_len=5))
+
+
+@pytest.mark.slow
+def test_gemma_store_equals_hidden_states(tmp_path, gemma_model):
+    cfg = HarvestConfig(model="gemma-3-270m", layer=6, data="sotu", tokens=3 * 16, ctx_len=16, seqs_per_shard=2,
+                        batch_size=2, val_frac=0.0, test_frac=0.0)
+    store = harvest(cfg, tmp_path, model=gemma_model, progress=False)
+    for seq in range(3):
+        acts_TD, ids_T = store.sequence(seq)
+        ref = gemma_model.hf(ids_T[None].long(), output_hidden_states=True).hidden_states[7][0]
+        torch.testing.assert_close(acts_TD, ref, rtol=1e-5, atol=1e-3)
+        assert ids_T[0] == 2  # Gemma's BOS
+    assert json.loads((tmp_path / "manifest.json").read_text())["d_model"] == 640

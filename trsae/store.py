@@ -1,0 +1,336 @@
+"""Harvest a layer's residual stream into a sequence-preserving activation store, and stream windows from it.
+
+On disk (one folder)::
+
+    manifest.json               model, layer, data, ctx_len, dtype, d_model, split, norm_scale, token counts,
+                                config hash, and one entry (file, n_seq, sha256) per finished shard
+    shard_00000.safetensors     acts [n_seq, T, d] (float32 or bfloat16) and ids [n_seq, T] (int32)
+
+Sequences stay whole. Shards and the manifest are written to a temporary file and renamed, so a reader
+never sees a partial file; the manifest lists only finished shards, so an interrupted harvest resumes at
+the first missing one. Sequences (not tokens) are split into train / val / test by a seeded permutation.
+Batches are windows of consecutive tokens of one sequence, shuffled by window or by sequence within a
+bounded buffer of shards; BOS and other special tokens are masked out (``mask_BT`` is False there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from trsae.config import HarvestConfig, config_hash
+from trsae.data import iter_mixed_documents, make_contexts
+from trsae.lm import LoadedModel, layer_acts, load_model
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete, corrupted, or was built for something else."""
+
+
+class Batch(NamedTuple):
+    """A batch of windows: ``B`` windows of ``T`` consecutive tokens, each from one sequence."""
+
+    acts_BTD: torch.Tensor
+    """Activations, float32, multiplied by the store's normalisation scalar (E‖x‖² = d on train)."""
+    mask_BT: torch.Tensor
+    """True on ordinary tokens; False on BOS and other special tokens (never trained on or scored)."""
+    pos_BT: torch.Tensor
+    """Absolute position of each token in its sequence."""
+    ids_BT: torch.Tensor
+    """Token ids."""
+    seq_B: torch.Tensor
+    """Global sequence index of each window."""
+
+
+# --- atomic file writes -------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Save tensors as safetensors atomically; return the file's SHA-256."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+# --- harvest ------------------------------------------------------------------------------------------
+
+def _store_identity(cfg: HarvestConfig) -> dict:
+    """The fields that determine a store's content (batch size does not)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("batch_size")
+    return d
+
+
+def split_assignment(n_seq: int, val_frac: float, test_frac: float, seed: int) -> dict[str, np.ndarray]:
+    """Sorted global sequence indices of each split, from a seeded permutation of all sequences."""
+    perm = np.random.default_rng(seed).permutation(n_seq)
+    n_test, n_val = int(round(n_seq * test_frac)), int(round(n_seq * val_frac))
+    return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
+            "train": np.sort(perm[n_test + n_val:])}
+
+
+def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | None = None,
+            data_dir: str | os.PathLike | None = None, progress: bool = True,
+            max_shards: int | None = None) -> "ActivationStore":
+    """Harvest ``cfg`` into the folder ``out``, resuming a partial store there; return the finished store.
+
+    ``max_shards`` stops after writing that many new shards (the store stays partial; rerun to resume).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ident = _store_identity(cfg)
+    chash = config_hash(ident)
+    man_path = out / MANIFEST
+    if man_path.exists():
+        manifest = _read_manifest(out)
+        if manifest["config_hash"] != chash:
+            raise StoreError(f"{out} holds a store built with another configuration ({manifest['config']}); "
+                             f"choose another output folder or delete it")
+        if manifest["complete"]:
+            return ActivationStore(out)
+    model = model or load_model(cfg.model, data_dir=data_dir)
+    if model.name != cfg.model:
+        raise StoreError(f"harvest config names {cfg.model!r} but the model passed is {model.name!r}")
+    model.check_layer(cfg.layer)
+    ids_NT = make_contexts(model.tokenizer, iter_mixed_documents(cfg.data, data_dir), cfg.ctx_len, cfg.n_seq,
+                           model.bos_id)
+    splits = split_assignment(cfg.n_seq, cfg.val_frac, cfg.test_frac, cfg.split_seed)
+    is_train = torch.zeros(cfg.n_seq, dtype=torch.bool)
+    is_train[torch.from_numpy(splits["train"])] = True
+    if not man_path.exists():
+        manifest = {
+            "format": 1, "config": ident, "config_hash": chash, "model": cfg.model, "layer": cfg.layer,
+            "data": cfg.data, "ctx_len": cfg.ctx_len, "dtype": cfg.dtype, "d_model": model.d_model,
+            "n_seq": cfg.n_seq, "seqs_per_shard": cfg.seqs_per_shard, "special_ids": list(model.special_ids),
+            "split": {k: len(v) for k, v in splits.items()}, "shards": [], "complete": False,
+            "norm_scale": None, "token_count": None,
+        }
+        atomic_write_json(man_path, manifest)
+    dtype = getattr(torch, cfg.dtype)
+    n_shards = -(-cfg.n_seq // cfg.seqs_per_shard)
+    done = len(manifest["shards"])
+    written = 0
+    bar = tqdm(total=cfg.n_seq * cfg.ctx_len, initial=done * cfg.seqs_per_shard * cfg.ctx_len, unit="tok",
+               unit_scale=True, desc=f"harvest {cfg.model} L{cfg.layer}", disable=not progress)
+    for s in range(done, n_shards):
+        if max_shards is not None and written >= max_shards:
+            break
+        lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
+        acts = []
+        for b in range(lo, hi, cfg.batch_size):
+            a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).float()
+            if not torch.isfinite(a_BTD).all():
+                raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
+                                 f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
+            acts.append(a_BTD)
+            bar.update(a_BTD.shape[0] * a_BTD.shape[1])
+        acts_NTD = torch.cat(acts)
+        ids = ids_NT[lo:hi]
+        valid = model.special_mask(ids) & is_train[lo:hi, None]
+        sq = acts_NTD.double().pow(2).sum(-1)[valid].sum().item()
+        name = f"shard_{s:05d}.safetensors"
+        digest = atomic_save_tensors(out / name, {"acts": acts_NTD.to(dtype), "ids": ids.to(torch.int32)})
+        manifest["shards"].append({"file": name, "n_seq": hi - lo, "sha256": digest,
+                                   "train_sq_norm": sq, "train_tokens": int(valid.sum())})
+        atomic_write_json(man_path, manifest)
+        written += 1
+    bar.close()
+    if len(manifest["shards"]) == n_shards:
+        sq = sum(sh["train_sq_norm"] for sh in manifest["shards"])
+        n = sum(sh["train_tokens"] for sh in manifest["shards"])
+        if n == 0:
+            raise StoreError("no ordinary training tokens were harvested; ask for more tokens")
+        manifest["norm_scale"] = float(np.sqrt(model.d_model / (sq / n)))
+        manifest["mean_sq_norm"] = sq / n
+        manifest["token_count"] = cfg.n_seq * cfg.ctx_len
+        manifest["complete"] = True
+        atomic_write_json(man_path, manifest)
+    return ActivationStore(out, allow_partial=True)
+
+
+def _read_manifest(path: Path) -> dict:
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        raise StoreError(f"no activation store at {path} ({MANIFEST} missing); build one with "
+                         f"`python -m trsae harvest ... --out {path}`")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{p} is not valid JSON ({e}); delete the store and harvest again") from e
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+class ActivationStore:
+    """A finished (or, with ``allow_partial``, a partial) store, read shard by shard."""
+
+    def __init__(self, path: str | os.PathLike, allow_partial: bool = False, verify: bool = True,
+                 cache_shards: int = 8):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        if not self.manifest["complete"] and not allow_partial:
+            raise StoreError(f"the store at {self.path} is incomplete ({len(self.manifest['shards'])} shards "
+                             f"written); rerun the same harvest command to resume it")
+        self.verify = verify
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_size = cache_shards
+        m = self.manifest
+        self.d_model, self.ctx_len = m["d_model"], m["ctx_len"]
+        self.norm_scale = m["norm_scale"]
+        self._special = torch.tensor(m["special_ids"], dtype=torch.int32)
+        cfg = m["config"]
+        self.splits = split_assignment(m["n_seq"], cfg["val_frac"], cfg["test_frac"], cfg["split_seed"])
+        n_written = sum(sh["n_seq"] for sh in m["shards"])
+        self.splits = {k: v[v < n_written] for k, v in self.splits.items()}
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ActivationStore({self.path}, {m['model']} L{m['layer']}, {m['data']}, "
+                f"{m['n_seq']}×{m['ctx_len']} tokens, d={m['d_model']}, split={m['split']})")
+
+    def shard(self, i: int) -> dict[str, torch.Tensor]:
+        """Tensors of shard ``i`` (checked against the manifest's SHA-256 when ``verify``)."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        entry = self.manifest["shards"][i]
+        p = self.path / entry["file"]
+        if not p.is_file():
+            raise StoreError(f"shard {p} listed in the manifest is missing; harvest again into a new folder")
+        if self.verify:
+            with open(p, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
+                    raise StoreError(f"shard {p} is corrupted or truncated (checksum mismatch); delete the "
+                                     f"store and harvest again")
+        try:
+            t = load_file(p)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoreError(f"shard {p} cannot be read ({e}); delete the store and harvest again") from e
+        if tuple(t["acts"].shape) != (entry["n_seq"], self.ctx_len, self.d_model):
+            raise StoreError(f"shard {p} has shape {tuple(t['acts'].shape)}, expected "
+                             f"{(entry['n_seq'], self.ctx_len, self.d_model)}")
+        self._cache[i] = t
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return t
+
+    def _locate(self, seq: int) -> tuple[int, int]:
+        per = self.manifest["seqs_per_shard"]
+        return seq // per, seq % per
+
+    def sequence(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (un-normalised) activations ``[T, d]`` and ids ``[T]`` of global sequence ``seq``."""
+        s, j = self._locate(seq)
+        t = self.shard(s)
+        return t["acts"][j], t["ids"][j]
+
+    def n_tokens(self, split: str) -> int:
+        return len(self.splits[split]) * self.ctx_len
+
+    def _window_order(self, split: str, window_len: int, shuffle: str | None, seed: int, epoch: int,
+                      buffer_shards: int) -> np.ndarray:
+        """``[n_windows, 2]`` (sequence, start) pairs of one epoch, shuffled within groups of shards."""
+        seqs = self.splits[split]
+        per_seq = self.ctx_len // window_len
+        shard_of = seqs // self.manifest["seqs_per_shard"]
+        shards = np.unique(shard_of)
+        if shuffle is None:
+            groups = [shards]
+        else:
+            rng = np.random.default_rng([seed, epoch])
+            shards = rng.permutation(shards)
+            groups = [shards[i:i + buffer_shards] for i in range(0, len(shards), buffer_shards)]
+        out = []
+        for g in groups:
+            gs = seqs[np.isin(shard_of, g)]
+            if shuffle == "sequence":
+                gs = rng.permutation(gs)
+            w = np.stack(np.meshgrid(gs, np.arange(per_seq) * window_len, indexing="ij"), -1).reshape(-1, 2)
+            if shuffle == "window":
+                w = w[rng.permutation(len(w))]
+            out.append(w)
+        return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+    def batches(self, split: str = "train", batch_size: int = 32, window_len: int | None = None,
+                shuffle: str | None = "window", seed: int = 0, start: int = 0, epochs: int | None = None,
+                buffer_shards: int = 4, drop_last: bool = True) -> Iterator[Batch]:
+        """Stream batches of whole windows, starting at batch ``start`` (a resumable data cursor).
+
+        ``shuffle``: "window" (windows permuted within a buffer of ``buffer_shards`` shards), "sequence"
+        (sequences permuted, their windows kept in order) or None (in order). Epochs repeat with a new
+        permutation; ``epochs=None`` streams forever. Memory stays bounded by the shard cache.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        window_len = window_len or self.ctx_len
+        if window_len <= 0 or self.ctx_len % window_len:
+            raise ValueError(f"window_len {window_len} must divide the store's context length {self.ctx_len}")
+        if shuffle not in ("window", "sequence", None):
+            raise ValueError(f"shuffle must be 'window', 'sequence' or None, got {shuffle!r}")
+        n_win = len(self.splits[split]) * (self.ctx_len // window_len)
+        if n_win == 0:
+            raise StoreError(f"the {split} split of {self.path} is empty")
+        if drop_last and n_win < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n_win} windows of the {split} split")
+        per_epoch = n_win // batch_size if drop_last else -(-n_win // batch_size)
+        pos_T = torch.arange(window_len)
+        b = start
+        while epochs is None or b < epochs * per_epoch:
+            epoch, j = divmod(b, per_epoch)
+            if j == 0 or b == start:
+                order = self._window_order(split, window_len, shuffle, seed, epoch, buffer_shards)
+            chunk = order[j * batch_size:(j + 1) * batch_size]
+            acts, ids = [], []
+            for seq, st in chunk:
+                a_TD, i_T = self.sequence(int(seq))
+                acts.append(a_TD[st:st + window_len])
+                ids.append(i_T[st:st + window_len])
+            ids_BT = torch.stack(ids).long()
+            yield Batch(acts_BTD=torch.stack(acts).float() * self.norm_scale,
+                        mask_BT=~torch.isin(ids_BT, self._special.long()),
+                        pos_BT=torch.as_tensor(chunk[:, 1:2]) + pos_T,
+                        ids_BT=ids_BT, seq_B=torch.as_tensor(chunk[:, 0]))
+            b += 1
