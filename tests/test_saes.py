@@ -1,0 +1,348 @@
+"""One interface, tested once for every SAE variant (the three baselines and the TRSAE on each mechanism)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trsae.saes import (SAE, SAEConfig, BatchTopKSAE, ForwardOutput, ReLUSAE, TopKSAE, batch_topk_pairs,
+                        load_sae, make_sae)
+from trsae.temporal import TRSAE, TRSAEConfig
+
+D, F, K, B, T = 16, 64, 4, 3, 8
+
+VARIANTS = ["relu", "topk", "batchtopk", "trsae-topk", "trsae-batchtopk", "trsae-relu"]
+
+
+def make_cfg(variant: str, **kw) -> SAEConfig:
+    if variant.startswith("trsae"):
+        kw.setdefault("window", 3)
+        kw.setdefault("ctx_init", 0.5)
+        return TRSAEConfig(sparsity=variant.split("-")[1], d_in=D, width=F, k=K, **kw)
+    return SAEConfig(arch=variant, d_in=D, width=F, k=K, **kw)
+
+
+def mechanism(variant: str) -> str:
+    return variant.split("-")[-1]
+
+
+def build(variant: str, **kw) -> SAE:
+    """An SAE with non-trivial temporal parameters (P, G random) so every term is exercised."""
+    sae = make_sae(make_cfg(variant, **kw))
+    if isinstance(sae, TRSAE):
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            sae.P.copy_(0.3 * torch.randn(sae.P.shape, generator=gen))
+            if sae.cfg.per_token_gates:
+                sae.G.copy_(torch.randn(sae.G.shape, generator=gen))
+    return sae
+
+
+def batch(seed: int = 0, b: int = B, t: int = T):
+    gen = torch.Generator().manual_seed(seed)
+    x_BTD = torch.randn(b, t, D, generator=gen)
+    mask_BT = torch.rand(b, t, generator=gen) > 0.25
+    mask_BT[:, 0] = False  # BOS
+    return x_BTD, mask_BT
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_loss_terms(variant):
+    sae = build(variant)
+    x_BTD, mask_BT = batch()
+    out = sae(x_BTD, mask_BT)
+    assert isinstance(out, ForwardOutput)
+    assert out.x_hat_BTD.shape == (B, T, D) and out.codes_BTF.shape == (B, T, F)
+    assert out.loss.shape == ()
+    torch.testing.assert_close(out.loss, torch.stack(list(out.losses.values())).sum())
+    expected = {"mse", "l1" if mechanism(variant) == "relu" else "aux"}
+    if variant.startswith("trsae"):
+        expected |= {"pos_l1", "gate"}
+    assert set(out.losses) == expected
+    assert sae.encode(x_BTD, mask_BT=mask_BT).shape == (B, T, F)
+    assert sae.decode(out.codes_BTF).shape == (B, T, D)
+    assert sae.pre_acts(x_BTD).shape == (B, T, F)
+    assert sae.W_enc.shape == (D, F) and sae.W_dec.shape == (F, D)
+    assert sae.n_params() == sum(p.numel() for p in sae.parameters())
+    # the forward's x_hat is the decoder applied to its codes, and mse follows its documented definition
+    torch.testing.assert_close(out.x_hat_BTD, sae.decode(out.codes_BTF), rtol=1e-5, atol=1e-5)
+    err_BT = (out.x_hat_BTD - x_BTD).pow(2).sum(-1) / D
+    torch.testing.assert_close(out.losses["mse"], err_BT[mask_BT].mean())
+
+
+@pytest.mark.parametrize("variant", ["topk", "trsae-topk"])
+@pytest.mark.parametrize("training", [True, False])
+def test_topk_l0_is_exactly_k(variant, training):
+    sae = build(variant).train(training)
+    x_BTD, mask_BT = batch()
+    codes_BTF = sae(x_BTD, mask_BT).codes_BTF
+    assert ((codes_BTF > 0).sum(-1) == K).all()
+    # the active latents are the k largest pre-activations of each token
+    top_BTK = sae.pre_acts(x_BTD, mask_BT=mask_BT).topk(K, dim=-1).indices
+    assert torch.equal(top_BTK.sort(-1).values, (codes_BTF > 0).nonzero()[:, 2].view(B, T, K))
+
+
+@pytest.mark.parametrize("variant", ["batchtopk", "trsae-batchtopk"])
+def test_batchtopk_mean_l0_and_threshold(variant):
+    sae = build(variant).train()
+    x_BTD, mask_BT = batch(b=4, t=16)
+    assert float(sae.threshold) < 0
+    codes_BTF = sae(x_BTD, mask_BT).codes_BTF
+    l0_BT = (codes_BTF > 0).sum(-1)
+    assert l0_BT[mask_BT].float().mean() == K
+    assert (l0_BT[~mask_BT] == 0).all()  # masked tokens take no part in the batch selection
+    assert l0_BT[mask_BT].float().std() > 0  # per-token L0 varies
+    # the threshold is the smallest active code of the first batch, then an EMA
+    first = codes_BTF[codes_BTF > 0].min()
+    torch.testing.assert_close(sae.threshold, first)
+    codes2_BTF = sae(*batch(seed=1, b=4, t=16)).codes_BTF
+    beta = sae.cfg.threshold_beta
+    torch.testing.assert_close(sae.threshold, beta * first + (1 - beta) * codes2_BTF[codes2_BTF > 0].min())
+    # eval mode: a latent is active iff its pre-activation exceeds the threshold
+    sae.eval()
+    z_BTF = sae.pre_acts(x_BTD, mask_BT=mask_BT)
+    codes_BTF = sae.encode(x_BTD, mask_BT=mask_BT)
+    assert torch.equal(codes_BTF > 0, z_BTF > sae.threshold)
+    torch.testing.assert_close(codes_BTF, z_BTF * (z_BTF > sae.threshold))
+
+
+def _flat_topk_reference(z_NF, k, mask_N):
+    masked = z_NF.masked_fill(~mask_N[:, None], float("-inf")).flatten()
+    top = masked.topk(k * int(mask_N.sum())).indices
+    return set(zip((top // z_NF.shape[1]).tolist(), (top % z_NF.shape[1]).tolist()))
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_batch_topk_pairs_matches_flat_topk(adversarial):
+    gen = torch.Generator().manual_seed(0)
+    n, f, k = 300, 50, 3
+    z_NF = torch.randn(n, f, generator=gen)
+    mask_N = torch.rand(n, generator=gen) > 0.2
+    if adversarial:  # huge values on the sampled rows push the estimated threshold up: exact fallback path
+        z_NF[mask_N.nonzero().squeeze(1)[::2]] += 100.0
+    rows_M, cols_M = batch_topk_pairs(z_NF, k, mask_N)
+    assert set(zip(rows_M.tolist(), cols_M.tolist())) == _flat_topk_reference(z_NF, k, mask_N)
+    assert (rows_M[1:] >= rows_M[:-1]).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_codes_nonnegative_and_pos_ignored_by_per_token_saes(variant):
+    sae = build(variant).eval()
+    x_BTD, mask_BT = batch()
+    codes_BTF = sae.encode(x_BTD, mask_BT=mask_BT)
+    assert (codes_BTF >= 0).all() and (codes_BTF > 0).any()
+    if not variant.startswith("trsae"):
+        pos_BT = torch.arange(T).expand(B, T) + 1000
+        assert torch.equal(codes_BTF, sae.encode(x_BTD, pos_BT, mask_BT))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_load_round_trip(variant, tmp_path):
+    sae = build(variant)
+    x_BTD, mask_BT = batch()
+    sae(x_BTD, mask_BT)  # batchtopk: sets the threshold
+    if isinstance(sae, TRSAE):
+        sae.set_window(2)
+    sae.eval()
+    sae.save(tmp_path / "sae")
+    meta = json.loads((tmp_path / "sae" / "config.json").read_text())
+    assert meta["class"] == type(sae).__name__
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["config.json", "sae.safetensors"]
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and not loaded.training
+    for name, t in sae.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+    codes_BTF = sae.encode(x_BTD, mask_BT=mask_BT)
+    assert torch.equal(codes_BTF, loaded.encode(x_BTD, mask_BT=mask_BT))
+    assert torch.equal(sae.decode(codes_BTF), loaded.decode(codes_BTF))
+
+
+def test_load_trsae_without_importing_temporal(tmp_path):
+    build("trsae-topk").save(tmp_path / "sae")
+    code = ("import sys; from trsae.saes import load_sae; assert 'trsae.temporal' not in sys.modules; "
+            f"print(type(load_sae({str(tmp_path / 'sae')!r})).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "TRSAE"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reconstruct_applies_and_undoes_input_scale(variant):
+    scale = 0.01
+    x_BTD, mask_BT = batch()
+    sae_scaled = build(variant, input_scale=scale).eval()
+    sae_unit = build(variant).eval()
+    x_raw_BTD = x_BTD / scale  # raw activations are large; s * raw has E||.||^2 ~ d
+    got = sae_scaled.reconstruct(x_raw_BTD, mask_BT=mask_BT)
+    expected = sae_unit.decode(sae_unit.encode(x_BTD, mask_BT=mask_BT)) / scale
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(arch="gated"), dict(width=0), dict(d_in=-1), dict(k=0), dict(k=F + 1), dict(aux_k=F + 1),
+    dict(input_scale=0.0), dict(l1_coeff=-1.0), dict(aux_coeff=float("nan")), dict(threshold_beta=1.0),
+    dict(width=3.5),
+])
+def test_config_validation(bad):
+    kw = dict(arch="topk", d_in=D, width=F, k=K) | bad
+    with pytest.raises(ValueError):
+        SAEConfig(**kw)
+
+
+def test_config_defaults_and_dict_round_trip():
+    cfg = SAEConfig(arch="relu", d_in=640, width=4096, k=8192)  # k is unused by relu
+    assert cfg.l1_coeff == pytest.approx(5 / 640) and cfg.aux_k == 320
+    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        SAEConfig.from_dict(cfg.to_dict() | {"bogus": 1})
+    with pytest.raises(ValueError, match="needs arch"):
+        TopKSAE(SAEConfig(arch="relu", d_in=D, width=F))
+    assert type(make_sae(SAEConfig(arch="batchtopk", d_in=D, width=F, k=K))) is BatchTopKSAE
+    assert type(make_sae(SAEConfig(arch="relu", d_in=D, width=F))) is ReLUSAE
+    assert type(make_sae(SAEConfig(arch="topk", d_in=D, width=F, k=K))) is TopKSAE
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoder_normalisation(variant):
+    sae = build(variant).eval()
+    x_BTD, mask_BT = batch()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(F, 1) + 0.5)
+    before = sae(x_BTD, mask_BT)
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
+    if mechanism(variant) == "relu":  # the encoder compensates: same function and same weighted L1
+        after = sae(x_BTD, mask_BT)
+        torch.testing.assert_close(after.x_hat_BTD, before.x_hat_BTD, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after.loss, before.loss, rtol=1e-5, atol=1e-6)
+    sae.W_dec.grad = torch.randn(F, D)
+    sae.remove_parallel_grad_()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(F), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_aux_loss_only_with_dead_latents(variant):
+    sae = build(variant)
+    x_BTD, mask_BT = batch()
+    if mechanism(variant) == "relu":
+        assert "aux" not in sae(x_BTD, mask_BT, dead_F=torch.ones(F, dtype=torch.bool)).losses
+        return
+    assert sae(x_BTD, mask_BT).losses["aux"] == 0
+    assert sae(x_BTD, mask_BT, dead_F=torch.zeros(F, dtype=torch.bool)).losses["aux"] == 0
+    dead_F = torch.zeros(F, dtype=torch.bool)
+    dead_F[::4] = True
+    out = sae(x_BTD, mask_BT, dead_F=dead_F)
+    assert out.losses["aux"] > 0
+    # the aux loss reaches dead latents that the main loss never selects
+    sae.zero_grad()
+    out.losses["aux"].backward()
+    unused_F = dead_F & (out.codes_BTF[mask_BT] == 0).all(0)
+    assert unused_F.any() and (sae.W_enc.grad[:, unused_F].abs().sum(0) > 0).any()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_masked_tokens_do_not_affect_loss(variant):
+    sae = build(variant)
+    x_BTD, mask_BT = batch()
+    dead_F = torch.zeros(F, dtype=torch.bool)
+    dead_F[::4] = True
+    out = sae(x_BTD, mask_BT, dead_F=dead_F)
+    x2_BTD = torch.where(mask_BT[..., None], x_BTD, 50 * torch.randn_like(x_BTD))
+    out2 = sae(x2_BTD, mask_BT, dead_F=dead_F)
+    for name in out.losses:
+        torch.testing.assert_close(out2.losses[name], out.losses[name], rtol=1e-6, atol=1e-7)
+    # and the codes of every valid token are unchanged (masked tokens are no context keys either)
+    torch.testing.assert_close(out2.codes_BTF[mask_BT], out.codes_BTF[mask_BT], rtol=1e-6, atol=1e-6)
+
+
+def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
+    """Dense autograd reference: z for all latents, a mask of the selected ones, a dense decoder."""
+    z_NF = sae.pre_acts(x_BTD, mask_BT=mask_BT).reshape(-1, F)
+    x_ND, m_N = x_BTD.reshape(-1, D), mask_BT.reshape(-1)
+    mech = sae.cfg.mechanism
+    if mech == "relu":
+        codes_NF = z_NF.relu()
+    else:
+        if mech == "topk":
+            sel_NF = torch.zeros_like(z_NF, dtype=torch.bool).scatter_(1, z_NF.topk(K).indices, True)
+        else:
+            masked = z_NF.detach().masked_fill(~m_N[:, None], float("-inf")).flatten()
+            sel_NF = torch.zeros(z_NF.numel(), dtype=torch.bool)
+            sel_NF[masked.topk(K * int(m_N.sum())).indices] = True
+            sel_NF = sel_NF.view_as(z_NF)
+        codes_NF = torch.where(sel_NF, z_NF.relu(), torch.zeros_like(z_NF))
+    x_hat_ND = codes_NF @ sae.W_dec + sae.b_dec
+    loss = ((x_hat_ND - x_ND).pow(2).sum(1) / D)[m_N].mean()
+    if mech == "relu":
+        loss = loss + sae.cfg.l1_coeff * (codes_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
+    else:
+        e_VD = (x_ND - x_hat_ND).detach()[m_N]
+        dead_G = dead_F.nonzero().squeeze(1)
+        vals, idx = z_NF[m_N][:, dead_G].topk(min(sae.cfg.aux_k, len(dead_G)))
+        e_hat_VD = torch.zeros(len(e_VD), F).scatter(1, dead_G[idx], vals.relu()) @ sae.W_dec
+        scale = min(len(dead_G) / sae.cfg.aux_k, 1.0)
+        loss = loss + sae.cfg.aux_coeff * scale * (e_hat_VD - e_VD).pow(2).sum() / e_VD.pow(2).sum()
+    if isinstance(sae, TRSAE):
+        c = sae.cfg
+        buckets_N = sae.buckets(torch.arange(T).expand(B, T)).reshape(-1)
+        dec_norm_F = sae.W_dec.norm(dim=1)
+        loss = loss + c.pos_l1 * (sae.P.abs()[:, buckets_N[m_N]] * dec_norm_F[:, None]).sum(0).mean()
+        if c.per_token_gates:
+            q_NK = (x_ND @ sae.W_qkv)[:, : c.d_k]
+            gbar_F = torch.sigmoid(sae.gate_logit + q_NK @ sae.G.T)[m_N].mean(0)
+        else:
+            gbar_F = torch.sigmoid(sae.gate_logit)
+        loss = loss + c.gate_l1 * (gbar_F * sae.U.norm(dim=1) * dec_norm_F).sum()
+    return loss
+
+
+@pytest.mark.parametrize("variant,kw", [(v, {}) for v in VARIANTS]
+                         + [("trsae-topk", dict(per_token_gates=True)),
+                            ("trsae-batchtopk", dict(per_token_gates=True, d_v=8, d_ctx=6))])
+def test_sparse_training_path_matches_dense_autograd(variant, kw):
+    """The sparse forward/backward (pair gathers, embedding-bag decoder, sparse weight gradients) gives
+    the loss and the gradients of autograd through the dense computation."""
+    sae = build(variant, aux_k=6, **kw).train()
+    x_BTD, mask_BT = batch()
+    dead_F = torch.zeros(F, dtype=torch.bool)
+    dead_F[::3] = True
+    out = sae(x_BTD, mask_BT, dead_F=dead_F)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    ref = _reference_loss(sae, x_BTD, mask_BT, dead_F)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _sparse_data(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    atoms_GD = torch.randn(48, D, generator=gen)
+    atoms_GD /= atoms_GD.norm(dim=1, keepdim=True)
+    coef_NG = torch.rand(n, 48, generator=gen) * (torch.rand(n, 48, generator=gen) < 3 / 48)
+    x_ND = coef_NG @ atoms_GD
+    return (x_ND * (D / x_ND.pow(2).sum(1).mean()).sqrt()).view(-1, T, D)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_adam_reduces_loss_on_sparse_data(variant):
+    torch.manual_seed(0)
+    sae = build(variant)
+    x_BTD = _sparse_data(32 * T)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        out = sae(x_BTD)
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        losses.append(out.losses["mse"].item())
+    assert losses[-1] < 0.5 * losses[0]
