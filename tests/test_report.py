@@ -1,0 +1,163 @@
+"""Figures, tables and macros: files written, bars counted, macros parsed back."""
+
+import ast
+import csv
+import math
+import re
+from pathlib import Path
+
+import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
+
+from trsae import report as R
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _leaf(mean, se=0.01, n=3):
+    return {"mean": mean, "se": se, "n": n, "values": [mean] * n}
+
+
+def _results(with_mean_abl=True):
+    out = {}
+    for i, name in enumerate(["ReLU-L1", "TopK", "BatchTopK", "TRSAE"]):
+        perf = {"ce_loss_score": _leaf(0.8 + 0.05 * i)}
+        if with_mean_abl:
+            perf["ce_loss_score_mean_ablation"] = _leaf(0.7 + 0.05 * i)
+        out[name] = {
+            "reconstruction_quality": {"explained_variance": _leaf(0.6 + 0.1 * i), "mse": _leaf(0.02 / (i + 1)),
+                                       "cossim": _leaf(0.9 + 0.02 * i)},
+            "sparsity": {"l0": _leaf(32.0), "l1": _leaf(40.0 + i)},
+            "model_behavior_preservation": {"kl_div_score": _leaf(0.85 + 0.03 * i)},
+            "model_performance_preservation": perf,
+        }
+    return out
+
+
+def _bars_per_axis(fig):
+    return [sum(len(c) for c in ax.containers if isinstance(c, BarContainer)) for ax in fig.axes]
+
+
+def test_module_is_pure():
+    tree = ast.parse(Path(R.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("trsae")
+            assert node.module != "matplotlib.pyplot"
+        if isinstance(node, ast.Import):
+            assert not any(a.name.startswith("trsae") or a.name == "matplotlib.pyplot" for a in node.names)
+
+
+def test_bar_figure_counts_values_and_errors():
+    res = _results()
+    fig = R.make_bar_figure(res, R.RECONSTRUCTION_PANELS, title="t")
+    assert len(fig.axes) == 3
+    assert _bars_per_axis(fig) == [4, 4, 4]
+    ax = fig.axes[0]
+    heights = [p.get_height() for c in ax.containers if isinstance(c, BarContainer) for p in c]
+    assert heights == pytest.approx([0.6, 0.7, 0.8, 0.9])
+    assert [t.get_text() for t in ax.texts] == ["0.600", "0.700", "0.800", "0.900"]
+    # a missing value drops that SAE's bar only
+    del res["TopK"]["reconstruction_quality"]["mse"]
+    res["TRSAE"]["reconstruction_quality"]["cossim"] = 0.97  # a plain number works too
+    fig = R.make_bar_figure(res, R.RECONSTRUCTION_PANELS)
+    assert _bars_per_axis(fig) == [4, 3, 4]
+
+
+def test_named_figures_are_written(tmp_path):
+    res = _results()
+    paths = [R.reconstruction_figure(res, tmp_path), R.sparsity_figure(res, tmp_path),
+             R.preservation_figure(res, tmp_path)]
+    assert [p.name for p in paths] == ["reconstruction_metrics.png", "sparsity_metrics.png",
+                                       "model_preservation.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files
+    fig = R.make_bar_figure(res, R.SPARSITY_PANELS)
+    assert _bars_per_axis(fig) == [4, 4]
+    fig = R.make_bar_figure(_results(with_mean_abl=False), R.PRESERVATION_PANELS, skip_empty=True)
+    assert _bars_per_axis(fig) == [4, 4]
+    with pytest.raises(ValueError):
+        R.make_bar_figure({"a": {}}, R.PRESERVATION_PANELS, skip_empty=True)
+
+
+def test_frontier_figure(tmp_path):
+    pts = {"TopK": [(64, 0.9, 0.01), (16, 0.7, 0.02), (32, 0.8, 0.0)], "TRSAE": [(16, 0.75, 0.01), (32, 0.85, 0.01)]}
+    fig = R.make_frontier_figure(pts, "Explained variance")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    lines = [c.lines[0] for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(lines) == 2 and [t.get_text() for t in ax.get_legend().get_texts()] == ["TopK", "TRSAE"]
+    assert list(lines[0].get_xdata()) == [16, 32, 64]  # sorted by L0
+    p = R.frontier_figure(pts, "EV", tmp_path / "frontier.png")
+    assert p.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError):
+        R.make_frontier_figure({"x": [(0, 1.0, 0.0)]}, "y")
+
+
+def test_results_table(tmp_path):
+    res = _results()
+    res["TopK"]["sparsity"]["l1"] = None
+    rows = R.RECONSTRUCTION_PANELS + R.SPARSITY_PANELS + [("shrinkage", "l2_ratio", "L2 ratio_x")]
+    out = R.results_table(res, rows, tmp_path / "t.md", tmp_path / "t.tex", tmp_path / "t.csv")
+    md, tex = out["md"].read_text(), out["tex"].read_text()
+    for _, _, label in rows:
+        assert f"| {label} |" in md
+        assert label.replace("_", r"\_") + " &" in tex
+    assert "| 0.600 ± 0.010 |" in md and r"$0.600 \pm 0.010$" in tex
+    assert r"\begin{tabular}{lrrrr}" in tex and r"\toprule" not in tex and tex.count(r"\\") == len(rows) + 1
+    assert all(name in md.splitlines()[0] for name in res)
+    table = list(csv.DictReader(out["csv"].open()))
+    assert [r["metric"] for r in table] == [label for _, _, label in rows]
+    ev = table[0]
+    assert float(ev["TRSAE mean"]) == pytest.approx(0.9) and float(ev["TRSAE se"]) == 0.01 and ev["TRSAE n"] == "3"
+    l1 = table[4]
+    assert l1["TopK mean"] == "" and float(l1["TRSAE mean"]) == 43.0
+    assert table[5]["TRSAE mean"] == ""  # l2_ratio absent everywhere
+
+
+def _parse_macros(text):
+    return dict(re.findall(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", text, flags=re.M))
+
+
+def test_macros_round_trip(tmp_path):
+    macros = {"trsaeEV": 0.91234, "topkCE": 3.2661, "nTokens": 1234567, "bigValue": 98765.4321,
+              "negVal": -0.1234, "modelName": r"Gemma~3 270M", "tinyMse": 0.000123}
+    path = R.write_macros(macros, tmp_path / "vars.tex", digits=3)
+    got = _parse_macros(path.read_text())
+    assert set(got) == set(macros)
+    assert got["nTokens"] == "1234567" and got["modelName"] == r"Gemma~3 270M"
+    assert got["trsaeEV"] == "0.912" and got["topkCE"] == "3.27" and got["negVal"] == "-0.123"
+    for k in ("trsaeEV", "topkCE", "bigValue", "negVal"):
+        assert float(got[k]) == pytest.approx(macros[k], rel=5e-3)
+    m = re.fullmatch(r"\\ensuremath\{(-?[0-9.]+)\\times10\^\{(-?\d+)\}\}", got["tinyMse"])
+    assert m and float(m.group(1)) * 10 ** int(m.group(2)) == pytest.approx(0.000123, rel=5e-3)
+    assert R.write_macros({"a": 0.5}, path).read_text().count(r"\newcommand") == 1  # overwritten
+
+
+@pytest.mark.parametrize("name", ["ev1", "trsae_ev", "", "a b", "\\ev", "évalue"])
+def test_invalid_macro_names(tmp_path, name):
+    with pytest.raises(ValueError):
+        R.write_macros({name: 1.0}, tmp_path / "m.tex")
+    assert not (tmp_path / "m.tex").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None, True])
+def test_invalid_macro_values(tmp_path, value):
+    with pytest.raises(ValueError):
+        R.write_macros({"good": value}, tmp_path / "m.tex")
+
+
+def test_macro_name_and_format_number():
+    assert R.macro_name("trsae", "topk_32", "ev") == "trsaeTopkThreeTwoEv"
+    assert R.macro_name("TRSAE w4") == "tRSAEWFour"
+    with pytest.raises(ValueError):
+        R.macro_name("--")
+    assert R.format_number(0.91234) == "0.912"
+    assert R.format_number(923.04) == "923"
+    assert R.format_number(12345.6) == "12346"
+    assert R.format_number(7) == "7"
+    assert R.format_number(0.0) == "0"
+    assert R.format_number(None) == "n/a" and R.format_number(math.nan) == "n/a"
+    assert R.format_number(0.000123) == "1.23e-4"
+    assert R.format_number(0.000123, latex=True) == r"1.23\times10^{-4}"
