@@ -1,0 +1,69 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from trsae.config import TrainConfig
+from trsae.saes import SAEConfig, load_sae
+from trsae.train import RunError, lr_lambda, read_log, train_sae
+
+TCFG = TrainConfig(tokens=16 * 8 * 30, batch_size=8, window_len=16, lr=1e-3, seed=0, checkpoint_every=7,
+                   log_every=5, dead_tokens=100)
+
+
+def _cfg(store, arch="topk"):
+    return SAEConfig(arch=arch, d_in=store.d_model, width=96, k=4)
+
+
+def test_lr_schedule_values():
+    # 100 steps: warm-up over 10, constant, linear decay over the last 20 to zero
+    vals = [lr_lambda(s, 100, 0.1, 0.2) for s in range(100)]
+    assert vals[0] == pytest.approx(0.1) and vals[9] == pytest.approx(1.0)
+    assert vals[10:80] == [1.0] * 70
+    assert vals[80] == pytest.approx(1.0) and vals[90] == pytest.approx(0.5) and vals[99] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_training_reduces_loss_and_logs(tmp_path, tiny_store, arch):
+    sae = train_sae(_cfg(tiny_store, arch), TCFG, tiny_store, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+    assert log[-1]["fvu"] < log[0]["fvu"]
+    assert sae.cfg.input_scale == pytest.approx(tiny_store.norm_scale)
+    again = load_sae(tmp_path / "sae")
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_store, arch):
+    full = train_sae(_cfg(tiny_store, arch), TCFG, tiny_store, tmp_path / "full", progress=False)
+    part = tmp_path / "part"
+    for _ in range(3):  # three interruptions at steps 11, 22 (the last call finishes the run)
+        train_sae(_cfg(tiny_store, arch), TCFG, tiny_store, part, progress=False, max_steps=11)
+    resumed = load_sae(part / "sae")
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert read_log(part) == [dict(r, tok_per_s=r2["tok_per_s"]) for r, r2 in zip(read_log(tmp_path / "full"), read_log(part))]
+
+
+def test_resume_refuses_another_config(tmp_path, tiny_store):
+    train_sae(_cfg(tiny_store), TCFG, tiny_store, tmp_path, progress=False, max_steps=2)
+    with pytest.raises(RunError, match="another sae configuration"):
+        train_sae(dataclasses.replace(_cfg(tiny_store), k=5), TCFG, tiny_store, tmp_path, progress=False)
+    with pytest.raises(RunError, match="another train configuration"):
+        train_sae(_cfg(tiny_store), dataclasses.replace(TCFG, lr=2e-3), tiny_store, tmp_path, progress=False)
+
+
+def test_store_width_mismatch_is_refused(tmp_path, tiny_store):
+    with pytest.raises(RunError, match="d_in"):
+        train_sae(SAEConfig(arch="topk", d_in=tiny_store.d_model + 1, width=96, k=4), TCFG, tiny_store, tmp_path)
+
+
+def test_dead_latents_are_tracked(tmp_path, tiny_store):
+    """A latent whose encoder can never fire is counted dead once dead_tokens have passed."""
+    train_sae(_cfg(tiny_store), TCFG, tiny_store, tmp_path, progress=False)
+    assert 0.0 <= read_log(tmp_path)[-1]["dead_frac"] < 1.0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["since_fired"].shape == (96,) and ckpt["step"] == 30

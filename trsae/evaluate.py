@@ -1,0 +1,101 @@
+"""Evaluate a trained SAE on a store's held-out split: reconstruction, sparsity, and the model's behaviour
+with the reconstruction spliced in at the layer (through nnsight), against zero- and mean-ablation.
+
+Splicing replaces the layer output only at ordinary tokens; BOS and other special tokens keep their clean
+activation in every variant (SAE, zero, mean), and cross-entropy / KL are scored at positions that read an
+ordinary token and predict one (`trsae.metrics.next_token_targets`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from trsae.lm import LoadedModel, load_model, logits_with_replacement
+from trsae.metrics import (FeatureStatsAccumulator, LogitAccumulator, ReconstructionAccumulator, core_results,
+                           next_token_targets, write_json_atomic)
+from trsae.saes import SAE, load_sae
+from trsae.store import ActivationStore
+
+
+def train_mean(store: ActivationStore, max_seqs: int = 256) -> torch.Tensor:
+    """Mean raw activation ``[d]`` over the ordinary tokens of the first ``max_seqs`` training sequences."""
+    total, n = torch.zeros(store.d_model, dtype=torch.float64), 0
+    for i, b in enumerate(store.batches("train", batch_size=1, shuffle=None, epochs=1)):
+        if i >= max_seqs:
+            break
+        rows = b.acts_BTD[b.mask_BT].double() / store.norm_scale
+        total += rows.sum(0)
+        n += rows.shape[0]
+    return (total / max(n, 1)).float()
+
+
+def _splice(sae: SAE, mask_BT: torch.Tensor, pos_BT: torch.Tensor):
+    def replace(h_BTD: torch.Tensor) -> torch.Tensor:
+        x_hat_BTD = sae.reconstruct(h_BTD, pos_BT=pos_BT, mask_BT=mask_BT)
+        return torch.where(mask_BT[..., None], x_hat_BTD.to(h_BTD.dtype), h_BTD)
+    return replace
+
+
+def _fill(value_D: torch.Tensor | None, mask_BT: torch.Tensor):
+    def replace(h_BTD: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros_like(h_BTD) if value_D is None else value_D.to(h_BTD.dtype).expand_as(h_BTD)
+        return torch.where(mask_BT[..., None], v, h_BTD)
+    return replace
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
+                 max_seqs: int = 64, batch_size: int = 8, mean_D: torch.Tensor | None = None,
+                 with_logits: bool = True) -> dict:
+    """Core metrics of ``sae`` on up to ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped dict)."""
+    if sae.cfg.d_in != store.d_model:
+        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match the store's d_model {store.d_model} "
+                         f"({store.manifest['model']} layer {store.manifest['layer']})")
+    sae.eval()
+    recon, feats, logit = ReconstructionAccumulator(), FeatureStatsAccumulator(sae.cfg.width), LogitAccumulator()
+    if with_logits:
+        if model is None:
+            model = load_model(store.manifest["model"])
+        if model.name != store.manifest["model"]:
+            raise ValueError(f"the store was harvested from {store.manifest['model']}, not {model.name}")
+        if mean_D is None:
+            mean_D = train_mean(store)
+    layer = store.manifest["layer"]
+    n_seqs = 0
+    for b in store.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
+        if n_seqs >= max_seqs:
+            break
+        codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
+        x_hat_BTD = sae.decode(codes_BTF)
+        scale = store.norm_scale  # metrics in the model's own units
+        recon.update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)
+        feats.update(codes_BTF, b.mask_BT)
+        if with_logits:
+            targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
+            clean = logits_with_replacement(model, layer, b.ids_BT)
+            for name, fn in (("sae", _splice(sae, b.mask_BT, b.pos_BT)), ("zero", _fill(None, b.mask_BT)),
+                             ("mean", _fill(mean_D, b.mask_BT))):
+                other = logits_with_replacement(model, layer, b.ids_BT, fn)
+                logit.update(clean, **{f"{name}_BTV": other}, targets_BT=targets_BT, mask_BT=tmask_BT)
+                del other
+        n_seqs += len(b.seq_B)
+    token_stats = {"n_seqs": n_seqs, "n_tokens_eval": recon.compute()["n_tokens"], "split": split}
+    cfg = {"sae": sae.cfg.to_dict(), "store": {k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len")}}
+    return core_results(recon.compute(), logit.compute() if with_logits else None, feats.compute(),
+                        config=cfg, token_stats=token_stats)
+
+
+def eval_from_args(a) -> None:
+    store = ActivationStore(a.store)
+    sae = load_sae(Path(a.sae) / "sae" if (Path(a.sae) / "sae").is_dir() else a.sae)
+    res = evaluate_sae(sae, store, split=a.split, max_seqs=a.max_seqs)
+    if a.out:
+        write_json_atomic(a.out, res)
+        print(f"wrote {a.out}")
+    else:
+        import json
+
+        print(json.dumps(res, indent=1, default=str))

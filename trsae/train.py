@@ -1,0 +1,209 @@
+"""Train an SAE on an activation store: Adam with warm-up and decay, dead-latent tracking, a metrics log,
+and atomic checkpoints from which a killed run resumes to the same weights.
+
+A run folder holds::
+
+    checkpoint.pt      model, optimiser, scheduler, RNG states, data cursor (step), dead-latent counters
+    metrics.jsonl      one line per logged step
+    sae/               the finished SAE (config.json + sae.safetensors), written last
+    run.json           the run's configs and the store it trained on
+
+Rerunning the same call resumes from ``checkpoint.pt``; a finished run returns its SAE at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trsae.config import TrainConfig
+from trsae.saes import SAE, SAEConfig, load_sae, make_sae
+from trsae.store import ActivationStore, atomic_write_bytes, atomic_write_json
+
+
+class RunError(RuntimeError):
+    """A run folder does not match the requested training (another store, SAE or schedule)."""
+
+
+def lr_lambda(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    """Linear warm-up over ``warmup_frac`` of the steps, constant, then linear decay to 0 over ``decay_frac``."""
+    warm = int(total * warmup_frac)
+    decay_start = total - int(total * decay_frac)
+    if step < warm:
+        return (step + 1) / warm
+    if step >= decay_start:
+        return max(0.0, (total - step) / max(1, total - decay_start))
+    return 1.0
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _is_unit_norm(sae: SAE) -> bool:
+    """TopK-style SAEs keep unit-norm decoder rows; ReLU + L1 weights its L1 by the row norms instead."""
+    sparsity = getattr(sae.cfg, "sparsity", sae.cfg.arch)
+    return sparsity in ("topk", "batchtopk")
+
+
+def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: str | os.PathLike,
+              progress: bool = True, max_steps: int | None = None) -> SAE:
+    """Train (or resume, or reload) the SAE of run folder ``out``.
+
+    ``max_steps`` stops after that many steps of this call with a checkpoint (as if killed), for tests.
+    """
+    out = Path(out)
+    if sae_cfg.d_in != store.d_model:
+        raise RunError(f"SAE d_in {sae_cfg.d_in} does not match the store's d_model {store.d_model}")
+    if store.ctx_len % cfg.window_len:
+        raise RunError(f"window_len {cfg.window_len} must divide the store's context length {store.ctx_len}")
+    sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale)
+    run_info = {"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
+                "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
+                          "model": store.manifest["model"], "layer": store.manifest["layer"]}}
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "run.json").exists():
+        old = json.loads((out / "run.json").read_text())
+        for key in ("sae", "train"):
+            if old[key] != run_info[key]:
+                raise RunError(f"{out} holds a run with another {key} configuration; use another folder or "
+                               f"delete it (was {old[key]}, now {run_info[key]})")
+        if old["store"]["config_hash"] != run_info["store"]["config_hash"]:
+            raise RunError(f"{out} was trained on another store ({old['store']}); use another folder")
+    else:
+        atomic_write_json(out / "run.json", run_info)
+    if (out / "sae" / "config.json").exists():
+        return load_sae(out / "sae")
+
+    torch.manual_seed(cfg.seed)
+    sae_cfg = dataclasses.replace(sae_cfg, seed=cfg.seed)
+    sae = make_sae(sae_cfg)
+    tokens_per_step = cfg.batch_size * cfg.window_len
+    total = max(1, cfg.tokens // tokens_per_step)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
+    since_fired_F = torch.zeros(sae_cfg.width, dtype=torch.long)
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        sae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        since_fired_F = state["since_fired"]
+        step = state["step"]
+        _set_rng_state(state["rng"])
+    log_path = out / "metrics.jsonl"
+    if log_path.exists():  # drop log lines written after the checkpoint we resume from
+        lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
+        atomic_write_bytes(log_path, "".join(ln + "\n" for ln in lines).encode())
+    unit_norm = _is_unit_norm(sae)
+    if unit_norm and step == 0:
+        sae.normalize_decoder_()
+
+    def checkpoint() -> None:
+        _save_checkpoint(ckpt, {"model": sae.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "since_fired": since_fired_F, "step": step,
+                                "rng": _rng_state(), "run": run_info})
+
+    batches = store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len, shuffle=cfg.shuffle,
+                            seed=cfg.seed, start=step)
+    bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.arch}", unit="step", disable=not progress)
+    stop_at = total if max_steps is None else min(total, step + max_steps)
+    t0, tok0 = time.perf_counter(), 0
+    sae.train()
+    with open(log_path, "a") as log:
+        while step < stop_at:
+            batch = next(batches)
+            if hasattr(sae, "window_at"):
+                sae.set_window(sae.window_at(step, total))
+            out_ = sae(batch.acts_BTD, mask_BT=batch.mask_BT, pos_BT=batch.pos_BT,
+                       dead_F=since_fired_F > cfg.dead_tokens)
+            opt.zero_grad(set_to_none=True)
+            out_.loss.backward()
+            if unit_norm:
+                sae.remove_parallel_grad_()
+            opt.step()
+            sched.step()
+            if unit_norm:
+                sae.normalize_decoder_()
+            with torch.no_grad():
+                codes = out_.codes_BTF[batch.mask_BT]
+                fired = (codes > 0).any(0)
+                since_fired_F += int(batch.mask_BT.sum())
+                since_fired_F[fired] = 0
+            step += 1
+            tok0 += int(batch.mask_BT.sum())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                with torch.no_grad():
+                    x = batch.acts_BTD[batch.mask_BT]
+                    err = (out_.x_hat_BTD[batch.mask_BT] - x).pow(2).sum()
+                    fvu = (err / (x - x.mean(0)).pow(2).sum()).item()
+                rec = {"step": step, "tokens": step * tokens_per_step, "lr": sched.get_last_lr()[0],
+                       "loss": out_.loss.item(), **{k: v.item() for k, v in out_.losses.items()},
+                       "l0": (codes > 0).sum(-1).float().mean().item(), "fvu": fvu,
+                       "dead_frac": (since_fired_F > cfg.dead_tokens).float().mean().item(),
+                       "tok_per_s": tok0 / (time.perf_counter() - t0)}
+                if hasattr(sae, "window"):
+                    rec["window"] = int(sae.window)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", fvu=f"{fvu:.3f}")
+            if step % cfg.checkpoint_every == 0 or step == stop_at:
+                checkpoint()
+    bar.close()
+    sae.eval()
+    if step >= total:
+        sae.save(out / "sae")
+    return sae
+
+
+def read_log(run: str | os.PathLike) -> list[dict]:
+    """The metrics log of a run folder, one dict per logged step."""
+    p = Path(run) / "metrics.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln] if p.exists() else []
+
+
+def sae_config_from_args(a, d_in: int) -> SAEConfig:
+    """Build the SAE config from the CLI's arguments."""
+    width = a.width or 8 * d_in
+    if a.arch == "trsae":
+        from trsae.temporal import TRSAEConfig
+
+        return TRSAEConfig(d_in=d_in, width=width, k=a.k, window=a.window)
+    kw = {"l1_coeff": a.l1_coeff} if a.l1_coeff is not None else {}
+    return SAEConfig(arch=a.arch, d_in=d_in, width=width, k=a.k, **kw)
+
+
+def train_from_args(a) -> None:
+    store = ActivationStore(a.store)
+    cfg = TrainConfig(tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                      window_len=min(store.ctx_len, 128))
+    sae = train_sae(sae_config_from_args(a, store.d_model), cfg, store, a.out, progress=not a.quiet)
+    log = read_log(a.out)
+    last = log[-1] if log else {}
+    print(f"trained {type(sae).__name__} -> {Path(a.out) / 'sae'}: "
+          + ", ".join(f"{k}={last[k]:.4g}" for k in ("step", "loss", "l0", "fvu", "dead_frac") if k in last))
