@@ -47,15 +47,21 @@ def _fill(value_D: torch.Tensor | None, mask_BT: torch.Tensor):
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
-                 max_seqs: int = 64, batch_size: int = 8, mean_D: torch.Tensor | None = None,
-                 with_logits: bool = True) -> dict:
-    """Core metrics of ``sae`` on up to ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped dict)."""
-    if sae.cfg.d_in != store.d_model:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match the store's d_model {store.d_model} "
-                         f"({store.manifest['model']} layer {store.manifest['layer']})")
-    sae.eval()
-    recon, feats, logit = ReconstructionAccumulator(), FeatureStatsAccumulator(sae.cfg.width), LogitAccumulator()
+def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedModel | None = None,
+                  split: str = "test", max_seqs: int = 64, batch_size: int = 4, mean_D: torch.Tensor | None = None,
+                  with_logits: bool = True) -> dict[str, dict]:
+    """Core metrics of each SAE on the first ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped).
+
+    The clean, zero- and mean-ablated forward passes are shared by all SAEs; each SAE adds one spliced pass.
+    """
+    for name, sae in saes.items():
+        if sae.cfg.d_in != store.d_model:
+            raise ValueError(f"SAE {name} has d_in {sae.cfg.d_in}, but the store ({store.manifest['model']} "
+                             f"layer {store.manifest['layer']}) has d_model {store.d_model}")
+        sae.eval()
+    recon = {n: ReconstructionAccumulator() for n in saes}
+    feats = {n: FeatureStatsAccumulator(s.cfg.width) for n, s in saes.items()}
+    logit = {n: LogitAccumulator() for n in saes}
     if with_logits:
         if model is None:
             model = load_model(store.manifest["model"])
@@ -63,29 +69,40 @@ def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = N
             raise ValueError(f"the store was harvested from {store.manifest['model']}, not {model.name}")
         if mean_D is None:
             mean_D = train_mean(store)
-    layer = store.manifest["layer"]
+    layer, scale = store.manifest["layer"], store.norm_scale
     n_seqs = 0
     for b in store.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
         if n_seqs >= max_seqs:
             break
-        codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
-        x_hat_BTD = sae.decode(codes_BTF)
-        scale = store.norm_scale  # metrics in the model's own units
-        recon.update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)
-        feats.update(codes_BTF, b.mask_BT)
         if with_logits:
             targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
             clean = logits_with_replacement(model, layer, b.ids_BT)
-            for name, fn in (("sae", _splice(sae, b.mask_BT, b.pos_BT)), ("zero", _fill(None, b.mask_BT)),
-                             ("mean", _fill(mean_D, b.mask_BT))):
-                other = logits_with_replacement(model, layer, b.ids_BT, fn)
-                logit.update(clean, **{f"{name}_BTV": other}, targets_BT=targets_BT, mask_BT=tmask_BT)
-                del other
+            zero = logits_with_replacement(model, layer, b.ids_BT, _fill(None, b.mask_BT))
+            mean = logits_with_replacement(model, layer, b.ids_BT, _fill(mean_D, b.mask_BT))
+        for name, sae in saes.items():
+            codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
+            x_hat_BTD = sae.decode(codes_BTF)
+            recon[name].update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)  # model units
+            feats[name].update(codes_BTF, b.mask_BT)
+            if with_logits:
+                spliced = logits_with_replacement(model, layer, b.ids_BT, _splice(sae, b.mask_BT, b.pos_BT))
+                logit[name].update(clean, spliced, zero, mean, targets_BT, tmask_BT)
+                del spliced
         n_seqs += len(b.seq_B)
-    token_stats = {"n_seqs": n_seqs, "n_tokens_eval": recon.compute()["n_tokens"], "split": split}
-    cfg = {"sae": sae.cfg.to_dict(), "store": {k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len")}}
-    return core_results(recon.compute(), logit.compute() if with_logits else None, feats.compute(),
-                        config=cfg, token_stats=token_stats)
+    out = {}
+    for name, sae in saes.items():
+        r = recon[name].compute()
+        token_stats = {"n_seqs": n_seqs, "n_tokens_eval": r["n_tokens"], "split": split}
+        cfg = {"sae": sae.cfg.to_dict(),
+               "store": {k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len", "config_hash")}}
+        out[name] = core_results(r, logit[name].compute() if with_logits else None, feats[name].compute(),
+                                 config=cfg, token_stats=token_stats)
+    return out
+
+
+def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = None, **kw) -> dict:
+    """`evaluate_saes` for one SAE."""
+    return evaluate_saes({"sae": sae}, store, model, **kw)["sae"]
 
 
 def eval_from_args(a) -> None:

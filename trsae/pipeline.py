@@ -55,10 +55,10 @@ def ensure_sae(name: str, sae_cfg: SAEConfig, train_cfg: TrainConfig, store: Act
 
 
 class Evaluator:
-    """Evaluates SAEs of one store against one model, computing the mean activation once."""
+    """Evaluates SAEs of one store against one model; results are cached in each run folder."""
 
     def __init__(self, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
-                 max_seqs: int = 64, batch_size: int = 8, with_logits: bool = True):
+                 max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True):
         self.store, self.split, self.max_seqs, self.batch_size = store, split, max_seqs, batch_size
         self.with_logits = with_logits
         self._model = model
@@ -70,33 +70,43 @@ class Evaluator:
             self._model = load_model(self.store.manifest["model"])
         return self._model
 
-    def __call__(self, sae: SAE, run: Path) -> dict:
+    def path(self, run: Path) -> Path:
         key = config_hash({"split": self.split, "max_seqs": self.max_seqs, "logits": self.with_logits})
-        path = Path(run) / f"eval-{self.split}-{key}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        if self.with_logits and self._mean is None:
-            self._mean = train_mean(self.store)
-        res = evaluate_sae(sae, self.store, self.model if self.with_logits else None, split=self.split,
-                           max_seqs=self.max_seqs, batch_size=self.batch_size, mean_D=self._mean,
-                           with_logits=self.with_logits)
-        write_json_atomic(path, res)
-        return res
+        return Path(run) / f"eval-{self.split}-{key}.json"
+
+    def __call__(self, runs: dict[Path, SAE]) -> dict[Path, dict]:
+        """Results for each run folder; only the uncached ones are evaluated (together, sharing passes)."""
+        todo = {str(r): s for r, s in runs.items() if not self.path(r).exists()}
+        if todo:
+            if self.with_logits and self._mean is None:
+                self._mean = train_mean(self.store)
+            res = evaluate_saes(todo, self.store, self.model if self.with_logits else None, split=self.split,
+                                max_seqs=self.max_seqs, batch_size=self.batch_size, mean_D=self._mean,
+                                with_logits=self.with_logits)
+            for r, v in res.items():
+                write_json_atomic(self.path(Path(r)), v)
+        return {r: json.loads(self.path(r).read_text()) for r in runs}
 
 
 def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig,
                        store: ActivationStore, evaluate: Evaluator, work: str | os.PathLike,
                        progress: bool = True) -> dict[str, list[dict]]:
-    """Train every named SAE config with every seed (cached) and evaluate it; per-seed results by name.
+    """Train every named SAE config with every seed (cached), then evaluate them; per-seed results by name.
 
     Each result also carries ``training``: steps, tokens, the last logged training loss terms and tokens/s.
     """
-    out: dict[str, list[dict]] = {}
+    runs: dict[str, list[tuple[Path, SAE]]] = {}
     for name, sae_cfg in specs.items():
-        out[name] = []
+        runs[name] = []
         for seed in seeds:
             sae, run = ensure_sae(name, sae_cfg, dataclasses.replace(train_cfg, seed=seed), store, work, progress)
-            res = dict(evaluate(sae, run))
+            runs[name].append((run, sae))
+    results = evaluate({run: sae for rs in runs.values() for run, sae in rs})
+    out: dict[str, list[dict]] = {}
+    for name, rs in runs.items():
+        out[name] = []
+        for run, _ in rs:
+            res = dict(results[run])
             log = read_log(run)
             res["training"] = {k: log[-1][k] for k in ("step", "tokens", "loss", "fvu", "l0", "dead_frac",
                                                        "tok_per_s") if k in log[-1]}
