@@ -51,8 +51,10 @@ notebooks=$(ls notebooks/[0-9][0-9]_*.ipynb 2>/dev/null || true)
 case "$mode" in
   setup) exit 0 ;;
   tests)
-    # unit tests, then every notebook under nbval with its smoke-sized defaults
-    python -m pytest -m "not online" tests
+    # unit tests, then every notebook under nbval with its smoke-sized defaults; smoke figures go to
+    # outputs/smoke-figures so that the tests never overwrite the paper's figures in figures/
+    export TRSAE_FIGURES_DIR="$PWD/outputs/smoke-figures"
+    python -m pytest -m "not online and not paper" tests
     if [ -n "$notebooks" ]; then
       python -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $notebooks
     fi
@@ -60,6 +62,7 @@ case "$mode" in
   run)
     params="params/$profile.yaml"
     [ -f "$params" ] || { echo "error: no parameter file $params (profiles: $(ls params | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2; }
+    python -m trsae check-params "$params" $notebooks
     mkdir -p notebooks/executed figures
     start=$(date +%s)
     for nb in $notebooks; do

@@ -67,3 +67,13 @@ def test_dead_latents_are_tracked(tmp_path, tiny_store):
     assert 0.0 <= read_log(tmp_path)[-1]["dead_frac"] < 1.0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["since_fired"].shape == (96,) and ckpt["step"] == 30
+
+
+def test_batchtopk_threshold_gives_l0_k_on_training_data(tmp_path, tiny_store):
+    """After training, per-token thresholding reproduces the batch top-k budget (mean L0 = k)."""
+    sae = train_sae(_cfg(tiny_store, "batchtopk"), TCFG, tiny_store, tmp_path, progress=False)
+    l0 = []
+    for b in tiny_store.batches("train", batch_size=8, window_len=16, seed=1, epochs=1):
+        codes = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
+        l0.append((codes[b.mask_BT] > 0).sum(-1).float())
+    assert torch.cat(l0).mean().item() == pytest.approx(4, rel=0.1)

@@ -32,6 +32,13 @@ def _eval(a: argparse.Namespace) -> None:
     eval_from_args(a)
 
 
+def _check_params(a: argparse.Namespace) -> None:
+    from trsae.config import check_params_file
+
+    params = check_params_file(a.params, a.notebooks)
+    print(f"{a.params}: {len(params)} parameter(s), all known to the notebooks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trsae", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -74,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--out", default=None, help="results JSON (default: print)")
     e.set_defaults(fn=_eval)
+
+    c = sub.add_parser("check-params", help="reject parameter-file keys that no notebook declares")
+    c.add_argument("params")
+    c.add_argument("notebooks", nargs="+")
+    c.set_defaults(fn=_check_params)
     return p
 
 

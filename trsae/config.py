@@ -124,3 +124,26 @@ class TrainConfig:
             raise ValueError(f"shuffle must be 'window' or 'sequence', got {self.shuffle!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1 and self.warmup_frac + self.decay_frac <= 1):
             raise ValueError("warmup_frac and decay_frac must be fractions that sum to at most 1")
+
+
+def notebook_parameters(path: str | os.PathLike) -> set[str]:
+    """Names assigned in a notebook's cell tagged ``parameters`` (what papermill can set)."""
+    import ast
+
+    nb = json.loads(Path(path).read_text())
+    names: set[str] = set()
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            for node in ast.parse(src).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def check_params_file(params: str | os.PathLike, notebooks: list[str | os.PathLike]) -> dict[str, Any]:
+    """Load a parameter file and reject any key that no notebook declares in its ``parameters`` cell."""
+    allowed: set[str] = set()
+    for nb in notebooks:
+        allowed |= notebook_parameters(nb)
+    return load_params(params, allowed)

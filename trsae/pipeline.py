@@ -2,8 +2,8 @@
 configuration is unchanged (the cache key is a hash of everything it depends on), recomputed otherwise.
 
     work/stores/<model>-L<layer>-<hash>/     activation store
-    work/runs/<name>-<hash>/                 run folder (checkpoint, log, sae/)
-    work/runs/<name>-<hash>/eval-<split>-<hash>.json
+    work/runs/<arch>-<hash>/                 run folder (checkpoint, log, sae/)
+    work/runs/<arch>-<hash>/eval-<split>-<hash>.json
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from trsae.config import HarvestConfig, TrainConfig, config_hash
-from trsae.evaluate import evaluate_sae, train_mean
+from trsae.evaluate import evaluate_saes, train_mean
 from trsae.lm import LoadedModel, load_model
 from trsae.metrics import aggregate_seeds, write_json_atomic
 from trsae.saes import SAE, SAEConfig
-from trsae.store import ActivationStore, harvest
+from trsae.store import ActivationStore, harvest, store_identity
 from trsae.train import read_log, train_sae
 
 
@@ -37,20 +37,20 @@ def environment() -> dict:
 
 def ensure_store(cfg: HarvestConfig, work: str | os.PathLike, model: LoadedModel | None = None,
                  progress: bool = True) -> ActivationStore:
-    path = Path(work) / "stores" / f"{cfg.model}-L{cfg.layer}-{config_hash(dataclasses.replace(cfg, batch_size=0))}"
+    path = Path(work) / "stores" / f"{cfg.model}-L{cfg.layer}-{config_hash(store_identity(cfg))}"
     return harvest(cfg, path, model=model, progress=progress)
 
 
-def run_dir(name: str, sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
+def run_dir(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
             work: str | os.PathLike) -> Path:
     key = config_hash({"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
                        "store": store.manifest["config_hash"]})
-    return Path(work) / "runs" / f"{name}-{key}"
+    return Path(work) / "runs" / f"{sae_cfg.arch}-{key}"  # named by content, so equal configs share a run
 
 
-def ensure_sae(name: str, sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
+def ensure_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
                work: str | os.PathLike, progress: bool = True) -> tuple[SAE, Path]:
-    out = run_dir(name, sae_cfg, train_cfg, store, work)
+    out = run_dir(sae_cfg, train_cfg, store, work)
     return train_sae(sae_cfg, train_cfg, store, out, progress=progress), out
 
 
@@ -99,7 +99,7 @@ def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg:
     for name, sae_cfg in specs.items():
         runs[name] = []
         for seed in seeds:
-            sae, run = ensure_sae(name, sae_cfg, dataclasses.replace(train_cfg, seed=seed), store, work, progress)
+            sae, run = ensure_sae(sae_cfg, dataclasses.replace(train_cfg, seed=seed), store, work, progress)
             runs[name].append((run, sae))
     results = evaluate({run: sae for rs in runs.values() for run, sae in rs})
     out: dict[str, list[dict]] = {}
@@ -118,3 +118,119 @@ def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg:
 def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
     """Means and standard errors over seeds for every name (`trsae.metrics.aggregate_seeds`)."""
     return {name: aggregate_seeds(rs, keep=("config", "run")) for name, rs in per_seed.items()}
+
+
+# --- what the notebooks compare ------------------------------------------------------------------------
+
+CORE_ROWS = [
+    ("training", "step", "training steps"),
+    ("sparsity", "l0", "L0"),
+    ("reconstruction_quality", "explained_variance", "explained variance (pooled)"),
+    ("reconstruction_quality", "explained_variance_legacy", "explained variance (legacy)"),
+    ("reconstruction_quality", "cossim", "cosine similarity"),
+    ("shrinkage", "l2_ratio", "l2 ratio"),
+    ("model_behavior_preservation", "kl_div_score", "KL-divergence score"),
+    ("model_performance_preservation", "ce_loss_score", "CE-loss score (zero abl.)"),
+    ("model_performance_preservation", "ce_loss_score_mean_ablation", "CE-loss score (mean abl.)"),
+    ("sparsity", "dead_frac", "dead latents (eval)"),
+]
+
+
+def baseline_specs(d_in: int, width: int, k: int, l1_coeff: float | None = None) -> dict[str, SAEConfig]:
+    """The three baselines at one width: ReLU + L1 (its L0 follows from ``l1_coeff``), TopK and BatchTopK."""
+    relu_kw = {} if l1_coeff is None else {"l1_coeff": l1_coeff}
+    return {"ReLU-L1": SAEConfig(arch="relu", d_in=d_in, width=width, **relu_kw),
+            "TopK": SAEConfig(arch="topk", d_in=d_in, width=width, k=k),
+            "BatchTopK": SAEConfig(arch="batchtopk", d_in=d_in, width=width, k=k)}
+
+
+def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: ActivationStore,
+             evaluate: Evaluator, work: str | os.PathLike, metric: tuple[str, str],
+             progress: bool = True) -> dict[str, list[tuple[float, float, float]]]:
+    """``{name: [(l0, metric mean, metric se), ...]}`` over sparsity settings (one seed), for a frontier plot."""
+    out = {}
+    for name, cfgs in specs.items():
+        per = train_and_evaluate({f"{name}-{i}": c for i, c in enumerate(cfgs)}, [train_cfg.seed], train_cfg,
+                                 store, evaluate, work, progress)
+        pts = []
+        for rs in per.values():
+            v = rs[0][metric[0]][metric[1]]
+            pts.append((rs[0]["sparsity"]["l0"], v, 0.0))
+        out[name] = sorted(pts)
+    return out
+
+
+def macros(summary: dict[str, dict], prefix: str, rows: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Paper macros ``\\<prefix><Name><Key>`` (mean) and ``...Se`` (standard error) for every name × row."""
+    from trsae.report import macro_name
+
+    out = {}
+    for name, res in summary.items():
+        for section, key, _ in rows:
+            leaf = (res.get(section) or {}).get(key)
+            if isinstance(leaf, dict) and leaf.get("mean") is not None:
+                out[macro_name(prefix, name, key)] = leaf["mean"]
+                out[macro_name(prefix, name, key, "se")] = leaf["se"]
+    return out
+
+
+def temporal_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: float = 0.3,
+                   **trsae_kw) -> dict[str, SAEConfig]:
+    """TRSAE and the baselines it is compared with at matched L0 (k): TopK and BatchTopK at the same width,
+    and "TopK-wide", a TopK whose wider dictionary holds as many parameters as the TRSAE."""
+    from trsae.saes import make_sae
+    from trsae.temporal import TRSAEConfig
+
+    tr = TRSAEConfig(d_in=d_in, width=width, k=k, window=window, curriculum_frac=curriculum_frac, **trsae_kw)
+    n_tr = make_sae(tr).n_params()
+    per_latent = 2 * d_in + 1  # W_enc column, W_dec row, b_enc entry; b_dec is d_in once
+    wide = round((n_tr - d_in) / per_latent)
+    return {"TopK": SAEConfig(arch="topk", d_in=d_in, width=width, k=k),
+            "BatchTopK": SAEConfig(arch="batchtopk", d_in=d_in, width=width, k=k),
+            "TopK-wide": SAEConfig(arch="topk", d_in=d_in, width=wide, k=k),
+            "TRSAE": tr}
+
+
+def temporal_usage(per_seed: list[dict], threshold: float = 0.1) -> dict:
+    """What a trained TRSAE uses of its context: per seed, the features whose gated context strength
+    ``g_f‖U_f‖`` exceeds ``threshold`` and those with a position embedding above it, with their buckets."""
+    from trsae.saes import load_sae
+
+    rows = []
+    for res in per_seed:
+        sae = load_sae(Path(res["run"]) / "sae")
+        pos = sae.positional_features(threshold)
+        rows.append({"open_gates": sae.open_gates(threshold), "open_gate_frac": sae.open_gates(threshold) / sae.cfg.width,
+                     "positional_features": len(pos), "positional_frac": len(pos) / sae.cfg.width,
+                     "positional_examples": pos[:20],
+                     "bucket_counts": _bucket_counts(pos, sae.cfg.n_buckets)})
+    return {"threshold": threshold, "per_seed": rows}
+
+
+def _bucket_counts(pos: list[tuple[int, list[int]]], n_buckets: int) -> list[int]:
+    counts = [0] * n_buckets
+    for _, buckets in pos:
+        for b in buckets:
+            counts[b] += 1
+    return counts
+
+
+def setup_macros(profile: str, store: ActivationStore, train_cfg: TrainConfig, width_mult: int, k: int,
+                 seeds: list[int], eval_seqs: int) -> dict:
+    """The experimental setup as paper macros (``\\setup...``), read from the store and configs used."""
+    m = store.manifest
+    return {"setupProfile": profile, "setupModel": m["model"], "setupLayer": m["layer"],
+            "setupData": m["data"].replace("+", " + ").replace("_", "\\_"), "setupHarvestTokens": m["token_count"],
+            "setupCtxLen": m["ctx_len"], "setupTrainTokens": train_cfg.tokens, "setupDModel": store.d_model,
+            "setupWidthMult": width_mult, "setupWidth": width_mult * store.d_model, "setupK": k,
+            "setupSeeds": len(seeds), "setupEvalSeqs": eval_seqs, "setupTestSeqs": len(store.splits["test"])}
+
+
+def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:
+    """The work and figures folders, created. ``$TRSAE_WORK_DIR`` / ``$TRSAE_FIGURES_DIR`` override the
+    notebook's parameters: the test suite sets them so that a smoke run never overwrites the paper's figures."""
+    work = Path(os.environ.get("TRSAE_WORK_DIR", work_dir))
+    figures = Path(os.environ.get("TRSAE_FIGURES_DIR", figures_dir))
+    work.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    return work, figures

@@ -405,3 +405,15 @@ def write_macros(macros: dict[str, float | int | str], path: str | os.PathLike, 
                 text = f"\\ensuremath{{{text}}}"
         lines.append(f"\\newcommand{{\\{name}}}{{{text}}}")
     return _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def text_table(results: dict[str, dict[str, Any]], rows: Sequence[Panel], digits: int = 3) -> str:
+    """Plain-text table (one row per metric, one column per SAE, mean ± se) for printing in a notebook."""
+    names = list(results)
+    cells = [[label] + [_cell(metric_value(results[n], s, k), digits, False) for n in names]
+             for s, k, label in rows]
+    header = ["metric"] + names
+    widths = [max(len(str(r[i])) for r in [header] + cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header)] + [fmt(r) for r in cells])

@@ -97,7 +97,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 
 # --- harvest ------------------------------------------------------------------------------------------
 
-def _store_identity(cfg: HarvestConfig) -> dict:
+def store_identity(cfg: HarvestConfig) -> dict:
     """The fields that determine a store's content (batch size does not)."""
     d = dataclasses.asdict(cfg)
     d.pop("batch_size")
@@ -121,7 +121,7 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ident = _store_identity(cfg)
+    ident = store_identity(cfg)
     chash = config_hash(ident)
     man_path = out / MANIFEST
     if man_path.exists():

@@ -85,6 +85,25 @@ def init_b_dec_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: i
     sae.b_dec.copy_((total / max(n, 1)).to(sae.b_dec.dtype))
 
 
+@torch.no_grad()
+def calibrate_threshold_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: int = 8) -> None:
+    """Set a BatchTopK SAE's inference threshold so that its mean L0 on training data is exactly k.
+
+    The running (EMA) estimate of Bussmann et al. lags behind the encoder in a short run; here the threshold is
+    the (k·N)-th largest pre-activation over N training tokens of the final model, the value at which
+    per-token thresholding reproduces the batch's top-k budget.
+    """
+    zs = []
+    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len,
+                                        shuffle=cfg.shuffle, seed=cfg.seed + 1)):
+        if i >= n_batches:
+            break
+        zs.append(sae.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)[b.mask_BT].flatten())
+    z = torch.cat(zs)
+    n_keep = sae.cfg.k * (z.numel() // sae.cfg.width)
+    sae.threshold.copy_(torch.topk(z, n_keep).values[-1].clamp_min(0))
+
+
 def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: str | os.PathLike,
               progress: bool = True, max_steps: int | None = None) -> SAE:
     """Train (or resume, or reload) the SAE of run folder ``out``.
@@ -196,6 +215,8 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                 checkpoint()
     bar.close()
     sae.eval()
+    if step >= total and getattr(sae, "mechanism", None) == "batchtopk":
+        calibrate_threshold_(sae, store, cfg)
     if step >= total:
         sae.save(out / "sae")
     return sae
