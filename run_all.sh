@@ -58,6 +58,8 @@ case "$mode" in
     if [ -n "$notebooks" ]; then
       python -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $notebooks
     fi
+    # the paper against what the notebooks just wrote (builds the PDF where a LaTeX toolchain is present)
+    python -m pytest -m paper tests/test_paper.py
     ;;
   run)
     params="params/$profile.yaml"

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--window-len", type=int, default=None, help="tokens per window (default: min(T, 128))")
+    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     t.add_argument("--out", required=True)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=_train)

@@ -265,3 +265,28 @@ def check_paper(tex: str | os.PathLike, figures_dir: str | os.PathLike) -> list[
     for num in hand_typed_numbers(live):
         problems.append(f"hand-typed number in {tex.name}: {num!r} (write it into a macro file from a notebook)")
     return problems
+
+
+def build_pdf(figures_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              paper_dir: str | os.PathLike = Path(__file__).resolve().parents[1] / "paper") -> Path:
+    """Compile ``paper.tex`` against ``figures_dir`` in ``out_dir`` (a copy: ``out_dir/paper`` beside a link
+    ``out_dir/figures``), so any set of notebook outputs (smoke, cpu) builds without touching the checkout."""
+    import shutil
+    import subprocess
+
+    out = Path(out_dir)
+    (out / "paper").mkdir(parents=True, exist_ok=True)
+    for f in ("paper.tex", "references.bib"):
+        shutil.copy(Path(paper_dir) / f, out / "paper" / f)
+    link = out / "figures"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(figures_dir).resolve(), target_is_directory=True)
+    problems = check_paper(out / "paper" / "paper.tex", link)
+    if problems:
+        raise RuntimeError("paper/paper.tex does not match the figures:\n" + "\n".join(problems))
+    run = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"],
+                         cwd=out / "paper", capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"latexmk failed:\n{run.stdout[-3000:]}")
+    return out / "paper" / "paper.pdf"

@@ -242,7 +242,7 @@ def sae_config_from_args(a, d_in: int) -> SAEConfig:
 def train_from_args(a) -> None:
     store = ActivationStore(a.store)
     cfg = TrainConfig(tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      window_len=min(store.ctx_len, 128))
+                      window_len=a.window_len or min(store.ctx_len, 128), checkpoint_every=a.checkpoint_every)
     sae = train_sae(sae_config_from_args(a, store.d_model), cfg, store, a.out, progress=not a.quiet)
     log = read_log(a.out)
     last = log[-1] if log else {}
