@@ -234,3 +234,59 @@ def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:
     work.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     return work, figures
+
+
+def ablation_specs(d_in: int, width: int, k: int, window: int, windows: list[int],
+                   curriculum_frac: float = 0.3, **trsae_kw) -> dict[str, SAEConfig]:
+    """The full TRSAE, each temporal component removed in turn, a sweep of the window w, and the look-ahead
+    (acausal) variant, clearly labelled as a reference: codes there see future tokens."""
+    from trsae.temporal import TRSAEConfig
+
+    full = TRSAEConfig(d_in=d_in, width=width, k=k, window=window, curriculum_frac=curriculum_frac, **trsae_kw)
+    specs = {"full": full,
+             "no position emb.": dataclasses.replace(full, use_pos=False),
+             "no attention": dataclasses.replace(full, use_attn=False),
+             "gates always on": dataclasses.replace(full, use_gates=False),
+             "no curriculum": dataclasses.replace(full, curriculum_frac=0.0),
+             "look-ahead (reference)": dataclasses.replace(full, causal=False)}
+    for w in windows:
+        specs[f"w={w}"] = dataclasses.replace(full, window=w, w_start=min(full.w_start, w))
+    return specs
+
+
+ABLATION_ROWS = [
+    ("reconstruction_quality", "explained_variance", "explained variance (pooled)"),
+    ("model_behavior_preservation", "kl_div_score", "KL-divergence score"),
+    ("model_performance_preservation", "ce_loss_score", "CE-loss score (zero abl.)"),
+    ("model_performance_preservation", "ce_loss_score_mean_ablation", "CE-loss score (mean abl.)"),
+    ("sparsity", "dead_frac", "dead latents (eval)"),
+]
+
+
+def ablation_macros(summary: dict[str, dict], windows: list[int], n_seeds: int) -> dict:
+    """Paper macros of the ablation study: the component whose removal moves explained variance the most (and
+    by how much, full minus ablated), the best window, the seeds and windows used."""
+    ev = {n: r["reconstruction_quality"]["explained_variance"]["mean"] for n, r in summary.items()}
+    removed = {n: ev["full"] - ev[n] for n in ("no position emb.", "no attention", "gates always on", "no curriculum")}
+    largest = max(removed, key=lambda n: abs(removed[n]))
+    best_w = max(windows, key=lambda w: ev[f"w={w}"])
+    return {"ablSeeds": n_seeds, "ablWindows": ", ".join(map(str, windows)), "ablBestWindow": best_w,
+            "ablLargestEffect": largest, "ablLargestEffectDelta": removed[largest],
+            "ablFullEV": ev["full"], "ablLookAheadEV": ev["look-ahead (reference)"]}
+
+
+def window_curve(summary: dict[str, dict], windows: list[int],
+                 metric: tuple[str, str] = ("reconstruction_quality", "explained_variance")) -> dict:
+    """``{"TRSAE": [(w, mean, se), ...]}`` over the window sweep (w = 0 placed at 0.5 for a log axis)."""
+    pts = []
+    for w in windows:
+        leaf = summary[f"w={w}"][metric[0]][metric[1]]
+        pts.append((max(w, 0.5), leaf["mean"], leaf["se"]))
+    return {"TRSAE": pts}
+
+
+def train_all(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,
+              work: str | os.PathLike, progress: bool = True) -> dict[str, list[tuple[Path, SAE]]]:
+    """Train (or reload) every named config with every seed: ``{name: [(run folder, sae), ...]}``."""
+    return {name: [ensure_sae(cfg, dataclasses.replace(train_cfg, seed=s), store, work, progress)[::-1]
+                   for s in seeds] for name, cfg in specs.items()}
