@@ -20,6 +20,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRSAE_CACHE", Path.home() / ".cache" / "trsae"))
 
 
+def figures_path(figures_dir: str) -> Path:
+    """The figures folder, created: ``$TRSAE_FIGURES_DIR`` overrides the notebook's parameter (the test suite
+    sets it so that a smoke run never overwrites the paper's figures)."""
+    figures = Path(os.environ.get("TRSAE_FIGURES_DIR", figures_dir))
+    figures.mkdir(parents=True, exist_ok=True)
+    return figures
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-able object (dataclasses are converted first)."""
     if dataclasses.is_dataclass(obj):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trsae.config import HarvestConfig, TrainConfig, config_hash
+from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
 from trsae.evaluate import evaluate_saes, train_mean
 from trsae.lm import LoadedModel, load_model
 from trsae.metrics import aggregate_seeds, write_json_atomic
@@ -227,13 +227,10 @@ def setup_macros(profile: str, store: ActivationStore, train_cfg: TrainConfig, w
 
 
 def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:
-    """The work and figures folders, created. ``$TRSAE_WORK_DIR`` / ``$TRSAE_FIGURES_DIR`` override the
-    notebook's parameters: the test suite sets them so that a smoke run never overwrites the paper's figures."""
+    """The work folder (``$TRSAE_WORK_DIR`` overrides it) and `figures_path`, both created."""
     work = Path(os.environ.get("TRSAE_WORK_DIR", work_dir))
-    figures = Path(os.environ.get("TRSAE_FIGURES_DIR", figures_dir))
     work.mkdir(parents=True, exist_ok=True)
-    figures.mkdir(parents=True, exist_ok=True)
-    return work, figures
+    return work, figures_path(figures_dir)
 
 
 def ablation_specs(d_in: int, width: int, k: int, window: int, windows: list[int],
