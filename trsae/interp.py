@@ -75,9 +75,9 @@ def gap_scores(model: LoadedModel, layer: int, sae: SAE | None, n_items: dict[st
 def interp_scores(test_feats: "ud.UDFeatures", model: LoadedModel, f1_threshold: float) -> tuple[dict, "autointerp.LabelF1"]:
     """Density, best-label F1 (share of alive features at or above ``f1_threshold``, by label family) and
     temporal smoothness of an SAE's features on UD test text."""
-    X = test_feats.tokens.X
-    res = autointerp.label_f1(X, autointerp.ud_interp_labels(test_feats, tokenizer=model.tokenizer))
-    sm = autointerp.temporal_smoothness(X, test_feats.tokens.seq, test_feats.tokens.tok)
+    # labels live on UD words (their last sub-token); smoothness is over every token of the contexts
+    res = autointerp.label_f1(test_feats.word_X, autointerp.ud_interp_labels(test_feats, tokenizer=model.tokenizer))
+    sm = autointerp.temporal_smoothness(test_feats.tokens.X, test_feats.tokens.seq, test_feats.tokens.tok)
     out = {"labelled_frac": res.share_at_least(f1_threshold), "alive_frac": float(res.alive.mean()),
            "mean_density": float(res.density[res.alive].mean()) if res.alive.any() else float("nan"),
            "stay": sm["mean_stay"], "stay_lift": sm["mean_lift"]}
