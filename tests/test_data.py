@@ -1,7 +1,6 @@
 import shutil
 
 import pytest
-import torch
 
 from trsae import data
 from trsae.lm import gpt2_tokenizer

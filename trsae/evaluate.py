@@ -8,7 +8,6 @@ ordinary token and predict one (`trsae.metrics.next_token_targets`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch

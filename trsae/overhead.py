@@ -62,7 +62,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -70,6 +69,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from trsae.io import atomic_write_bytes
 from trsae.saes import SAE, SAEConfig, make_sae
 from trsae.temporal import TRSAEConfig
 
@@ -741,18 +741,7 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, s
 
 
 def _write_atomic(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def write_tables(rows: list[dict[str, Any]], stem: str | os.PathLike) -> dict[str, Path]:

@@ -17,12 +17,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from trsae.io import atomic_write_bytes
 
 __all__ = [
     "metric_value",
@@ -112,37 +113,13 @@ def format_number(v: float | int | None, digits: int = 3, latex: bool = False) -
 # atomic writes
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buf, format=fmt, dpi=_DPI, bbox_inches="tight")
-    return _atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,7 +306,7 @@ def results_table(
         for section, key, label in rows:
             lines.append(f"| {label} | " + " | ".join(_cell(v, digits, False) for v in vals[(section, key)])
                          + " |")
-        written["md"] = _atomic_write_bytes(path_md, ("\n".join(lines) + "\n").encode())
+        written["md"] = atomic_write_bytes(path_md, ("\n".join(lines) + "\n").encode())
 
     if path_tex is not None:
         lines = ["\\begin{tabular}{l" + "r" * len(names) + "}", "\\hline",
@@ -338,7 +315,7 @@ def results_table(
             lines.append(_tex_escape(label) + " & "
                          + " & ".join(_cell(v, digits, True) for v in vals[(section, key)]) + " \\\\")
         lines += ["\\hline", "\\end{tabular}"]
-        written["tex"] = _atomic_write_bytes(path_tex, ("\n".join(lines) + "\n").encode())
+        written["tex"] = atomic_write_bytes(path_tex, ("\n".join(lines) + "\n").encode())
 
     if path_csv is not None:
         buf = io.StringIO()
@@ -351,7 +328,7 @@ def results_table(
                 count = raw.get("n", "") if isinstance(raw, dict) else (1 if v is not None else "")
                 row += ["", "", ""] if v is None else [repr(v[0]), repr(v[1]), count]
             w.writerow(row)
-        written["csv"] = _atomic_write_bytes(path_csv, buf.getvalue().encode())
+        written["csv"] = atomic_write_bytes(path_csv, buf.getvalue().encode())
     return written
 
 
@@ -404,7 +381,7 @@ def write_macros(macros: dict[str, float | int | str], path: str | os.PathLike, 
             if "\\times" in text:
                 text = f"\\ensuremath{{{text}}}"
         lines.append(f"\\newcommand{{\\{name}}}{{{text}}}")
-    return _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def text_table(results: dict[str, dict[str, Any]], rows: Sequence[Panel], digits: int = 3) -> str:

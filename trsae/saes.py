@@ -40,7 +40,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -48,6 +47,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as tnf
 from safetensors.torch import load_file, save_file
+
+from trsae.io import atomic_path
 from torch import Tensor, nn
 
 ARCHS = ("relu", "topk", "batchtopk")
@@ -207,15 +208,8 @@ def load_sae(directory: str | os.PathLike) -> "SAE":
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 # --------------------------------------------------------------------------------------------- sparse helpers

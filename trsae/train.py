@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from trsae.config import TrainConfig
 from trsae.saes import SAE, SAEConfig, load_sae, make_sae
-from trsae.store import ActivationStore, atomic_write_bytes, atomic_write_json
+from trsae.io import atomic_write_bytes, atomic_write_json
+from trsae.store import ActivationStore
 
 
 class RunError(RuntimeError):
