@@ -73,8 +73,8 @@ def throughput(args):
 def memory(args):
     for tokens in args.mem_tokens:
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, "-c", "import resource, sys, runpy; sys.argv=sys.argv[1:]; "
-                   "from trsae.__main__ import main; rc = main(sys.argv); "
+            cmd = [sys.executable, "-c", "import resource, sys; "
+                   "from trsae.__main__ import main; rc = main(sys.argv[2:]); "
                    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)", "trsae",
                    "harvest", "--model", args.model, "--layer", str(args.layer), "--data", "brown+sotu",
                    "--tokens", str(tokens), "--out", out, "--quiet"]

@@ -267,12 +267,12 @@ def check_paper(tex: str | os.PathLike, figures_dir: str | os.PathLike) -> list[
     return problems
 
 
-def build_pdf(figures_dir: str | os.PathLike, out_dir: str | os.PathLike,
-              paper_dir: str | os.PathLike = Path(__file__).resolve().parents[1] / "paper") -> Path:
-    """Compile ``paper.tex`` against ``figures_dir`` in ``out_dir`` (a copy: ``out_dir/paper`` beside a link
-    ``out_dir/figures``), so any set of notebook outputs (smoke, cpu) builds without touching the checkout."""
+def stage(figures_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          paper_dir: str | os.PathLike = Path(__file__).resolve().parents[1] / "paper") -> Path:
+    """Lay out ``out_dir/paper`` (a copy of paper.tex and references.bib) beside a link ``out_dir/figures`` to
+    ``figures_dir``, so that the paper's ``../figures/`` paths point at any set of notebook outputs (smoke,
+    cpu) without touching the checkout. Returns the staged paper.tex."""
     import shutil
-    import subprocess
 
     out = Path(out_dir)
     (out / "paper").mkdir(parents=True, exist_ok=True)
@@ -282,11 +282,19 @@ def build_pdf(figures_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(Path(figures_dir).resolve(), target_is_directory=True)
-    problems = check_paper(out / "paper" / "paper.tex", link)
+    return out / "paper" / "paper.tex"
+
+
+def build_pdf(figures_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Check and compile the paper against ``figures_dir`` (staged in ``out_dir``, see `stage`)."""
+    import subprocess
+
+    tex = stage(figures_dir, out_dir)
+    problems = check_paper(tex, tex.parent.parent / "figures")
     if problems:
         raise RuntimeError("paper/paper.tex does not match the figures:\n" + "\n".join(problems))
     run = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"],
-                         cwd=out / "paper", capture_output=True, text=True, timeout=600)
+                         cwd=tex.parent, capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         raise RuntimeError(f"latexmk failed:\n{run.stdout[-3000:]}")
-    return out / "paper" / "paper.pdf"
+    return tex.parent / "paper.pdf"
