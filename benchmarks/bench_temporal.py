@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trsae.overhead import encode_step as encode, train_step  # noqa: E402
 from trsae.saes import SAEConfig, make_sae  # noqa: E402
 from trsae.temporal import TRSAEConfig  # noqa: E402
 
@@ -47,20 +48,6 @@ def batch(a: argparse.Namespace):
     mask_BT = torch.ones(a.batch, a.seq, dtype=torch.bool)
     mask_BT[:, 0] = False  # BOS
     return x_BTD, mask_BT
-
-
-def train_step(sae, opt, x_BTD, mask_BT) -> None:
-    out = sae(x_BTD, mask_BT)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    sae.remove_parallel_grad_()
-    opt.step()
-    sae.normalize_decoder_()
-
-
-@torch.no_grad()
-def encode(sae, x_BTD, mask_BT) -> None:
-    sae.encode(x_BTD, mask_BT=mask_BT)
 
 
 def proc_status_kib(field: str) -> int:
