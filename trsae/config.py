@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between checkpoints."""
     log_every: int = 20
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "window_len", "lr", "dead_tokens", "checkpoint_every", "log_every"):
