@@ -21,19 +21,47 @@ def _cli(args, **kw):
                             stderr=subprocess.PIPE, text=True, env=os.environ.copy(), **kw)
 
 
-def _kill_randomly(args, done, rng, max_kills=4, window=(1.0, 8.0)):
-    """Start the command and SIGKILL it after a random delay, until ``done()``; return the number of kills."""
+def _kill_randomly(args, progress, rng, max_kills=4):
+    """Start the command and SIGKILL it at a random point of its progress, until it finishes; return the number
+    of kills. ``progress()`` gives (units done, units in all), read from the files the command writes, so the
+    kill lands mid-run on a fast machine as on a slow one (a wall-clock delay missed the whole run on a fast one).
+    """
     kills = 0
-    while not done() and kills < max_kills:
+    while kills < max_kills:
+        done, total = progress()
+        if total and done >= total:
+            break
         p = _cli(args)
-        time.sleep(rng.uniform(*window))
+        lo = done + 1
+        target = rng.randint(lo, max(lo, done + (total - done) * 3 // 5)) if total else 1
+        while p.poll() is None:
+            now, total = progress()
+            if total and now >= target:
+                time.sleep(rng.uniform(0.0, 0.02))  # a moment inside the next unit of work, not only at its edge
+                break
+            time.sleep(0.002)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()
             kills += 1
         else:
             assert p.returncode == 0, p.stderr.read()
+            break
     return kills
+
+
+def _read_log(run):
+    """Complete lines of a run's metrics log (a line being written when read is skipped)."""
+    p = run / "metrics.jsonl"
+    if not p.exists():
+        return []
+    out = []
+    for ln in p.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            pass
+    return out
 
 
 def _readable_state(folder):
@@ -52,13 +80,16 @@ def test_harvest_survives_random_kills(tmp_path):
     assert _cli(HARVEST + ["--out", str(ref)]).wait() == 0
     rng = random.Random(0)
 
-    def done():
-        if (out / "manifest.json").exists():
-            _readable_state(out)
-            return json.loads((out / "manifest.json").read_text())["complete"]
-        return False
+    n_shards = len(json.loads((ref / "manifest.json").read_text())["shards"])
 
-    kills = _kill_randomly(HARVEST + ["--out", str(out)], done, rng)
+    def progress():
+        if not (out / "manifest.json").exists():
+            return 0, n_shards
+        _readable_state(out)
+        m = json.loads((out / "manifest.json").read_text())
+        return (n_shards if m["complete"] else min(len(m["shards"]), n_shards - 1)), n_shards
+
+    kills = _kill_randomly(HARVEST + ["--out", str(out)], progress, rng)
     assert _cli(HARVEST + ["--out", str(out)]).wait() == 0
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (ref, out))
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
@@ -74,8 +105,15 @@ def test_training_survives_random_kills(tmp_path):
              "--batch-size", "8", "--window-len", "32", "--checkpoint-every", "10", "--quiet"]
     assert _cli(train + ["--out", str(tmp_path / "ref")]).wait() == 0
     out = tmp_path / "killed"
-    kills = _kill_randomly(train + ["--out", str(out)], lambda: (out / "sae" / "config.json").exists(),
-                           random.Random(1), window=(3.0, 9.0))
+    n_steps = _read_log(tmp_path / "ref")[-1]["step"]
+
+    def progress():
+        if (out / "sae" / "config.json").exists():
+            return n_steps, n_steps
+        log = _read_log(out)
+        return (log[-1]["step"] if log else 0), n_steps
+
+    kills = _kill_randomly(train + ["--out", str(out)], progress, random.Random(1))
     assert _cli(train + ["--out", str(out)]).wait() == 0
     from trsae.saes import load_sae
 
