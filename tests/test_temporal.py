@@ -172,7 +172,8 @@ def test_temporal_loss_terms_follow_their_definitions():
     torch.testing.assert_close(losses["pos_l1"], 0.1 * (sae.P.abs()[:, b] * norm_F[:, None]).sum(0).mean())
     gate_F = torch.sigmoid(sae.gate_logit)
     torch.testing.assert_close(losses["gate"], 0.01 * (gate_F * sae.U.norm(dim=1) * norm_F).sum())
-    assert TRSAEConfig(d_in=D, width=F).pos_l1 == pytest.approx(0.01 / D)
+    c = TRSAEConfig(d_in=D, width=F)
+    assert c.pos_l1 == pytest.approx(0.001 / D) and c.gate_l1 == pytest.approx(0.001 / D)
 
 
 # ------------------------------------------------------------------------------------------ ablations, reports
@@ -208,8 +209,12 @@ def test_reports_positional_features_and_open_gates():
         sae.U.zero_()
         sae.U[[1, 4], 0] = 1.0
         sae.gate_logit.zero_()
-    assert sae.positional_features(0.5) == [(7, [5, 6]), (3, [2])]
-    assert sae.open_gates(0.4) == 2 and sae.open_gates(0.6) == 0  # strength = sigmoid(0) * 1 = 0.5
+        sae.W_enc.mul_(2.0 / sae.W_enc.norm(dim=0))  # token term of every feature: std 2
+    # thresholds are relative to the token term: |P| / 2 and sigmoid(0) * ||U_f|| / 2 = 0.25
+    assert sae.positional_features(0.25) == [(7, [5, 6]), (3, [2])]
+    assert sae.positional_features(0.45) == [(7, [5]), (3, [2])]
+    assert sae.positional_features(0.6) == [(7, [5])]
+    assert sae.open_gates(0.2) == 2 and sae.open_gates(0.3) == 0
 
 
 def test_config_validation():

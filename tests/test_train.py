@@ -76,3 +76,14 @@ def test_batchtopk_threshold_gives_l0_k_on_training_data(tmp_path, tiny_store):
         codes = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
         l0.append((codes[b.mask_BT] > 0).sum(-1).float())
     assert torch.cat(l0).mean().item() == pytest.approx(4, rel=0.1)
+
+
+def test_trsae_temporal_parameters_get_their_own_learning_rate():
+    from trsae.temporal import TRSAE, TRSAEConfig
+
+    sae = TRSAE(TRSAEConfig(d_in=8, width=16, k=2, window=2, temporal_lr_mult=10.0))
+    groups = sae.optim_groups(1e-3)
+    names = {id(p): n for n, p in sae.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)]
+    assert {names[id(p)] for p in groups[1]["params"]} == {"P", "W_qkv", "U", "gate_logit"}
+    assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--window-len", type=int, default=None, help="tokens per window (default: min(T, 128))")
     t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps of this call, with a checkpoint (rerun to resume)")
     t.add_argument("--out", required=True)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=_train)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: missing files, a full disk (trsae.io)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,8 @@ ordinary token and predict one (`trsae.metrics.next_token_targets`).
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -104,14 +106,31 @@ def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = N
     return evaluate_saes({"sae": sae}, store, model, **kw)["sae"]
 
 
+def check_sae_matches_store(sae_dir: Path, sae, store: ActivationStore) -> None:
+    """Refuse an SAE trained for another model, layer or width than ``store`` holds (its run folder's
+    ``run.json`` names the store it was trained on; a bare SAE folder is checked by width only)."""
+    if sae.cfg.d_in != store.d_model:
+        raise ValueError(f"the SAE at {sae_dir} reads d={sae.cfg.d_in} activations but the store at {store.path} "
+                         f"holds d={store.d_model} ({store.manifest['model']} layer {store.manifest['layer']}); "
+                         "evaluate it on a store of the model and layer it was trained on")
+    run = sae_dir.parent / "run.json"
+    if run.exists():
+        trained = json.loads(run.read_text())["store"]
+        here = (store.manifest["model"], store.manifest["layer"])
+        if (trained["model"], trained["layer"]) != here:
+            raise ValueError(f"the SAE at {sae_dir} was trained on {trained['model']} layer {trained['layer']} "
+                             f"but the store at {store.path} holds {here[0]} layer {here[1]}; evaluate it on a "
+                             "store of that model and layer")
+
+
 def eval_from_args(a) -> None:
     store = ActivationStore(a.store)
-    sae = load_sae(Path(a.sae) / "sae" if (Path(a.sae) / "sae").is_dir() else a.sae)
+    sae_dir = Path(a.sae) / "sae" if (Path(a.sae) / "sae").is_dir() else Path(a.sae)
+    sae = load_sae(sae_dir)
+    check_sae_matches_store(sae_dir, sae, store)
     res = evaluate_sae(sae, store, split=a.split, max_seqs=a.max_seqs)
     if a.out:
         write_json_atomic(a.out, res)
         print(f"wrote {a.out}")
     else:
-        import json
-
         print(json.dumps(res, indent=1, default=str))

@@ -191,19 +191,24 @@ def temporal_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: 
             "TRSAE": tr}
 
 
-def temporal_usage(per_seed: list[dict], threshold: float = 0.1) -> dict:
+def temporal_usage(per_seed: list[dict], threshold: float = 0.1,
+                   sweep: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)) -> dict:
     """What a trained TRSAE uses of its context: per seed, the features whose gated context strength
-    ``g_f‖U_f‖`` exceeds ``threshold`` and those with a position embedding above it, with their buckets."""
+    ``g_f‖U_f‖`` exceeds ``threshold`` times their token term ``‖W_enc[:, f]‖`` (open gates), and those with a
+    position embedding above it, with their buckets; ``by_threshold`` gives both counts over ``sweep``."""
     from trsae.saes import load_sae
 
     rows = []
     for res in per_seed:
         sae = load_sae(Path(res["run"]) / "sae")
         pos = sae.positional_features(threshold)
-        rows.append({"open_gates": sae.open_gates(threshold), "open_gate_frac": sae.open_gates(threshold) / sae.cfg.width,
-                     "positional_features": len(pos), "positional_frac": len(pos) / sae.cfg.width,
+        F = sae.cfg.width
+        rows.append({"open_gates": sae.open_gates(threshold), "open_gate_frac": sae.open_gates(threshold) / F,
+                     "positional_features": len(pos), "positional_frac": len(pos) / F,
                      "positional_examples": pos[:20],
-                     "bucket_counts": _bucket_counts(pos, sae.cfg.n_buckets)})
+                     "bucket_counts": _bucket_counts(pos, sae.cfg.n_buckets),
+                     "by_threshold": [{"threshold": t, "open_gates": sae.open_gates(t),
+                                       "positional_features": len(sae.positional_features(t))} for t in sweep]})
     return {"threshold": threshold, "per_seed": rows}
 
 

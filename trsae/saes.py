@@ -570,6 +570,10 @@ class SAE(nn.Module):
         grad_FD = self.W_dec.grad
         grad_FD.sub_((grad_FD * unit_FD).sum(1, keepdim=True) * unit_FD)
 
+    def optim_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups with their learning rates (one group here; TRSAE adds its own)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

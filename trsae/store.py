@@ -222,6 +222,9 @@ class ActivationStore:
             t = load_file(p)
         except (SafetensorError, OSError, ValueError) as e:
             raise StoreError(f"shard {p} cannot be read ({e}); delete the store and harvest again") from e
+        if not torch.isfinite(t["acts"]).all():
+            raise StoreError(f"shard {p} holds NaN or inf activations; harvest again in float32 (a bfloat16 "
+                             f"store or a model run in float16 can overflow)")
         if tuple(t["acts"].shape) != (entry["n_seq"], self.ctx_len, self.d_model):
             raise StoreError(f"shard {p} has shape {tuple(t['acts'].shape)}, expected "
                              f"{(entry['n_seq'], self.ctx_len, self.d_model)}")

@@ -9,6 +9,12 @@ A run folder holds::
     run.json           the run's configs and the store it trained on
 
 Rerunning the same call resumes from ``checkpoint.pt``; a finished run returns its SAE at once.
+
+Under ``torchrun --nproc-per-node N -m trsae train ...`` (``gloo`` on CPU, ``nccl`` on GPU) each rank takes
+every N-th window of the same global batch, gradients are averaged over ranks, the dead-latent counters and
+BatchTopK's threshold are reduced so that every rank holds the same values, and only rank 0 writes the log,
+checkpoints and the SAE. The data cursor counts global batches, so a run resumes on any number of ranks.
+BatchTopK selects its top k·N activations within each rank's share of the batch.
 """
 
 from __future__ import annotations
@@ -54,6 +60,60 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+
+
+def dist_context() -> tuple[int, int]:
+    """(rank, world size): torchrun's process group when launched under it (initialised here), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _Ranks:
+    """The collective operations the trainer needs; no-ops in a single process."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.main = rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def shard(self, batch):
+        """This rank's windows of a global batch (every world-th, starting at its rank)."""
+        if self.world == 1:
+            return batch
+        return type(batch)(*(t[self.rank::self.world] for t in batch))
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def broadcast_params_(self, sae: SAE) -> None:
+        if self.world > 1:
+            for t in [*sae.parameters(), *sae.buffers()]:
+                torch.distributed.broadcast(t.data, 0)
+
+    def average_grads_(self, sae: SAE) -> None:
+        """Mean of the ranks' gradients (each rank's loss is a mean over its tokens; the shares are equal)."""
+        if self.world == 1:
+            return
+        params = list(sae.parameters())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.sum_(flat).div_(self.world)
+        i = 0
+        for p in params:
+            p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+            i += p.numel()
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -112,6 +172,10 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     ``max_steps`` stops after that many steps of this call with a checkpoint (as if killed), for tests.
     """
     out = Path(out)
+    ranks = _Ranks(*dist_context())
+    if cfg.batch_size % ranks.world:
+        raise RunError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the "
+                       f"{ranks.world} processes")
     if sae_cfg.d_in != store.d_model:
         raise RunError(f"SAE d_in {sae_cfg.d_in} does not match the store's d_model {store.d_model}")
     if store.ctx_len % cfg.window_len:
@@ -129,8 +193,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                                f"delete it (was {old[key]}, now {run_info[key]})")
         if old["store"]["config_hash"] != run_info["store"]["config_hash"]:
             raise RunError(f"{out} was trained on another store ({old['store']}); use another folder")
-    else:
+    elif ranks.main:
         atomic_write_json(out / "run.json", run_info)
+    ranks.barrier()
     if (out / "sae" / "config.json").exists():
         return load_sae(out / "sae")
 
@@ -139,7 +204,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     sae = make_sae(sae_cfg)
     tokens_per_step = cfg.batch_size * cfg.window_len
     total = max(1, cfg.tokens // tokens_per_step)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
     since_fired_F = torch.zeros(sae_cfg.width, dtype=torch.long)
@@ -154,7 +219,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
         step = state["step"]
         _set_rng_state(state["rng"])
     log_path = out / "metrics.jsonl"
-    if log_path.exists():  # drop log lines written after the checkpoint we resume from
+    if log_path.exists() and ranks.main:  # drop log lines written after the checkpoint we resume from
         lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
         atomic_write_bytes(log_path, "".join(ln + "\n" for ln in lines).encode())
     unit_norm = _is_unit_norm(sae)
@@ -162,27 +227,32 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
         init_b_dec_(sae, store, cfg)
         if unit_norm:
             sae.normalize_decoder_()
+    ranks.broadcast_params_(sae)
 
     def checkpoint() -> None:
+        if not ranks.main:
+            return
         _save_checkpoint(ckpt, {"model": sae.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "since_fired": since_fired_F, "step": step,
                                 "rng": _rng_state(), "run": run_info})
 
     batches = store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len, shuffle=cfg.shuffle,
                             seed=cfg.seed, start=step)
-    bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.arch}", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.arch}", unit="step",
+               disable=not (progress and ranks.main))
     stop_at = total if max_steps is None else min(total, step + max_steps)
     t0, tok0 = time.perf_counter(), 0
     sae.train()
-    with open(log_path, "a") as log:
+    with open(log_path if ranks.main else os.devnull, "a") as log:
         while step < stop_at:
-            batch = next(batches)
+            batch = ranks.shard(next(batches))
             if hasattr(sae, "window_at"):
                 sae.set_window(sae.window_at(step, total))
             out_ = sae(batch.acts_BTD, mask_BT=batch.mask_BT, pos_BT=batch.pos_BT,
                        dead_F=since_fired_F > cfg.dead_tokens)
             opt.zero_grad(set_to_none=True)
             out_.loss.backward()
+            ranks.average_grads_(sae)
             if unit_norm:
                 sae.remove_parallel_grad_()
             opt.step()
@@ -191,9 +261,11 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                 sae.normalize_decoder_()
             with torch.no_grad():
                 codes = out_.codes_BTF[batch.mask_BT]
-                fired = (codes > 0).any(0)
-                since_fired_F += int(batch.mask_BT.sum())
+                fired = ranks.sum_((codes > 0).any(0).long()) > 0
+                since_fired_F += int(ranks.sum_(batch.mask_BT.sum()))
                 since_fired_F[fired] = 0
+                if ranks.world > 1 and hasattr(sae, "threshold"):
+                    ranks.sum_(sae.threshold).div_(ranks.world)
             step += 1
             tok0 += int(batch.mask_BT.sum())
             bar.update(1)
@@ -218,8 +290,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     sae.eval()
     if step >= total and getattr(sae, "mechanism", None) == "batchtopk":
         calibrate_threshold_(sae, store, cfg)
-    if step >= total:
+    if step >= total and ranks.main:
         sae.save(out / "sae")
+    ranks.barrier()
     return sae
 
 
@@ -244,7 +317,10 @@ def train_from_args(a) -> None:
     store = ActivationStore(a.store)
     cfg = TrainConfig(tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                       window_len=a.window_len or min(store.ctx_len, 128), checkpoint_every=a.checkpoint_every)
-    sae = train_sae(sae_config_from_args(a, store.d_model), cfg, store, a.out, progress=not a.quiet)
+    sae = train_sae(sae_config_from_args(a, store.d_model), cfg, store, a.out, progress=not a.quiet,
+                    max_steps=a.max_steps)
+    if dist_context()[0] != 0:
+        return
     log = read_log(a.out)
     last = log[-1] if log else {}
     print(f"trained {type(sae).__name__} -> {Path(a.out) / 'sae'}: "

@@ -1,0 +1,102 @@
+"""SAELens on-disk interchange, checked against the sae-lens package itself: what we export, SAELens loads
+and encodes/decodes exactly as we do; what SAELens saves, we import and encode exactly as SAELens does."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from trsae.interchange import TRSAE_NOTE, InterchangeError, export_saelens, import_saelens
+from trsae.saes import SAEConfig, make_sae
+from trsae.temporal import TRSAE, TRSAEConfig
+
+if os.environ.get("CI"):  # CI installs the extra: a missing package there is a failure, not a skip
+    import sae_lens
+else:
+    sae_lens = pytest.importorskip("sae_lens", reason="the optional extra: pip install -e '.[saelens]'")
+
+D, F, K, SCALE = 24, 96, 6, 3.7
+
+
+def _trained_like(cfg):
+    """An SAE with every parameter random (so that b_dec, b_enc and the scale all matter)."""
+    torch.manual_seed(0)
+    sae = make_sae(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    if sae.mechanism == "batchtopk":
+        sae.threshold.fill_(0.4)
+    return sae.eval()
+
+
+def _x():
+    return torch.randn(2, 10, D, generator=torch.Generator().manual_seed(1)) * 2.0
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_export_loads_in_saelens_with_identical_codes_and_reconstructions(arch, tmp_path):
+    ours = _trained_like(SAEConfig(arch=arch, d_in=D, width=F, k=K, input_scale=SCALE))
+    export_saelens(ours, tmp_path / "sae", model_name="tiny-gpt2", hook_name="layer 1")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
+    x = _x()
+    with torch.no_grad():
+        codes_ours = ours.encode(x * SCALE)
+        codes_theirs = theirs.encode(x)
+        torch.testing.assert_close(codes_theirs, codes_ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(codes_theirs), ours.reconstruct(x), rtol=1e-5, atol=1e-5)
+    assert (codes_ours > 0).any() and (codes_ours == 0).any()  # a real sparse code, not all on or all off
+    if arch == "topk":
+        assert int((codes_ours > 0).sum(-1).max()) <= K
+
+
+def test_trsae_exports_its_per_token_dictionary_with_a_note(tmp_path):
+    tr = _trained_like(TRSAEConfig(d_in=D, width=F, k=K, window=4, input_scale=SCALE))
+    export_saelens(tr, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["metadata"]["trsae_note"] == TRSAE_NOTE
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
+    per_token = TRSAE(tr.cfg).eval()
+    per_token.load_state_dict(tr.state_dict())
+    per_token.set_window(0)
+    with torch.no_grad():
+        per_token.P.zero_()
+        x = _x()
+        torch.testing.assert_close(theirs.encode(x), per_token.encode(x * SCALE), rtol=1e-5, atol=1e-5)
+        # ... which is not what the TRSAE itself computes: the note is needed
+        assert not torch.allclose(tr.encode(x * SCALE), per_token.encode(x * SCALE))
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_import_of_a_saelens_sae_encodes_as_saelens_does(arch, tmp_path):
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(2)
+    theirs = {"standard": lambda: StandardSAE(StandardSAEConfig(d_in=D, d_sae=F)),
+              "topk": lambda: TopKSAE(TopKSAEConfig(d_in=D, d_sae=F, k=K)),
+              "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))}[arch]()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(torch.full_like(p, 0.3) if name == "threshold" else torch.randn_like(p) * 0.3)
+    theirs.save_model(tmp_path / "sae")
+    ours = import_saelens(tmp_path / "sae")
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.reconstruct(x), theirs.decode(theirs.encode(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_import_refuses_what_it_cannot_represent(tmp_path):
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+
+    theirs = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))
+    with torch.no_grad():
+        theirs.threshold.copy_(torch.rand(F))
+    theirs.save_model(tmp_path / "jr")
+    with pytest.raises(InterchangeError, match="per-latent thresholds"):
+        import_saelens(tmp_path / "jr")
+    with pytest.raises(FileNotFoundError, match="cfg.json"):
+        import_saelens(tmp_path / "missing")

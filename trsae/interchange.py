@@ -1,0 +1,124 @@
+"""SAELens on-disk format (``cfg.json`` + ``sae_weights.safetensors``): export this project's SAEs, import
+SAELens SAEs for evaluation with this project's metrics.
+
+The format needs no SAELens code to read or write; ``pip install -e '.[saelens]'`` installs the package the
+round-trip test loads exports with (an optional extra: the default install stays small and CPU-only).
+
+Mapping (SAELens architecture <- this project's mechanism): ``standard`` <- relu, ``topk`` <- topk,
+``jumprelu`` with one shared threshold <- batchtopk (BatchTopK's inference rule: a latent fires when its
+pre-activation exceeds the calibrated threshold). Weights are exported in the model's raw units: the store's
+normalisation scalar ``s`` (``input_scale``) is folded in as ``W_enc s``, ``W_dec / s``, ``b_dec / s``, so
+SAELens's ``normalize_activations`` is "none" and codes are unchanged.
+
+A TRSAE exports its per-token dictionary only (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``) as a TopK SAE: a
+per-token tool cannot use its position embeddings or its context term, so the exported encoder computes
+the codes of the TRSAE with window 0 and no position embeddings, not the TRSAE's own codes; the decoder,
+and hence what each latent means, is the same. ``cfg.json`` says so under ``metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trsae.io import atomic_path, atomic_write_json
+from trsae.saes import SAE, SAEConfig, make_sae
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+TRSAE_NOTE = ("exported from a TRSAE: per-token dictionary only; position embeddings and the context term of "
+              "the encoder are dropped, so these codes are the TRSAE's at window 0 without positions")
+
+
+class InterchangeError(ValueError):
+    """An SAE that the SAELens format (or this project) cannot represent."""
+
+
+def export_saelens(sae: SAE, directory: str | os.PathLike, model_name: str | None = None,
+                   hook_name: str | None = None) -> Path:
+    """Write ``sae`` in the SAELens format into ``directory`` (atomically, weights first); returns it."""
+    directory = Path(directory)
+    c = sae.cfg
+    mech = sae.mechanism
+    s = float(c.input_scale)
+    with torch.no_grad():
+        tensors = {"W_enc": sae.W_enc * s, "b_enc": sae.b_enc.clone(), "W_dec": sae.W_dec / s,
+                   "b_dec": sae.b_dec / s}
+    cfg = {"d_in": c.d_in, "d_sae": c.width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none"}
+    meta: dict = {"model_name": model_name, "hook_name": hook_name, "trsae_arch": c.arch, "trsae_input_scale": s}
+    if mech == "relu":
+        cfg["architecture"] = "standard"
+    elif mech == "topk":
+        cfg |= {"architecture": "topk", "k": c.k, "rescale_acts_by_decoder_norm": False}
+    elif mech == "batchtopk":
+        thr = float(sae.threshold)
+        if thr < 0:
+            raise InterchangeError("this BatchTopK SAE has no calibrated inference threshold (threshold < 0); "
+                                   "train it to the end first")
+        cfg["architecture"] = "jumprelu"
+        tensors["threshold"] = torch.full((c.width,), thr)
+        meta["trsae_k"] = c.k
+    else:
+        raise InterchangeError(f"no SAELens architecture for mechanism {mech!r}")
+    if c.arch == "trsae":
+        meta["trsae_note"] = TRSAE_NOTE
+        meta["trsae_window"] = int(getattr(c, "window", 0))
+    cfg["metadata"] = meta
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(directory / CFG_FILE, cfg)
+    return directory
+
+
+def import_saelens(directory: str | os.PathLike) -> SAE:
+    """A SAELens-format SAE as this project's SAE, in raw units (``input_scale`` 1), for `trsae.metrics`.
+
+    Supported: ``standard`` (-> relu), ``topk`` (-> topk) and ``jumprelu`` with one threshold shared by
+    all latents (-> batchtopk in eval mode); ``normalize_activations`` must be "none".
+    """
+    directory = Path(directory)
+    for f in (CFG_FILE, WEIGHTS_FILE):
+        if not (directory / f).exists():
+            raise FileNotFoundError(f"{directory / f} not found: a SAELens SAE folder holds {CFG_FILE} and "
+                                    f"{WEIGHTS_FILE}")
+    cfg = json.loads((directory / CFG_FILE).read_text())
+    w = load_file(str(directory / WEIGHTS_FILE))
+    arch = cfg.get("architecture", "standard")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise InterchangeError(f"normalize_activations={cfg['normalize_activations']!r} is not supported; "
+                               "fold the normalisation into the weights and set it to 'none'")
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    meta = cfg.get("metadata") or {}
+    if arch == "standard":
+        ours = SAEConfig(arch="relu", d_in=d_in, width=d_sae)
+    elif arch == "topk":
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise InterchangeError("rescale_acts_by_decoder_norm=True is not supported")
+        ours = SAEConfig(arch="topk", d_in=d_in, width=d_sae, k=int(cfg["k"]))
+    elif arch == "jumprelu":
+        thr = w["threshold"].float()
+        if not torch.all(thr == thr[0]):
+            raise InterchangeError("a JumpReLU SAE with per-latent thresholds has no equivalent here (only one "
+                                   "shared threshold, as BatchTopK's, is supported)")
+        ours = SAEConfig(arch="batchtopk", d_in=d_in, width=d_sae, k=int(meta.get("trsae_k") or 1))
+    else:
+        raise InterchangeError(f"SAELens architecture {arch!r} is not supported (standard, topk, jumprelu)")
+    sae = make_sae(ours)
+    b_enc = w["b_enc"].float()
+    if not cfg.get("apply_b_dec_to_input", True):  # z = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        b_enc = b_enc + w["b_dec"].float() @ w["W_enc"].float()
+    with torch.no_grad():
+        sae.W_enc.copy_(w["W_enc"].float())
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(w["W_dec"].float())
+        sae.b_dec.copy_(w["b_dec"].float())
+        if arch == "jumprelu":
+            sae.threshold.fill_(float(w["threshold"][0]))
+    return sae.eval()
