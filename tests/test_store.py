@@ -84,6 +84,12 @@ def test_truncated_shard_is_detected_even_without_checksums(tmp_path, tiny_store
     p = _copy_store(tiny_store, tmp_path / "s")
     shard = p / "shard_00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(StoreError, match="truncated or altered"):  # at open: size against the manifest
+        ActivationStore(p)
+    m = json.loads((p / "manifest.json").read_text())  # a manifest without sizes: caught when the shard is read
+    for sh in m["shards"]:
+        del sh["bytes"]
+    (p / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="corrupted or truncated"):
         ActivationStore(p).sequence(16)
     with pytest.raises(StoreError, match="cannot be read"):

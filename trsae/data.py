@@ -148,12 +148,14 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, download: bool 
     if name not in SOURCES:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(SOURCES)} or hf:<dataset>")
     src = SOURCES[name]
-    looked = []
+    looked, reason = [], None
     for base in _candidate_dirs(data_dir):
         folder = base / src.subdir
         looked.append(str(folder))
         if folder.is_dir():
             return _verify(src, folder)
+    if download and os.environ.get("TRSAE_OFFLINE", "0") not in ("", "0"):
+        download, reason = False, "downloads disabled by TRSAE_OFFLINE"
     if download:
         dest = cache_dir() / "data" / src.subdir
         try:
@@ -161,7 +163,7 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, download: bool 
             return _verify(src, dest)
         except DataError as e:
             reason = str(e)
-    else:
+    elif reason is None:
         reason = "download disabled"
     raise DataError(f"data set {name!r} not found; looked in: {', '.join(looked)} ({reason}). "
                     f"Set TRSAE_DATA_DIR to a mirror holding {src.subdir}/ (e.g. ../shared/data) or go online.")

@@ -147,6 +147,7 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
         name = f"shard_{s:05d}.safetensors"
         digest = atomic_save_tensors(out / name, {"acts": acts_NTD.to(dtype), "ids": ids.to(torch.int32)})
         manifest["shards"].append({"file": name, "n_seq": hi - lo, "sha256": digest,
+                                   "bytes": (out / name).stat().st_size,
                                    "train_sq_norm": sq, "train_tokens": int(valid.sum())})
         atomic_write_json(man_path, manifest)
         written += 1
@@ -198,6 +199,13 @@ class ActivationStore:
         self.splits = split_assignment(m["n_seq"], cfg["val_frac"], cfg["test_frac"], cfg["split_seed"])
         n_written = sum(sh["n_seq"] for sh in m["shards"])
         self.splits = {k: v[v < n_written] for k, v in self.splits.items()}
+        for sh in m["shards"]:  # a missing or cut shard is refused now, not when a batch first reaches it
+            p = self.path / sh["file"]
+            if not p.is_file():
+                raise StoreError(f"shard {p} listed in the manifest is missing; harvest again into a new folder")
+            if "bytes" in sh and p.stat().st_size != sh["bytes"]:
+                raise StoreError(f"shard {p} is truncated or altered ({p.stat().st_size} bytes, the manifest "
+                                 f"says {sh['bytes']}); delete the store and harvest again")
 
     def __repr__(self) -> str:
         m = self.manifest
