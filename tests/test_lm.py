@@ -38,6 +38,16 @@ def test_splice_identity_is_bitwise_and_zero_changes_logits(tiny_model):
     assert (zeroed - clean).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("keep", [1, 3, 100])
+def test_keeping_the_last_positions_equals_slicing_the_full_logits(tiny_model, keep):
+    ids = _ids(tiny_model, seed=5)
+    f = lambda h: 0.5 * h  # noqa: E731
+    for replace in (None, f):
+        full = logits_with_replacement(tiny_model, 1, ids, replace)
+        kept = logits_with_replacement(tiny_model, 1, ids, replace, keep=keep)
+        torch.testing.assert_close(kept, full[:, -keep:])
+
+
 def test_splice_matches_a_plain_torch_hook(tiny_model):
     """Independent reference: replacing the block output with a forward hook gives the same logits."""
     ids = _ids(tiny_model, seed=3)

@@ -21,6 +21,7 @@ take seconds.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -233,11 +234,20 @@ def layer_acts(model: LoadedModel, layer: int, ids_BT: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor,
-                            replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Logits ``[B, T, V]`` with block ``layer``'s output replaced by ``replace(acts_BTD)`` (clean if None)."""
-    with model.nn.trace(ids_BT):
+                            replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            keep: int | None = None) -> torch.Tensor:
+    """Logits with block ``layer``'s output replaced by ``replace(acts_BTD)`` (clean if None): ``[B, T, V]``,
+    or ``[B, keep, V]`` for the last ``keep`` positions only. With ``keep`` only those positions go through
+    the unembedding (``logits_to_keep``, where the model takes it), which dominates the cost of long texts
+    with a large vocabulary."""
+    T = ids_BT.shape[1]
+    kw = {}
+    if keep is not None and keep < T:
+        if "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
+            kw = {"logits_to_keep": keep}
+    with model.nn.trace(ids_BT, **kw):
         if replace is not None:
             envoy = model.layer(layer)
             envoy.output = replace(envoy.output)
-        logits_BTV = model.nn.output.logits.save()
-    return logits_BTV
+        logits = model.nn.output.logits.save()
+    return logits if keep is None or kw else logits[:, T - keep:]

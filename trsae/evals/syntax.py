@@ -40,6 +40,7 @@ import torch
 
 from trsae.evals import eval_data_dir
 from trsae.evals.ud import batch_by_length, encode_with_offsets, pad_id_of, pad_right
+from trsae.lm import logits_with_replacement
 
 ReplaceFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 """``(ids_BT, mask_BT) -> replace(h_BTD) -> h_BTD``."""
@@ -76,30 +77,6 @@ def _resolve(layer: int | None, sae, replace: ReplaceFactory | None) -> tuple[in
     return (0 if layer is None else layer), replace
 
 
-def _supports_logits_to_keep(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.hf.forward).parameters
-
-
-@torch.no_grad()
-def _logits(model, layer: int, ids_BT: torch.Tensor, fn, keep: int) -> torch.Tensor:
-    """Logits ``[B, keep, V]`` of the last ``keep`` positions (layer ``layer`` output replaced by ``fn`` unless
-    None). Only those positions go through the unembedding (``logits_to_keep``), which dominates the cost of
-    long texts with a large vocabulary."""
-    from trsae.lm import logits_with_replacement
-
-    T = ids_BT.shape[1]
-    if keep >= T or not _supports_logits_to_keep(model):
-        return logits_with_replacement(model, layer, ids_BT, fn)[:, T - keep:]
-    with model.nn.trace(ids_BT, logits_to_keep=keep):
-        if fn is not None:
-            envoy = model.layer(layer)
-            envoy.output = fn(envoy.output)
-        logits_BKV = model.nn.output.logits.save()
-    return logits_BKV
-
-
 @torch.no_grad()
 def token_logprobs(model, ids: list[list[int]], layer: int | None = None, sae=None,
                    replace: ReplaceFactory | None = None, batch_size: int = 16,
@@ -116,7 +93,7 @@ def token_logprobs(model, ids: list[list[int]], layer: int | None = None, sae=No
         T = ids_BT.shape[1]
         fn = None if replace is None else replace(ids_BT, model.special_mask(ids_BT) & valid_BT)
         s0 = min(first[i] for i in batch) - 1  # first position whose logits predict a needed token
-        logits_BKV = _logits(model, layer, ids_BT, fn, T - s0).float()  # positions s0 … T-1
+        logits_BKV = logits_with_replacement(model, layer, ids_BT, fn, keep=T - s0).float()  # positions s0 … T-1
         lse_BK = torch.logsumexp(logits_BKV[:, :-1], dim=-1)
         tgt_BK = logits_BKV[:, :-1].gather(-1, ids_BT[:, s0 + 1:, None]).squeeze(-1)
         lp_BK = (tgt_BK - lse_BK).double().numpy()  # lp_BK[:, j] is the log-prob of token s0 + 1 + j
