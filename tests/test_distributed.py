@@ -70,3 +70,43 @@ def test_batchtopk_threshold_is_shared_by_ranks(store, tmp_path):
     _run(_train_args(store, tmp_path / "btk", arch="batchtopk"), nproc=2)
     sae = load_sae(tmp_path / "btk" / "sae")
     assert float(sae.threshold) > 0
+
+
+def _manifest(d):
+    import json
+
+    return json.loads((d / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_rank_harvest_builds_the_one_rank_store(store, tmp_path):
+    _run(HARVEST + ["--out", str(tmp_path / "two")], nproc=2)
+    a, b = _manifest(store), _manifest(tmp_path / "two")
+    assert b["complete"] and len(b["shards"]) == len(a["shards"]) > 2
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert a["norm_scale"] == b["norm_scale"]
+    assert not list((tmp_path / "two").glob("*.entry.json"))
+    assert [s["rank"] for s in b["shards"]] == [i % 2 for i in range(len(b["shards"]))]  # the work was split
+
+
+def test_harvest_resumes_from_shards_another_rank_left(tmp_path, tiny_model):
+    """A killed 2-rank harvest leaves shard 0 listed and shard 2 (rank 0's next) finished but not yet listed;
+    a 1-rank rerun lists it without recomputing it and fills the gap."""
+    import json
+    import shutil
+
+    from trsae.config import HarvestConfig
+    from trsae.store import _entry_path, harvest
+
+    cfg = HarvestConfig(model="tiny-gpt2", layer=1, data="brown", tokens=64 * 32, ctx_len=32, seqs_per_shard=16,
+                        batch_size=4)
+    ref = harvest(cfg, tmp_path / "ref", model=tiny_model, progress=False).manifest
+    out = tmp_path / "out"
+    harvest(cfg, out, model=tiny_model, progress=False, max_shards=1)
+    shutil.copy(tmp_path / "ref" / "shard_00002.safetensors", out / "shard_00002.safetensors")
+    _entry_path(out, 2).write_text(json.dumps(ref["shards"][2]))
+    before = (out / "shard_00002.safetensors").stat().st_mtime_ns
+    got = harvest(cfg, out, model=tiny_model, progress=False).manifest
+    assert got["complete"] and got["shards"] == ref["shards"] and got["norm_scale"] == ref["norm_scale"]
+    assert (out / "shard_00002.safetensors").stat().st_mtime_ns == before  # listed, not recomputed
+    assert not _entry_path(out, 2).exists()

@@ -11,13 +11,15 @@ import sys
 
 def _harvest(a: argparse.Namespace) -> None:
     from trsae.config import HarvestConfig
+    from trsae.dist import Ranks
     from trsae.store import harvest
 
     cfg = HarvestConfig(model=a.model, layer=a.layer, data=a.data, tokens=a.tokens, ctx_len=a.ctx_len,
                         seqs_per_shard=a.seqs_per_shard, batch_size=a.batch_size, dtype=a.dtype,
                         split_seed=a.split_seed)
     store = harvest(cfg, a.out, data_dir=a.data_dir, progress=not a.quiet)
-    print(store)
+    if Ranks.current().main:
+        print(store)
 
 
 def _train(a: argparse.Namespace) -> None:

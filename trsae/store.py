@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from trsae.config import HarvestConfig, config_hash
 from trsae.data import iter_mixed_documents, make_contexts
+from trsae.dist import Ranks
 from trsae.io import atomic_path, atomic_write_json
 from trsae.lm import LoadedModel, layer_acts, load_model
 
@@ -91,9 +92,13 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
     """Harvest ``cfg`` into the folder ``out``, resuming a partial store there; return the finished store.
 
     ``max_shards`` stops after writing that many new shards (the store stays partial; rerun to resume).
+    Under ``torchrun`` rank r harvests shards r, r + N, ...: each writes its shards and leaves their manifest
+    entries in side files, which rank 0 lists in the manifest in order at the end (and any later run, on
+    any number of ranks, at its start), so one store results and an interrupted harvest resumes.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ranks = Ranks.current()
     ident = store_identity(cfg)
     chash = config_hash(ident)
     man_path = out / MANIFEST
@@ -113,7 +118,7 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
     splits = split_assignment(cfg.n_seq, cfg.val_frac, cfg.test_frac, cfg.split_seed)
     is_train = torch.zeros(cfg.n_seq, dtype=torch.bool)
     is_train[torch.from_numpy(splits["train"])] = True
-    if not man_path.exists():
+    if not man_path.exists() and ranks.main:
         manifest = {
             "format": 1, "config": ident, "config_hash": chash, "model": cfg.model, "layer": cfg.layer,
             "data": cfg.data, "ctx_len": cfg.ctx_len, "dtype": cfg.dtype, "d_model": model.d_model,
@@ -124,13 +129,16 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
         atomic_write_json(man_path, manifest)
     dtype = getattr(torch, cfg.dtype)
     n_shards = -(-cfg.n_seq // cfg.seqs_per_shard)
-    done = len(manifest["shards"])
-    written = 0
-    bar = tqdm(total=cfg.n_seq * cfg.ctx_len, initial=done * cfg.seqs_per_shard * cfg.ctx_len, unit="tok",
-               unit_scale=True, desc=f"harvest {cfg.model} L{cfg.layer}", disable=not progress)
-    for s in range(done, n_shards):
-        if max_shards is not None and written >= max_shards:
-            break
+    if ranks.main:
+        _absorb_entries(out, manifest, man_path)
+    ranks.barrier()
+    done = len(manifest["shards"]) if ranks.main else len(_read_manifest(out)["shards"])
+    todo = [s for s in range(done, n_shards) if s % ranks.world == ranks.rank and not _entry_path(out, s).exists()]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    bar = tqdm(total=len(todo) * cfg.seqs_per_shard * cfg.ctx_len, unit="tok", unit_scale=True,
+               desc=f"harvest {cfg.model} L{cfg.layer}", disable=not (progress and ranks.main))
+    for s in todo:
         lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
         acts = []
         for b in range(lo, hi, cfg.batch_size):
@@ -146,11 +154,19 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
         sq = acts_NTD.double().pow(2).sum(-1)[valid].sum().item()
         name = f"shard_{s:05d}.safetensors"
         digest = atomic_save_tensors(out / name, {"acts": acts_NTD.to(dtype), "ids": ids.to(torch.int32)})
-        manifest["shards"].append({"file": name, "n_seq": hi - lo, "sha256": digest,
-                                   "bytes": (out / name).stat().st_size,
-                                   "train_sq_norm": sq, "train_tokens": int(valid.sum())})
-        atomic_write_json(man_path, manifest)
-        written += 1
+        entry = {"file": name, "n_seq": hi - lo, "sha256": digest, "bytes": (out / name).stat().st_size,
+                 "train_sq_norm": sq, "train_tokens": int(valid.sum()), "rank": ranks.rank}
+        if ranks.world == 1 and len(manifest["shards"]) == s:
+            manifest["shards"].append(entry)
+            atomic_write_json(man_path, manifest)
+        else:  # another rank may be writing the manifest's next shard: rank 0 lists this one later
+            atomic_write_json(_entry_path(out, s), entry)
+    bar.close()
+    ranks.barrier()
+    if not ranks.main:
+        ranks.barrier()  # rank 0 finishes the manifest
+        return ActivationStore(out, allow_partial=True)
+    _absorb_entries(out, manifest, man_path)
     bar.close()
     if len(manifest["shards"]) == n_shards:
         sq = sum(sh["train_sq_norm"] for sh in manifest["shards"])
@@ -162,7 +178,27 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
         manifest["token_count"] = cfg.n_seq * cfg.ctx_len
         manifest["complete"] = True
         atomic_write_json(man_path, manifest)
+    ranks.barrier()
     return ActivationStore(out, allow_partial=True)
+
+
+def _entry_path(out: Path, s: int) -> Path:
+    """Where a shard written out of order (by another rank) leaves its manifest entry until rank 0 lists it."""
+    return out / f"shard_{s:05d}.entry.json"
+
+
+def _absorb_entries(out: Path, manifest: dict, man_path: Path) -> None:
+    """List in the manifest every finished shard whose entry waits in a side file and that continues the
+    manifest's run of consecutive shards; then delete those side files."""
+    absorbed = []
+    while _entry_path(out, len(manifest["shards"])).exists():
+        p = _entry_path(out, len(manifest["shards"]))
+        manifest["shards"].append(json.loads(p.read_text()))
+        absorbed.append(p)
+    if absorbed:
+        atomic_write_json(man_path, manifest)
+        for p in absorbed:
+            p.unlink()
 
 
 def _read_manifest(path: Path) -> dict:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trsae.config import TrainConfig
+from trsae.dist import Ranks
 from trsae.saes import SAE, SAEConfig, load_sae, make_sae
 from trsae.io import atomic_write_bytes, atomic_write_json
 from trsae.store import ActivationStore
@@ -60,60 +61,6 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-
-
-def dist_context() -> tuple[int, int]:
-    """(rank, world size): torchrun's process group when launched under it (initialised here), else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-class _Ranks:
-    """The collective operations the trainer needs; no-ops in a single process."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-        self.main = rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def shard(self, batch):
-        """This rank's windows of a global batch (every world-th, starting at its rank)."""
-        if self.world == 1:
-            return batch
-        return type(batch)(*(t[self.rank::self.world] for t in batch))
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def broadcast_params_(self, sae: SAE) -> None:
-        if self.world > 1:
-            for t in [*sae.parameters(), *sae.buffers()]:
-                torch.distributed.broadcast(t.data, 0)
-
-    def average_grads_(self, sae: SAE) -> None:
-        """Mean of the ranks' gradients (each rank's loss is a mean over its tokens; the shares are equal)."""
-        if self.world == 1:
-            return
-        params = list(sae.parameters())
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        self.sum_(flat).div_(self.world)
-        i = 0
-        for p in params:
-            p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-            i += p.numel()
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -172,7 +119,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     ``max_steps`` stops after that many steps of this call with a checkpoint (as if killed), for tests.
     """
     out = Path(out)
-    ranks = _Ranks(*dist_context())
+    ranks = Ranks.current()
     if cfg.batch_size % ranks.world:
         raise RunError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the "
                        f"{ranks.world} processes")
@@ -319,7 +266,7 @@ def train_from_args(a) -> None:
                       window_len=a.window_len or min(store.ctx_len, 128), checkpoint_every=a.checkpoint_every)
     sae = train_sae(sae_config_from_args(a, store.d_model), cfg, store, a.out, progress=not a.quiet,
                     max_steps=a.max_steps)
-    if dist_context()[0] != 0:
+    if Ranks.current().rank != 0:
         return
     log = read_log(a.out)
     last = log[-1] if log else {}
