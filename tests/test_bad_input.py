@@ -45,9 +45,21 @@ def _copy_store(store, dest):
     return dest
 
 
-def _train(store, out, *extra):  # 3072 tokens: more than one epoch of the train split, every shard is read
-    return _cli(["train", "--store", store, "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "3072",
-                 "--batch-size", "4", "--window-len", "32", "--quiet", "--out", out, *extra])
+def _with(args, *flag_values):
+    """``args`` with the values of some flags replaced: ``_with(args, "--layer", "0", "--tokens", "9")``."""
+    out = list(args)
+    for flag, value in zip(flag_values[::2], flag_values[1::2]):
+        out[out.index(flag) + 1] = value
+    return out
+
+
+# 3072 tokens: more than one epoch of the train split, so every shard is read
+TRAIN = ["train", "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "3072", "--batch-size", "4",
+         "--window-len", "32", "--checkpoint-every", "200", "--quiet"]
+
+
+def _train(store, out, *flag_values, **kw):
+    return _cli(_with(TRAIN, *flag_values) + ["--store", store, "--out", out], **kw)
 
 
 def test_unknown_model(tmp_path):
@@ -56,9 +68,7 @@ def test_unknown_model(tmp_path):
 
 
 def test_layer_out_of_range(tmp_path):
-    args = HARVEST.copy()
-    args[args.index("--layer") + 1] = "99"
-    _one_error_line(_cli(args + ["--out", tmp_path / "s"]), "99")
+    _one_error_line(_cli(_with(HARVEST, "--layer", "99") + ["--out", tmp_path / "s"]), "99")
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
@@ -80,26 +90,21 @@ def test_checksum_mismatch(tmp_path, data_dir):
     shutil.copytree(data_dir / "corpora" / "tinyshakespeare", mirror / "corpora" / "tinyshakespeare")
     with open(mirror / "corpora" / "tinyshakespeare" / "input.txt", "a") as f:
         f.write("an extra line\n")
-    args = HARVEST.copy()
-    args[args.index("--data") + 1] = "tinyshakespeare"
-    _one_error_line(_cli(args + ["--out", tmp_path / "s"],
+    _one_error_line(_cli(_with(HARVEST, "--data", "tinyshakespeare") + ["--out", tmp_path / "s"],
                          env={"TRSAE_DATA_DIR": str(mirror), "TRSAE_CACHE": str(tmp_path / "cache")}),
                     "checksum")
 
 
 def test_store_of_another_width_than_the_run(store, tmp_path):
     assert _train(store, tmp_path / "run").returncode == 0
-    r = _cli(["train", "--store", store, "--arch", "topk", "--width", "128", "--k", "4", "--tokens", "1024",
-              "--batch-size", "4", "--window-len", "32", "--quiet", "--out", tmp_path / "run"])
-    _one_error_line(r, "another sae configuration")
+    _one_error_line(_train(store, tmp_path / "run", "--width", "128", "--tokens", "1024"),
+                    "another sae configuration")
 
 
 def test_sae_of_another_layer_than_the_store(store, tmp_path):
     assert _train(store, tmp_path / "run").returncode == 0
     other = tmp_path / "layer0"
-    args = HARVEST.copy()
-    args[args.index("--layer") + 1] = "0"
-    assert _cli(args + ["--out", other]).returncode == 0
+    assert _cli(_with(HARVEST, "--layer", "0") + ["--out", other]).returncode == 0
     _one_error_line(_cli(["eval", "--store", other, "--sae", tmp_path / "run", "--max-seqs", "2"]),
                     "layer 1", "layer 0")
 
@@ -157,9 +162,8 @@ def test_full_disk_while_harvesting_leaves_nothing_partial_and_resumes(store, tm
 
 
 def test_full_disk_while_checkpointing(store, tmp_path):
-    r = _cli(["train", "--store", store, "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "1024",
-              "--batch-size", "4", "--window-len", "32", "--quiet", "--checkpoint-every", "2",
-              "--out", tmp_path / "run"], preexec_fn=_file_size_limit(20_000))
+    r = _train(store, tmp_path / "run", "--tokens", "1024", "--checkpoint-every", "2",
+               preexec_fn=_file_size_limit(20_000))
     _one_error_line(r, "no space left", "checkpoint.pt")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
@@ -168,19 +172,13 @@ def test_full_disk_while_checkpointing(store, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--tokens", "0"], "tokens"), (["--ctx-len", "-4"], "ctx_len"), (["--seqs-per-shard", "0"], "seqs_per_shard")])
 def test_zero_or_negative_harvest_sizes(tmp_path, args, needle):
-    base = HARVEST.copy()
-    for i in range(0, len(args), 2):
-        base[base.index(args[i]) + 1] = args[i + 1]
-    _one_error_line(_cli(base + ["--out", tmp_path / "s"]), needle)
+    _one_error_line(_cli(_with(HARVEST, *args) + ["--out", tmp_path / "s"]), needle)
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--width", "-64", "width"), ("--k", "0", "k"),
                                                ("--tokens", "0", "tokens"), ("--batch-size", "-1", "batch_size")])
 def test_zero_or_negative_training_sizes(store, tmp_path, flag, value, needle):
-    args = ["train", "--store", store, "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "1024",
-            "--batch-size", "4", "--window-len", "32", "--quiet", "--out", tmp_path / "run"]
-    args[args.index(flag) + 1] = value
-    _one_error_line(_cli(args), needle)
+    _one_error_line(_train(store, tmp_path / "run", "--tokens", "1024", flag, value), needle)
 
 
 def test_parameter_file_with_an_unknown_key(tmp_path):

@@ -256,13 +256,8 @@ def ablation_specs(d_in: int, width: int, k: int, window: int, windows: list[int
     return specs
 
 
-ABLATION_ROWS = [
-    ("reconstruction_quality", "explained_variance", "explained variance (pooled)"),
-    ("model_behavior_preservation", "kl_div_score", "KL-divergence score"),
-    ("model_performance_preservation", "ce_loss_score", "CE-loss score (zero abl.)"),
-    ("model_performance_preservation", "ce_loss_score_mean_ablation", "CE-loss score (mean abl.)"),
-    ("sparsity", "dead_frac", "dead latents (eval)"),
-]
+ABLATION_ROWS = [row for row in CORE_ROWS if row[1] in
+                 ("explained_variance", "kl_div_score", "ce_loss_score", "ce_loss_score_mean_ablation", "dead_frac")]
 
 
 def ablation_macros(summary: dict[str, dict], windows: list[int], n_seeds: int) -> dict:
