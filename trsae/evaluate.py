@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from trsae.lm import LoadedModel, load_model, logits_with_replacement
-from trsae.metrics import (FeatureStatsAccumulator, LogitAccumulator, ReconstructionAccumulator, core_results,
-                           next_token_targets, write_json_atomic)
+from trsae.metrics import (CleanLogits, FeatureStatsAccumulator, LogitAccumulator, ReconstructionAccumulator,
+                           core_results, next_token_targets, write_json_atomic)
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
 
@@ -53,7 +53,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                   with_logits: bool = True) -> dict[str, dict]:
     """Core metrics of each SAE on the first ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped).
 
-    The clean, zero- and mean-ablated forward passes are shared by all SAEs; each SAE adds one spliced pass.
+    The clean, zero- and mean-ablated forward passes, and their softmaxes over the vocabulary, are shared by all
+    SAEs; each SAE adds one spliced pass and one log-normaliser (`trsae.metrics.CleanLogits`).
     """
     for name, sae in saes.items():
         if sae.cfg.d_in != store.d_model:
@@ -77,9 +78,9 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             break
         if with_logits:
             targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
-            clean = logits_with_replacement(model, layer, b.ids_BT)
-            zero = logits_with_replacement(model, layer, b.ids_BT, _fill(None, b.mask_BT))
-            mean = logits_with_replacement(model, layer, b.ids_BT, _fill(mean_D, b.mask_BT))
+            ref = CleanLogits(logits_with_replacement(model, layer, b.ids_BT), targets_BT, tmask_BT)
+            ablated = {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill, b.mask_BT)), v)
+                       for v, fill in (("zero", None), ("mean", mean_D))}
         for name, sae in saes.items():
             codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
             x_hat_BTD = sae.decode(codes_BTF)
@@ -87,7 +88,10 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             feats[name].update(codes_BTF, b.mask_BT)
             if with_logits:
                 spliced = logits_with_replacement(model, layer, b.ids_BT, _splice(sae, b.mask_BT, b.pos_BT))
-                logit[name].update(clean, spliced, zero, mean, targets_BT, tmask_BT)
+                logit[name].add_clean(ref)
+                logit[name].add("sae", ref.stats(spliced, name))
+                logit[name].add("zero", ablated["zero"])
+                logit[name].add("mean", ablated["mean"])
                 del spliced
         n_seqs += len(b.seq_B)
     out = {}

@@ -56,6 +56,7 @@ from trsae.io import atomic_write_text
 __all__ = [
     "ReconstructionAccumulator",
     "FeatureStatsAccumulator",
+    "CleanLogits",
     "LogitAccumulator",
     "log10_density_histogram",
     "next_token_targets",
@@ -308,6 +309,56 @@ def next_token_targets(tokens_BT: torch.Tensor, valid_BT: torch.Tensor | None = 
 _VARIANTS = ("sae", "zero", "mean")
 
 
+class CleanLogits:
+    """The clean run's share of next-token CE and KL for one batch, computed once and reused by every variant.
+
+    ``CleanLogits(clean_BTV, targets_BT, mask_BT)`` keeps, per chunk of valid positions, p_clean and the clean
+    log-normaliser; ``stats(other_BTV)`` then gives ``(n, Σ CE, Σ KL(clean ‖ other))`` over those positions
+    without a log-softmax of its own: CE = lse(z) − z_target and KL = Σ_v p_clean (c − z) + lse(z) − lse(c)
+    for clean logits c and other logits z (Σ p_clean = 1). Evaluating many SAEs on one batch thus pays the
+    clean softmax once, and the zero- and mean-ablated runs once, instead of once per SAE.
+    """
+
+    def __init__(self, clean_logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                 mask_BT: torch.Tensor | None = None, chunk_rows: int = 256) -> None:
+        if chunk_rows <= 0:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        if tuple(targets_BT.shape) != tuple(clean_logits_BTV.shape[:-1]):
+            raise ValueError(f"targets {tuple(targets_BT.shape)} do not match logits "
+                             f"{tuple(clean_logits_BTV.shape)}")
+        self.shape = clean_logits_BTV.shape
+        self.V = clean_logits_BTV.shape[-1]
+        self.clean_NV = clean_logits_BTV.detach().reshape(-1, self.V)
+        tgt_N = targets_BT.reshape(-1).to(self.clean_NV.device, torch.long)
+        keep_N = _flat_mask(mask_BT, self.clean_NV.shape[0], targets_BT.shape)
+        idx = torch.nonzero(keep_N, as_tuple=False).squeeze(-1).to(self.clean_NV.device)
+        self.n = int(idx.numel())
+        self.chunks = []  # (rows, targets, p_clean, lse_clean)
+        self.ce_clean = 0.0
+        for s in range(0, self.n, chunk_rows):
+            rows = idx[s:s + chunk_rows]
+            t = tgt_N[rows]
+            c = self.clean_NV[rows].float()
+            lse = torch.logsumexp(c, dim=-1)
+            self.ce_clean += float((lse - c.gather(-1, t[:, None]).squeeze(-1)).sum(dtype=torch.float64))
+            self.chunks.append((rows, t, torch.softmax(c, dim=-1), lse))
+
+    @torch.no_grad()
+    def stats(self, logits_BTV: torch.Tensor, name: str = "other") -> tuple[int, float, float]:
+        """``(n positions, Σ CE, Σ KL(clean ‖ other))`` of ``logits_BTV`` over this batch's valid positions."""
+        if logits_BTV.shape != self.shape:
+            raise ValueError(f"{name} logits {tuple(logits_BTV.shape)} differ from clean {tuple(self.shape)}")
+        other_NV = logits_BTV.detach().reshape(-1, self.V)
+        ce = kl = 0.0
+        for rows, t, p_clean, lse_clean in self.chunks:
+            z = other_NV[rows].float()
+            lse = torch.logsumexp(z, dim=-1)
+            ce += float((lse - z.gather(-1, t[:, None]).squeeze(-1)).sum(dtype=torch.float64))
+            diff = torch.sub(self.clean_NV[rows].float(), z, out=z)  # c − z, in z's buffer
+            kl += float((diff.mul_(p_clean).sum(-1) + (lse - lse_clean)).sum(dtype=torch.float64))
+        return self.n, ce, kl
+
+
 class LogitAccumulator:
     """Streams next-token CE and KL(clean ‖ variant) for the SAE-spliced, zero- and mean-ablated runs.
 
@@ -316,6 +367,8 @@ class LogitAccumulator:
     True count. Any variant may be ``None``; each variant keeps its own count, and the clean CE is a mean over
     every update, so passing the same clean batch with one variant at a time gives the same result as passing
     all three at once. Rows are processed ``chunk_rows`` at a time in float32; nothing is kept.
+    Several accumulators fed from one batch share the work: build one `CleanLogits`, then ``add_clean`` and
+    ``add`` each variant's ``stats`` (the ablated runs' once for all of them).
     """
 
     def __init__(self, chunk_rows: int = 256) -> None:
@@ -328,6 +381,19 @@ class LogitAccumulator:
         self.ce = {v: 0.0 for v in _VARIANTS}
         self.kl = {v: 0.0 for v in _VARIANTS}
 
+    def add_clean(self, ref: CleanLogits) -> None:
+        self.n_clean += ref.n
+        self.ce_clean += ref.ce_clean
+
+    def add(self, variant: str, stats: tuple[int, float, float]) -> None:
+        """Add one batch's ``CleanLogits.stats`` of ``variant`` ("sae", "zero" or "mean")."""
+        if variant not in _VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {_VARIANTS}")
+        n, ce, kl = stats
+        self.n[variant] += n
+        self.ce[variant] += ce
+        self.kl[variant] += kl
+
     @torch.no_grad()
     def update(
         self,
@@ -338,34 +404,13 @@ class LogitAccumulator:
         targets_BT: torch.Tensor,
         mask_BT: torch.Tensor | None = None,
     ) -> None:
+        ref = CleanLogits(clean_logits_BTV, targets_BT, mask_BT, self.chunk_rows)
         variants = {k: v for k, v in zip(_VARIANTS, (sae_logits_BTV, zero_logits_BTV, mean_logits_BTV))
                     if v is not None}
-        V = clean_logits_BTV.shape[-1]
-        if tuple(targets_BT.shape) != tuple(clean_logits_BTV.shape[:-1]):
-            raise ValueError(f"targets {tuple(targets_BT.shape)} do not match logits "
-                             f"{tuple(clean_logits_BTV.shape)}")
-        for name, lg in variants.items():
-            if lg.shape != clean_logits_BTV.shape:
-                raise ValueError(f"{name} logits {tuple(lg.shape)} differ from clean {tuple(clean_logits_BTV.shape)}")
-        clean_NV = clean_logits_BTV.detach().reshape(-1, V)
-        flat = {k: v.detach().reshape(-1, V) for k, v in variants.items()}
-        tgt_N = targets_BT.reshape(-1).to(clean_NV.device, torch.long)
-        keep_N = _flat_mask(mask_BT, clean_NV.shape[0], targets_BT.shape)
-        idx = torch.nonzero(keep_N, as_tuple=False).squeeze(-1).to(clean_NV.device)
-        n = int(idx.numel())
-        for s in range(0, n, self.chunk_rows):
-            rows = idx[s:s + self.chunk_rows]
-            t = tgt_N[rows]
-            logp_clean = torch.log_softmax(clean_NV[rows].float(), dim=-1)
-            self.ce_clean += float(-logp_clean.gather(-1, t[:, None]).sum(dtype=torch.float64))
-            p_clean = logp_clean.exp()
-            for name, lg in flat.items():
-                logp = torch.log_softmax(lg[rows].float(), dim=-1)
-                self.ce[name] += float(-logp.gather(-1, t[:, None]).sum(dtype=torch.float64))
-                self.kl[name] += float((p_clean * (logp_clean - logp)).sum(dtype=torch.float64))
-        self.n_clean += n
-        for name in flat:
-            self.n[name] += n
+        stats = {name: ref.stats(lg, name) for name, lg in variants.items()}  # all, before any is added
+        self.add_clean(ref)
+        for name, st in stats.items():
+            self.add(name, st)
 
     def compute(self) -> dict[str, Any]:
         def mean(total: float, n: int) -> float | None:

@@ -1,0 +1,85 @@
+"""`evaluate_saes` against a plain-torch reference: the SAE's reconstruction (or zeros, or the training mean)
+written into tiny-gpt2's layer output with a forward hook at ordinary tokens, and CE / KL computed by
+`torch.nn.functional` over the full logits; several SAEs evaluated together give what each gives alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trsae.evaluate import evaluate_sae, evaluate_saes, train_mean
+from trsae.metrics import next_token_targets
+from trsae.saes import SAEConfig, make_sae
+from trsae.temporal import TRSAEConfig
+
+
+def _saes(d):
+    torch.manual_seed(0)
+    topk = make_sae(SAEConfig(arch="topk", d_in=d, width=4 * d, k=8, seed=1))
+    tr = make_sae(TRSAEConfig(d_in=d, width=4 * d, k=8, window=4, seed=2))
+    with torch.no_grad():  # give the temporal terms weight, so a splice that dropped positions would show
+        for name, p in tr.named_parameters():
+            if p.dim() and name not in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                p.add_(0.3 * torch.randn_like(p))
+    return {"topk": topk, "trsae": tr}
+
+
+def _replace_output(replace_BTD):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (replace_BTD(output[0]),) + tuple(output[1:])
+        return replace_BTD(output)
+    return hook
+
+
+def _reference(model, store, sae, mean_D, max_seqs):
+    """Σ CE and Σ KL(clean ‖ ·) per variant over the same test sequences, with a plain forward hook."""
+    layer = store.manifest["layer"]
+    sums = {v: [0.0, 0.0] for v in ("clean", "sae", "zero", "mean")}
+    n = n_seqs = 0
+    for b in store.batches("test", batch_size=4, shuffle=None, epochs=1, drop_last=False):
+        if n_seqs >= max_seqs:
+            break
+        m = b.mask_BT[..., None]
+        fills = {"clean": None,
+                 "sae": lambda h: torch.where(m, sae.reconstruct(h, pos_BT=b.pos_BT, mask_BT=b.mask_BT), h),
+                 "zero": lambda h: torch.where(m, torch.zeros_like(h), h),
+                 "mean": lambda h: torch.where(m, mean_D.expand_as(h), h)}
+        targets, tmask = next_token_targets(b.ids_BT, b.mask_BT)
+        logits = {}
+        for v, fill in fills.items():
+            handle = None if fill is None else model.hf_layer(layer).register_forward_hook(_replace_output(fill))
+            try:
+                with torch.no_grad():
+                    logits[v] = model.hf(b.ids_BT).logits[tmask].double()
+            finally:
+                if handle is not None:
+                    handle.remove()
+        logp_clean = F.log_softmax(logits["clean"], -1)
+        for v, lg in logits.items():
+            sums[v][0] += F.cross_entropy(lg, targets[tmask], reduction="sum").item()
+            sums[v][1] += F.kl_div(F.log_softmax(lg, -1), logp_clean, log_target=True, reduction="sum").item()
+        n += int(tmask.sum())
+        n_seqs += len(b.seq_B)
+    return {v: (ce / n, kl / n) for v, (ce, kl) in sums.items()}
+
+
+def test_spliced_ce_and_kl_match_a_forward_hook_reference(tiny_model, tiny_store):
+    saes = _saes(tiny_store.d_model)
+    mean_D = train_mean(tiny_store)
+    together = evaluate_saes(saes, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)
+    for name, sae in saes.items():
+        ref = _reference(tiny_model, tiny_store, sae, mean_D, max_seqs=8)
+        ce = together[name]["model_performance_preservation"]
+        kl = together[name]["model_behavior_preservation"]
+        assert ce["ce_loss_without_sae"] == pytest.approx(ref["clean"][0], rel=1e-4)
+        assert ce["ce_loss_with_sae"] == pytest.approx(ref["sae"][0], rel=1e-4)
+        assert ce["ce_loss_with_ablation"] == pytest.approx(ref["zero"][0], rel=1e-4)
+        assert kl["kl_div_with_sae"] == pytest.approx(ref["sae"][1], rel=1e-3, abs=1e-5)
+        assert kl["kl_div_with_ablation"] == pytest.approx(ref["zero"][1], rel=1e-3, abs=1e-5)
+        assert kl["kl_div_score_mean_ablation"] == pytest.approx(
+            (ref["mean"][1] - ref["sae"][1]) / ref["mean"][1], rel=1e-3)
+        assert ref["sae"][1] > 1e-3  # a random SAE does change the model: the comparison is not vacuous
+
+        alone = evaluate_sae(sae, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)
+        assert alone["model_performance_preservation"] == pytest.approx(ce, rel=1e-6)
+        assert alone["reconstruction_quality"] == pytest.approx(together[name]["reconstruction_quality"], rel=1e-6)
