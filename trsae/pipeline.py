@@ -260,14 +260,17 @@ ABLATION_ROWS = [row for row in CORE_ROWS if row[1] in
                  ("explained_variance", "kl_div_score", "ce_loss_score", "ce_loss_score_mean_ablation", "dead_frac")]
 
 
-def ablation_macros(summary: dict[str, dict], windows: list[int], n_seeds: int) -> dict:
+def ablation_macros(summary: dict[str, dict], windows: list[int], n_seeds: int, train_tokens: int,
+                    eval_seqs: int) -> dict:
     """Paper macros of the ablation study: the component whose removal moves explained variance the most (and
-    by how much, full minus ablated), the best window, the seeds and windows used."""
+    by how much, full minus ablated), the best window, the seeds, windows, training tokens and evaluated test
+    sequences used."""
     ev = {n: r["reconstruction_quality"]["explained_variance"]["mean"] for n, r in summary.items()}
     removed = {n: ev["full"] - ev[n] for n in ("no position emb.", "no attention", "gates always on", "no curriculum")}
     largest = max(removed, key=lambda n: abs(removed[n]))
     best_w = max(windows, key=lambda w: ev[f"w={w}"])
     return {"ablSeeds": n_seeds, "ablWindows": ", ".join(map(str, windows)), "ablBestWindow": best_w,
+            "ablTrainTokens": train_tokens, "ablEvalSeqs": eval_seqs,
             "ablLargestEffect": largest, "ablLargestEffectDelta": removed[largest],
             "ablFullEV": ev["full"], "ablLookAheadEV": ev["look-ahead (reference)"]}
 
