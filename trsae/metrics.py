@@ -2,7 +2,8 @@
 
 Pure torch + numpy + json: nothing here imports the model, data or SAE layers. The caller runs the model
 (clean, SAE-spliced, zero- and mean-ablated) and feeds tensors batch by batch; each accumulator keeps only
-float64 sums, so memory is bounded by one batch (logits are processed in row chunks and never kept).
+float64 sums, so memory is bounded by one batch (logits are processed in row chunks; only the current batch's
+clean softmax is kept, while its variants are scored).
 
 Definitions (checked against SAELens ``sae_lens/evals.py`` at decoderesearch/SAELens 191d44e and SAEBench
 ``sae_bench/evals/core/main.py`` at adamkarvonen/SAEBench 10e0728). N = valid tokens, x, x̂ ∈ R^D per token:
@@ -366,7 +367,7 @@ class LogitAccumulator:
     position t predicts ``targets_BT[:, t]`` (see ``next_token_targets``); only positions where ``mask_BT`` is
     True count. Any variant may be ``None``; each variant keeps its own count, and the clean CE is a mean over
     every update, so passing the same clean batch with one variant at a time gives the same result as passing
-    all three at once. Rows are processed ``chunk_rows`` at a time in float32; nothing is kept.
+    all three at once. Rows are processed ``chunk_rows`` at a time in float32; nothing outlives the call.
     Several accumulators fed from one batch share the work: build one `CleanLogits`, then ``add_clean`` and
     ``add`` each variant's ``stats`` (the ablated runs' once for all of them).
     """
