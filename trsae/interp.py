@@ -162,12 +162,19 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-def macros(summary: dict, clean: dict, probe_ks, f1_threshold: float, names=("TRSAE", "TopK")) -> dict:
-    """Paper macros of notebook 04 (``\\interp...``): setup, the clean BLiMP accuracy, and per SAE the BLiMP
-    accuracy kept, position and relation probes at k nearest 5, and the share of labelled features."""
+def macros(summary: dict, clean: dict, probe_ks, f1_threshold: float, sizes: dict,
+           names=("TRSAE", "TopK")) -> dict:
+    """Paper macros of notebook 04 (``\\interp...``): setup and sample sizes (``sizes`` as `evaluate_source`
+    takes them), the clean BLiMP accuracy, and per SAE the BLiMP accuracy kept, position and relation probes at
+    k nearest 5, and the share of labelled features."""
     k = min(probe_ks, key=lambda v: abs(v - 5))
+    ud = sizes["ud_sentences"]
     out = {"interpAlignment": ALIGNMENT, "interpProbeK": k, "interpFOneThreshold": f1_threshold,
-           "interpCleanBlimpAcc": clean["syntax"]["blimp"]}
+           "interpCleanBlimpAcc": clean["syntax"]["blimp"], "interpBlimpPairs": int(clean["syntax"]["n_blimp"]),
+           "interpBlimpParadigms": len(sizes["blimp_paradigms"]), "interpSuites": len(sizes["suites"]),
+           "interpSuiteItems": sizes["suite_items"], "interpLinzenItems": sizes["linzen_items"],
+           "interpUdTrain": ud["train"], "interpUdDev": ud["dev"], "interpUdTest": ud["test"],
+           "interpGapTest": sizes["gap_items"]["test"]}
     for name in names:
         s = summary[name]
         for key, leaf in (("BlimpKept", s["syntax"]["blimp_kept"]), ("PositionProbe", s["probing"][f"word_pos_k{k}"]),
