@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trsae import overhead as O  # noqa: E402
+from trsae import report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,11 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = O.summarize(rows, centre)
     print(f"d={a.d} k={a.k} B={a.batch} repeats={a.repeats} threads={rows[0]['threads']} device={a.device} "
           f"centre (F/d, w, T)={centre} wall={wall:.0f} s")
-    print(O.format_table(rows))
+    print(report.format_table(rows))
     for key, v in summary.items():
         print(f"{key:32s} {v:.3f}")
     if a.tables:
-        O.write_tables(rows, a.tables)
+        report.write_tables(rows, a.tables)
     res = {"environment": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
            "centre": centre, "wall_s": wall, "summary": summary, "rows": rows}
     if a.json:

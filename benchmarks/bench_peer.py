@@ -23,12 +23,12 @@ import torch
 from trsae.config import TrainConfig
 from trsae.saes import SAEConfig, make_sae
 from trsae.store import ActivationStore
-from trsae.train import init_b_dec_, lr_lambda
+from trsae.train import init_b_dec_, lr_lambda, train_step
 
 
 def _batches(store: ActivationStore, cfg: TrainConfig, n_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
-    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len,
+    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, crop_len=cfg.crop_len,
                                         shuffle=cfg.shuffle, seed=cfg.seed)):
         if i >= n_steps:
             break
@@ -37,7 +37,7 @@ def _batches(store: ActivationStore, cfg: TrainConfig, n_steps: int) -> list[tup
 
 
 def _ours(store, cfg, width, k, batches):
-    sae = make_sae(SAEConfig(arch="topk", d_in=store.d_model, width=width, k=k, seed=cfg.seed))
+    sae = make_sae(SAEConfig.build(store.d_model, width, "topk", k=k, seed=cfg.seed))
     init_b_dec_(sae, store, cfg)
     sae.normalize_decoder_()
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
@@ -46,13 +46,8 @@ def _ours(store, cfg, width, k, batches):
     dead = torch.zeros(width, dtype=torch.bool)
     t = time.perf_counter()
     for x_BTD, mask_BT in batches:
-        out = sae(x_BTD, mask_BT=mask_BT, dead_F=dead)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        opt.step()
+        train_step(sae, opt, x_BTD, mask_BT, dead_F=dead)
         sched.step()
-        sae.normalize_decoder_()
     return time.perf_counter() - t, lambda x: sae.decode(sae.encode(x[None]))[0]
 
 
@@ -111,11 +106,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of both trainings; medians")
     a = p.parse_args()
     store = ActivationStore(a.store)
-    cfg = TrainConfig(tokens=a.tokens, batch_size=a.batch_size, window_len=store.ctx_len, lr=a.lr)
+    cfg = TrainConfig(tokens=a.tokens, batch_size=a.batch_size, crop_len=store.ctx_len, lr=a.lr)
     width = a.width_mult * store.d_model
-    batches = _batches(store, cfg, max(1, cfg.tokens // (cfg.batch_size * cfg.window_len)))
+    batches = _batches(store, cfg, max(1, cfg.tokens // (cfg.batch_size * cfg.crop_len)))
     n_tok = sum(int(m.sum()) for _, m in batches)
-    probe = make_sae(SAEConfig(arch="topk", d_in=store.d_model, width=8, k=1))
+    probe = make_sae(SAEConfig.build(store.d_model, 8, "topk", k=1))
     init_b_dec_(probe, store, cfg)
     times = {"trsae": [], "sae_lens": []}
     for _ in range(a.repeats):

@@ -25,19 +25,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trsae.overhead import encode_step as encode, train_step  # noqa: E402
 from trsae.saes import SAEConfig, make_sae  # noqa: E402
-from trsae.temporal import TRSAEConfig  # noqa: E402
 
 WINDOWS = (4, 16, 64)
 
 
 def make(name: str, a: argparse.Namespace):
     """'base' or 'w<N>' -> (sae, optimiser)."""
-    common = dict(d_in=a.d, width=a.width, k=a.k, seed=0)
+    common = {} if a.sparsity == "relu" else {"k": a.k}
     if name == "base":
-        cfg = SAEConfig(arch=a.sparsity, **common)
+        cfg = SAEConfig.build(a.d, a.width, a.sparsity, **common)
     else:
-        cfg = TRSAEConfig(sparsity=a.sparsity, window=int(name[1:]), d_k=a.d_k, d_v=a.d_v, d_ctx=a.d_ctx,
-                          per_token_gates=a.per_token_gates, **common)
+        cfg = SAEConfig.build(a.d, a.width, a.sparsity, "trsae", window=int(name[1:]), d_k=a.d_k, d_v=a.d_v,
+                              d_ctx=a.d_ctx, per_token_gates=a.per_token_gates, **common)
     sae = make_sae(cfg)
     return sae, torch.optim.Adam(sae.parameters(), lr=1e-4)
 

@@ -54,8 +54,8 @@ def _with(args, *flag_values):
 
 
 # 3072 tokens: more than one epoch of the train split, so every shard is read
-TRAIN = ["train", "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "3072", "--batch-size", "4",
-         "--window-len", "32", "--checkpoint-every", "200", "--quiet"]
+TRAIN = ["train", "--sparsity", "topk", "--width", "64", "--k", "4", "--tokens", "3072", "--batch-size", "4",
+         "--crop-len", "32", "--checkpoint-every", "200", "--quiet"]
 
 
 def _train(store, out, *flag_values, **kw):

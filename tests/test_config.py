@@ -61,7 +61,7 @@ def test_harvest_config_rejects_bad_values(kw, msg):
 
 @pytest.mark.parametrize("kw, msg", [
     ({"tokens": 0}, "tokens"), ({"batch_size": -1}, "batch_size"), ({"lr": 0}, "lr"),
-    ({"shuffle": "token"}, "never|window"), ({"warmup_frac": 0.9, "decay_frac": 0.5}, "sum to at most 1"),
+    ({"shuffle": "token"}, "never|crop"), ({"warmup_frac": 0.9, "decay_frac": 0.5}, "sum to at most 1"),
 ])
 def test_train_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -30,8 +30,8 @@ def store(tmp_path_factory):
 
 
 def _train_args(store, out, arch="topk", extra=()):
-    return ["train", "--store", str(store), "--arch", arch, "--width", "128", "--k", "4", "--tokens", "6144",
-            "--batch-size", "8", "--window-len", "32", "--checkpoint-every", "4", "--quiet", "--out", str(out),
+    return ["train", "--store", str(store), "--sparsity", arch, "--width", "128", "--k", "4", "--tokens", "6144",
+            "--batch-size", "8", "--crop-len", "32", "--checkpoint-every", "4", "--quiet", "--out", str(out),
             *extra]
 
 
@@ -69,7 +69,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one(store, tmp_path):
 def test_batchtopk_threshold_is_shared_by_ranks(store, tmp_path):
     _run(_train_args(store, tmp_path / "btk", arch="batchtopk"), nproc=2)
     sae = load_sae(tmp_path / "btk" / "sae")
-    assert float(sae.threshold) > 0
+    assert float(sae.sparsity.threshold) > 0
 
 
 def _manifest(d):

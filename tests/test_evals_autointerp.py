@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from trsae.evals import autointerp as ai
-from trsae.evals.ud import TokenFeatures
+from trsae.evals.text import TokenFeatures
 
 # 6 rows x 3 features: f0 fires on rows 0-2, f1 on rows 3-4, f2 never
 X = np.zeros((6, 3))

@@ -13,6 +13,7 @@ import torch
 from trsae.data import DataError
 from trsae.evals import eval_data_dir
 from trsae.evals import syntax as sx
+from trsae.evals import syntaxgym as sg
 
 CAT, IS = 3797, 318  # GPT-2 ids of " cat" and " is"
 
@@ -43,7 +44,7 @@ def test_batched_equals_unbatched(tiny_model):
         np.testing.assert_allclose(a[1:], b[1:], atol=1e-4)
         assert np.isnan(c[:f]).all()
         np.testing.assert_allclose(a[f:], c[f:], atol=1e-4)
-    sae = make_sae(SAEConfig(arch="topk", d_in=tiny_model.d_model, width=64, k=4)).eval()
+    sae = make_sae(SAEConfig.build(tiny_model.d_model, 64, "topk", k=4)).eval()
     s1 = sx.token_logprobs(tiny_model, ids, layer=1, sae=sae, batch_size=1)
     s4 = sx.token_logprobs(tiny_model, ids, layer=1, sae=sae, batch_size=4)
     for a, b in zip(s1, s4):
@@ -101,7 +102,7 @@ def test_linzen_mirror_format(data_dir):
 
 
 def test_formula_parser_precedence_and_errors():
-    ev = lambda f: sx.evaluate_formula(sx.parse_formula(f), {})  # noqa: E731
+    ev = lambda f: sg.evaluate_formula(sg.parse_formula(f), {})  # noqa: E731
     assert ev("1 + 2 > 2 & 3 - 1 = 2") is True
     assert ev("2 - 1 - 1 = 0") is True  # left-associative
     assert ev("1 < 3 - 1") is True and ev("2 = 1 + 1") is True  # + - bind tighter than comparisons
@@ -110,9 +111,9 @@ def test_formula_parser_precedence_and_errors():
     assert ev("1 = 1.0005") is True and ev("1 = 1.01") is False  # SyntaxGym's isclose tolerance
     for bad in ("(1;%a%) <", "[(1;%a%) > 2", "(1;%a%) ** 2", "2 > 1 ]", "import os"):
         with pytest.raises(ValueError):
-            sx.parse_formula(bad)
+            sg.parse_formula(bad)
     with pytest.raises(KeyError):
-        sx.evaluate_formula(sx.parse_formula("(3;%zzz%) > 0"), {("a", 1): 1.0})
+        sg.evaluate_formula(sg.parse_formula("(3;%zzz%) > 0"), {("a", 1): 1.0})
 
 
 def test_evaluate_suite_by_hand():
@@ -124,7 +125,7 @@ def test_evaluate_suite_by_hand():
         {("match", 1): 1.0, ("match", 2): 4.0, ("mismatch", 1): 1.0, ("mismatch", 2): 4.5},  # T, F (0.5)
         {("match", 1): 1.0, ("match", 2): 6.0, ("mismatch", 1): 3.0, ("mismatch", 2): 5.0},  # F, F (1.0)
     ]
-    res = sx.evaluate_suite(suite, surps)
+    res = sg.evaluate_suite(suite, surps)
     assert res["passed"].tolist() == [True, False, False]
     assert res["accuracy"] == pytest.approx(1 / 3)
     assert res["prediction_accuracy"] == pytest.approx([2 / 3, 1 / 3])
@@ -133,10 +134,10 @@ def test_evaluate_suite_by_hand():
 def test_region_surprisals_partition_the_sentence(tiny_model):
     regions = [{"region_number": 1, "content": "The cat"}, {"region_number": 2, "content": ""},
                {"region_number": 3, "content": " , "}, {"region_number": 4, "content": "sat down"}]
-    text, spans = sx.condition_text(regions)
+    text, spans = sg.condition_text(regions)
     assert text == "The cat, sat down" and spans[2] == (7, 7) and spans[3] == (7, 8)
     item = {"conditions": [{"condition_name": "c", "regions": regions}]}
-    (surp,) = sx.region_surprisals(tiny_model, [item])
+    (surp,) = sg.region_surprisals(tiny_model, [item])
     assert surp[("c", 2)] == 0.0
     lp = sx.token_logprobs(tiny_model, [sx.text_ids(tiny_model, text)[0]])[0]
     assert sum(surp.values()) == pytest.approx(-lp[1:].sum() / math.log(2), rel=1e-6)
@@ -149,11 +150,11 @@ def test_region_surprisals_partition_the_sentence(tiny_model):
 
 
 def test_mirror_suites_parse_and_missing_data_is_clear(data_dir, tmp_path, monkeypatch):
-    names = sx.syntaxgym_suites()
+    names = sg.syntaxgym_suites()
     assert len(names) == 34
     for n in names:
-        for p in sx.load_suite(n)["predictions"]:
-            sx.parse_formula(p["formula"])
+        for p in sg.load_suite(n)["predictions"]:
+            sg.parse_formula(p["formula"])
     monkeypatch.delenv("TRSAE_DATA_DIR")
     with pytest.raises(DataError, match="TRSAE_DATA_DIR"):
         eval_data_dir("blimp", tmp_path)

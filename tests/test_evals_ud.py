@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from trsae.evals import text as tx
 from trsae.evals import ud
 
 SNIPPET = """# newdoc id = d1
@@ -102,8 +103,8 @@ def test_alignment_multi_subtoken_words(gpt2_tok):
         j = text.index(w, cur)
         spans.append((j, j + len(w)))
         cur = j + len(w)
-    _, offsets = ud.encode_with_offsets(gpt2_tok, text)
-    assert [t + 1 for t in ud.last_token_indices(offsets, spans)] == [4, 5, 10, 11, 13, 14, 15]
+    _, offsets = tx.encode_with_offsets(gpt2_tok, text)
+    assert [t + 1 for t in tx.last_token_indices(offsets, spans)] == [4, 5, 10, 11, 13, 14, 15]
 
 
 def test_load_ud_mirror(data_dir):
@@ -119,15 +120,15 @@ def test_ud_features_rows_match_layer_acts(tiny_model):
 
     sents = ud.parse_conllu(SNIPPET)
     ctx = ud.tokenize_ud(tiny_model.tokenizer, tiny_model.bos_id, sents)
-    raw = ud.encode_contexts(tiny_model, 1, ctx.ids, batch_size=2)
+    raw = tx.encode_contexts(tiny_model, 1, ctx.ids, batch_size=2)
     rows = raw.rows(ctx.word_ctx, ctx.word_tok)
     direct = layer_acts(tiny_model, 1, torch.tensor([ctx.ids[0]]))[0]  # unpadded, alone
     np.testing.assert_allclose(raw.X[rows[:9]], direct[ctx.word_tok[:9]].numpy(), atol=1e-5)
     assert raw.X.shape[0] == sum(len(x) - 1 for x in ctx.ids)  # every token but BOS
     with pytest.raises(KeyError):
         raw.rows(np.array([0]), np.array([0]))  # BOS has no row
-    sae = make_sae(SAEConfig(arch="topk", d_in=tiny_model.d_model, width=32, k=4, input_scale=2.0)).eval()
-    codes = ud.encode_contexts(tiny_model, 1, ctx.ids, sae=sae, batch_size=2)
+    sae = make_sae(SAEConfig.build(tiny_model.d_model, 32, "topk", k=4, input_scale=2.0)).eval()
+    codes = tx.encode_contexts(tiny_model, 1, ctx.ids, sae=sae, batch_size=2)
     assert codes.X.shape == (raw.X.shape[0], 32) and hasattr(codes.X, "toarray")
     want = sae.encode(direct[None] * 2.0, pos_BT=torch.arange(direct.shape[0])[None])[0].detach()
     np.testing.assert_allclose(codes.X[rows[:9]].toarray(), want[ctx.word_tok[:9]].numpy(), atol=1e-5)

@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from trsae.evaluate import evaluate_sae, evaluate_saes, train_mean
 from trsae.metrics import next_token_targets
 from trsae.saes import SAEConfig, make_sae
-from trsae.temporal import TRSAEConfig
 
 
 def _saes(d):
     torch.manual_seed(0)
-    topk = make_sae(SAEConfig(arch="topk", d_in=d, width=4 * d, k=8, seed=1))
-    tr = make_sae(TRSAEConfig(d_in=d, width=4 * d, k=8, window=4, seed=2))
+    topk = make_sae(SAEConfig.build(d, 4 * d, "topk", k=8, seed=1))
+    tr = make_sae(SAEConfig.build(d, 4 * d, "topk", "trsae", k=8, window=4, seed=2))
     with torch.no_grad():  # give the temporal terms weight, so a splice that dropped positions would show
         for name, p in tr.named_parameters():
             if p.dim() and name not in ("W_enc", "W_dec", "b_enc", "b_dec"):

@@ -101,8 +101,8 @@ def test_harvest_survives_random_kills(tmp_path):
 def test_training_survives_random_kills(tmp_path):
     store = tmp_path / "store"
     assert _cli(HARVEST + ["--out", str(store)]).wait() == 0
-    train = ["train", "--store", str(store), "--arch", "topk", "--width", "256", "--k", "8", "--tokens", "80000",
-             "--batch-size", "8", "--window-len", "32", "--checkpoint-every", "10", "--quiet"]
+    train = ["train", "--store", str(store), "--sparsity", "topk", "--width", "256", "--k", "8", "--tokens", "80000",
+             "--batch-size", "8", "--crop-len", "32", "--checkpoint-every", "10", "--quiet"]
     assert _cli(train + ["--out", str(tmp_path / "ref")]).wait() == 0
     out = tmp_path / "killed"
     n_steps = _read_log(tmp_path / "ref")[-1]["step"]

@@ -9,7 +9,6 @@ import torch
 
 from trsae.interchange import TRSAE_NOTE, InterchangeError, export_saelens, import_saelens
 from trsae.saes import SAEConfig, make_sae
-from trsae.temporal import TRSAE, TRSAEConfig
 
 if os.environ.get("CI"):  # CI installs the extra: a missing package there is a failure, not a skip
     import sae_lens
@@ -26,8 +25,10 @@ def _trained_like(cfg):
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.3)
-    if sae.mechanism == "batchtopk":
-        sae.threshold.fill_(0.4)
+        if sae.cfg.sparsity.name in ("batchtopk", "matryoshka"):
+            sae.sparsity.threshold.fill_(0.4)
+        if sae.cfg.sparsity.name == "jumprelu":
+            sae.sparsity.threshold.uniform_(0.1, 0.6)
     return sae.eval()
 
 
@@ -35,9 +36,9 @@ def _x():
     return torch.randn(2, 10, D, generator=torch.Generator().manual_seed(1)) * 2.0
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_export_loads_in_saelens_with_identical_codes_and_reconstructions(arch, tmp_path):
-    ours = _trained_like(SAEConfig(arch=arch, d_in=D, width=F, k=K, input_scale=SCALE))
+    ours = _trained_like(SAEConfig.build(D, F, arch, input_scale=SCALE, **({} if arch == "relu" else {"k": K})))
     export_saelens(ours, tmp_path / "sae", model_name="tiny-gpt2", hook_name="layer 1")
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
     x = _x()
@@ -49,26 +50,29 @@ def test_export_loads_in_saelens_with_identical_codes_and_reconstructions(arch, 
     assert (codes_ours > 0).any() and (codes_ours == 0).any()  # a real sparse code, not all on or all off
     if arch == "topk":
         assert int((codes_ours > 0).sum(-1).max()) <= K
+    back = import_saelens(tmp_path / "sae")  # and the export reads back as the same part
+    assert back.cfg.sparsity == ours.cfg.sparsity
+    torch.testing.assert_close(back.encode(x), codes_ours, rtol=1e-5, atol=1e-5)
 
 
 def test_trsae_exports_its_per_token_dictionary_with_a_note(tmp_path):
-    tr = _trained_like(TRSAEConfig(d_in=D, width=F, k=K, window=4, input_scale=SCALE))
+    tr = _trained_like(SAEConfig.build(D, F, "topk", "trsae", k=K, window=4, input_scale=SCALE))
     export_saelens(tr, tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["metadata"]["trsae_note"] == TRSAE_NOTE
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
-    per_token = TRSAE(tr.cfg).eval()
+    per_token = make_sae(tr.cfg).eval()
     per_token.load_state_dict(tr.state_dict())
-    per_token.set_window(0)
+    per_token.encoder.set_window(0)
     with torch.no_grad():
-        per_token.P.zero_()
+        per_token.encoder.P.zero_()
         x = _x()
         torch.testing.assert_close(theirs.encode(x), per_token.encode(x * SCALE), rtol=1e-5, atol=1e-5)
         # ... which is not what the TRSAE itself computes: the note is needed
         assert not torch.allclose(tr.encode(x * SCALE), per_token.encode(x * SCALE))
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "jumprelu-per-latent"])
 def test_import_of_a_saelens_sae_encodes_as_saelens_does(arch, tmp_path):
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
@@ -77,12 +81,17 @@ def test_import_of_a_saelens_sae_encodes_as_saelens_does(arch, tmp_path):
     torch.manual_seed(2)
     theirs = {"standard": lambda: StandardSAE(StandardSAEConfig(d_in=D, d_sae=F)),
               "topk": lambda: TopKSAE(TopKSAEConfig(d_in=D, d_sae=F, k=K)),
-              "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))}[arch]()
+              "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F)),
+              "jumprelu-per-latent": lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))}[arch]()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             p.copy_(torch.full_like(p, 0.3) if name == "threshold" else torch.randn_like(p) * 0.3)
+        if arch == "jumprelu-per-latent":
+            theirs.threshold.uniform_(0.0, 0.6)
     theirs.save_model(tmp_path / "sae")
     ours = import_saelens(tmp_path / "sae")
+    assert ours.cfg.sparsity.name == {"standard": "relu", "topk": "topk", "jumprelu": "batchtopk",
+                                      "jumprelu-per-latent": "jumprelu"}[arch]
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
@@ -90,13 +99,13 @@ def test_import_of_a_saelens_sae_encodes_as_saelens_does(arch, tmp_path):
 
 
 def test_import_refuses_what_it_cannot_represent(tmp_path):
-    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
 
-    theirs = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))
-    with torch.no_grad():
-        theirs.threshold.copy_(torch.rand(F))
-    theirs.save_model(tmp_path / "jr")
-    with pytest.raises(InterchangeError, match="per-latent thresholds"):
-        import_saelens(tmp_path / "jr")
+    GatedSAE(GatedSAEConfig(d_in=D, d_sae=F)).save_model(tmp_path / "gated")
+    with pytest.raises(InterchangeError, match="'gated' is not supported"):
+        import_saelens(tmp_path / "gated")
+    untrained = make_sae(SAEConfig.build(D, F, "batchtopk", k=K))
+    with pytest.raises(InterchangeError, match="no calibrated inference threshold"):
+        export_saelens(untrained, tmp_path / "untrained")
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         import_saelens(tmp_path / "missing")

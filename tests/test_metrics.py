@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from trsae import metrics as M
+from trsae.io import write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
 # independent references
@@ -67,13 +68,15 @@ def np_kl(p_logits, q_logits):
 # reconstruction
 
 
-def test_module_is_pure():
-    tree = ast.parse(Path(M.__file__).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and (not (node.module or "").startswith("trsae") or node.module == "trsae.io")
-        if isinstance(node, ast.Import):
-            assert not any(a.name.startswith("trsae") for a in node.names)
+def test_package_is_pure():
+    """The metrics import nothing of trsae but each other (no model, data, store or SAE layer)."""
+    for f in Path(M.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                assert node.level == 0 and (not mod.startswith("trsae") or mod.startswith("trsae.metrics")), f.name
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("trsae") for a in node.names)
 
 
 def test_identity_reconstruction():
@@ -396,13 +399,16 @@ def test_aggregate_seeds_edge_leaves():
 
 
 def test_write_json_atomic(tmp_path):
+    """Results JSON (`trsae.io.write_json_atomic`) from the values the metrics produce."""
     obj = {"a": torch.tensor([1.5, 2.0]), "b": np.float32(0.25), "c": float("nan"), "d": (1, np.int64(2)),
-           "p": tmp_path}
-    path = M.write_json_atomic(tmp_path / "sub" / "r.json", obj)
+           "p": tmp_path, "e": np.bool_(True), "f": torch.tensor(float("inf")), "g": np.array([[1, 2]])}
+    path = write_json_atomic(tmp_path / "sub" / "r.json", obj)
     back = json.loads(path.read_text())
-    assert back == {"a": [1.5, 2.0], "b": 0.25, "c": None, "d": [1, 2], "p": str(tmp_path)}
+    assert back == {"a": [1.5, 2.0], "b": 0.25, "c": None, "d": [1, 2], "p": str(tmp_path), "e": True, "f": None,
+                    "g": [[1, 2]]}
+    assert path.read_text().startswith('{\n  "a": [\n    1.5,')  # indent 2, keys in insertion order
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left
     umask = os.umask(0); os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-    M.write_json_atomic(path, {"x": 1})
+    write_json_atomic(path, {"x": 1})
     assert json.loads(path.read_text()) == {"x": 1}

@@ -11,16 +11,20 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trsae import overhead as O
-from trsae.report import write_macros
+from trsae import report as R
+from trsae.overhead.grid import _rows
 from trsae.saes import SAEConfig, make_sae
-from trsae.temporal import TRSAEConfig
 
 D, F, K = 8, 32, 2
 SMALL = dict(d_in=D, width=F, k=K, window=2, d_k=2, d_v=3, d_ctx=4, n_buckets=4, n_exact_pos=2, pos_max=16)
 
 
-def small_trsae(**kw) -> TRSAEConfig:
-    return TRSAEConfig(**(SMALL | kw))
+def small_trsae(**kw) -> SAEConfig:
+    kw = SMALL | kw
+    sparsity = kw.pop("sparsity", "topk")
+    if sparsity == "relu":
+        kw.pop("k")
+    return SAEConfig.build(kw.pop("d_in"), kw.pop("width"), sparsity, "trsae", **kw)
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -62,8 +66,8 @@ def test_flops_hand_count_small_trsae():
     tok, step = O.flop_breakdown(cfg, "forward")
     assert sum(tok.values()) == enc_tok + decode
     # the baselines at the same size
-    topk = SAEConfig(arch="topk", d_in=D, width=F, k=K)
-    relu = SAEConfig(arch="relu", d_in=D, width=F, k=K)
+    topk = SAEConfig.build(D, F, "topk", k=K)
+    relu = SAEConfig.build(D, F, "relu")
     assert O.flops_per_token(topk, train=False) == 512
     assert O.flops_per_token(topk, train=True) == 512 + 32 + 64 + 32
     assert O.flops_per_token(relu, train=True) == 512 + 512 + 64 + 1024 + 128 + 512  # dense decode and backward
@@ -74,7 +78,7 @@ def test_flops_do_not_depend_on_window_and_vanish_without_context():
     for w in (1, 5, 64):
         assert O.flops_per_token(small_trsae(window=w), train=True) == base
     no_ctx = small_trsae(window=0, w_start=0, use_pos=False)
-    topk = SAEConfig(arch="topk", d_in=D, width=F, k=K)
+    topk = SAEConfig.build(D, F, "topk", k=K)
     assert O.flops_per_token(no_ctx, train=False) == O.flops_per_token(topk, train=False)
     assert O.flops_per_token(small_trsae(d_v=4), train=False) == 1200 - 24 - (3 * 2 * 4 + 2 * 2 * 4) + \
         (3 * 2 * 5 + 2 * 2 * 5) + 2 * 8 * 1  # no W_o; V = 4
@@ -96,14 +100,14 @@ def test_flops_match_torch_flop_counter_on_dense_products():
     """FlopCounterMode counts mm / addmm / bmm (not embedding_bag, sparse mm, in-place addmm_ or elementwise
     work), so it must equal the counter's components that the code runs as such products."""
     n = 10
-    topk = SAEConfig(arch="topk", d_in=D, width=F, k=K)
+    topk = SAEConfig.build(D, F, "topk", k=K)
     tok, step = O.flop_breakdown(topk, "encode")
     assert _counted(topk, False, n) == n * tok["encoder"] + step["bias_fold"]
     cfg = small_trsae()
     tok, step = O.flop_breakdown(cfg, "encode")
     dense = tok["encoder"] + tok["context_qkv"] + tok["context_out"] + tok["context_query"]
     assert _counted(cfg, False, n) == n * dense + step["bias_fold"]
-    relu = SAEConfig(arch="relu", d_in=D, width=F, k=K)
+    relu = SAEConfig.build(D, F, "relu")
     tok, step = O.flop_breakdown(relu, "train")
     dense = tok["encoder"] + tok["decoder"] + tok["decoder_bwd"] + tok["encoder_bwd"]
     assert _counted(relu, True, n) == n * dense + step["bias_fold"]
@@ -117,9 +121,9 @@ def test_flop_breakdown_rejects_unknown_mode():
 # ------------------------------------------------------------------------------------------ parameters
 
 CONFIGS = [
-    SAEConfig(arch="topk", d_in=D, width=F, k=K),
-    SAEConfig(arch="batchtopk", d_in=D, width=F, k=K),
-    SAEConfig(arch="relu", d_in=D, width=F, k=K),
+    SAEConfig.build(D, F, "topk", k=K),
+    SAEConfig.build(D, F, "batchtopk", k=K),
+    SAEConfig.build(D, F, "relu"),
     small_trsae(),
     small_trsae(d_v=4),
     small_trsae(use_pos=False),
@@ -130,13 +134,13 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.arch}-{c.mechanism}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
 def test_param_count_matches_module(cfg):
     sae = make_sae(cfg)
     counts = O.param_count(cfg)
     assert counts["total"] == sum(p.numel() for p in sae.parameters())
     assert counts["total"] == sum(v for key, v in counts.items() if key != "total")
-    named = dict(sae.named_parameters())
+    named = {n.split(".")[-1]: p for n, p in sae.named_parameters()}
     assert counts["encoder"] == named["W_enc"].numel() and counts["decoder"] == named["W_dec"].numel()
     if "U" in named:
         assert counts["U"] == named["U"].numel() and counts["attn_qkv"] == named["W_qkv"].numel()
@@ -145,7 +149,7 @@ def test_param_count_matches_module(cfg):
 
 
 def test_make_config_and_static_rows():
-    assert O.make_config("trsae", 64, 256, 8, window=0).w_start == 0
+    assert O.make_config("trsae", 64, 256, 8, window=0).encoder.w_start == 0
     rows = O.static_rows(widths_mult=(2, 4), d_in=64, k=8)
     assert [(r["arch"], r["width_mult"]) for r in rows] == [(a, m) for m in (2, 4) for a in O.ARCH_NAMES]
     for r in rows:
@@ -170,7 +174,7 @@ def test_profiled_peak_bytes_follows_allocations_and_frees():
 
 
 def test_peak_memory_counts_static_and_dense_preactivations():
-    cfg = SAEConfig(arch="topk", d_in=16, width=256, k=4)
+    cfg = SAEConfig.build(16, 256, "topk", k=4)
     sae = make_sae(cfg)
     B, T = 2, 32
     enc = O.peak_memory(sae, B, T, train=False)
@@ -226,14 +230,14 @@ def test_overhead_grid_rows_tables_figure_macros(tmp_path):
     assert {"trsae_train_ratio", "trsae_t_exponent_train", "trsae_f_exponent_train",
             "trsae_mem_per_token_ratio"} <= set(summary)
     assert summary["window_mem_ratio"] == 1.0  # the attention state does not depend on w
-    m = O.macros(summary, centre, 16, 4)
-    assert all(re.fullmatch(r"[A-Za-z]+", name) for name in m)
-    write_macros(m, tmp_path / "overhead_macros.tex")
-    paths = O.write_tables(rows, tmp_path / "overhead_table")
+    m = R.overhead_macros(summary, centre, 16, 4)
+    assert all(re.fullmatch(r"overhead[A-Z][A-Za-z]*", name) for name in m)
+    R.write_macro_file(m, R.OVERHEAD, tmp_path)
+    paths = R.write_tables(rows, tmp_path / "overhead_table")
     assert sorted(p.name for p in paths.values()) == ["overhead_table.csv", "overhead_table.md",
                                                        "overhead_table.tex"]
     assert len(paths["csv"].read_text().splitlines()) == len(rows) + 1
-    assert O.overhead_figure(rows, centre, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert R.overhead_figure(rows, centre, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_summarize_exponents_and_paired_ratios_on_synthetic_rows():
@@ -247,7 +251,7 @@ def test_summarize_exponents_and_paired_ratios_on_synthetic_rows():
         if c.window == 4:
             base /= 1.2
         times[c] = {"train": [base, 2 * base, 3 * base], "encode": [base, base, base]}
-    rows = O._rows(cases, cfgs, times, {}, batch=1)
+    rows = _rows(cases, cfgs, times, {}, batch=1)
     s = O.summarize(rows, (2, 16, 64))
     assert s["trsae_train_ratio"] == pytest.approx(1.5)
     assert s["window_train_ratio"] == pytest.approx(1.2)
@@ -257,7 +261,7 @@ def test_summarize_exponents_and_paired_ratios_on_synthetic_rows():
 
 
 def test_time_step_and_rss_method_shapes():
-    sae = make_sae(SAEConfig(arch="topk", d_in=16, width=64, k=4))
+    sae = make_sae(SAEConfig.build(16, 64, "topk", k=4))
     t = O.time_step(sae, B=2, T=8, train=True, repeats=3)
     assert len(t.times_s) == 3 and t.tokens == 16 and t.median_s > 0 and t.tok_s > 0
     assert len(O.time_step(sae, B=2, T=8, train=False, repeats=2).times_s) == 2
@@ -265,3 +269,22 @@ def test_time_step_and_rss_method_shapes():
     assert rss.method == "rss" and rss.peak_mib >= 0
     with pytest.raises(ValueError):
         O.peak_memory(sae, 2, 8, train=False, method="tracemalloc")
+
+
+def test_timings_run_the_trainers_own_step(monkeypatch):
+    """The harness times `trsae.train.train_step` itself (in train mode), not a copy of it."""
+    import trsae.train
+    from trsae.overhead import measure
+
+    assert measure.train_step is trsae.train.train_step
+    calls = []
+
+    def counting(sae, *args, **kw):
+        calls.append(sae.training)
+        return trsae.train.train_step(sae, *args, **kw)
+
+    monkeypatch.setattr(measure, "train_step", counting)
+    sae = make_sae(SAEConfig.build(16, 64, "topk", k=4))
+    O.time_step(sae, B=2, T=8, train=False, repeats=1)  # leaves the SAE in eval mode
+    O.time_step(sae, B=2, T=8, train=True, repeats=2, warmup=1)
+    assert calls == [True, True, True]

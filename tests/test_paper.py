@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from trsae import paper as P
+from trsae.report.macros import MACRO_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "paper" / "paper.tex"
@@ -209,8 +210,7 @@ def _png(width: int = 4, height: int = 3) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-MACRO_FILE_PREFIX = {"setup_macros.tex": "setup", "baseline_macros.tex": "base", "temporal_macros.tex": "tmp",
-                     "overhead_macros.tex": "overhead", "ablation_macros.tex": "abl", "interp_macros.tex": "interp"}
+MACRO_FILE_PREFIX = {m.file: m.prefix for m in MACRO_FILES}
 OPTIONAL = ("ablation_", "interp_")  # files of the guarded sections (03_ablations, 04_interpretability)
 
 

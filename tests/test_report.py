@@ -4,6 +4,8 @@ import ast
 import csv
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 from trsae import report as R
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _leaf(mean, se=0.01, n=3):
@@ -38,14 +41,20 @@ def _bars_per_axis(fig):
     return [sum(len(c) for c in ax.containers if isinstance(c, BarContainer)) for ax in fig.axes]
 
 
-def test_module_is_pure():
-    tree = ast.parse(Path(R.__file__).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and (not (node.module or "").startswith("trsae") or node.module == "trsae.io")
-            assert node.module != "matplotlib.pyplot"
-        if isinstance(node, ast.Import):
-            assert not any(a.name.startswith("trsae") or a.name == "matplotlib.pyplot" for a in node.names)
+def test_package_is_pure():
+    """The reporting package imports only the standard library, matplotlib (never pyplot) and trsae's light
+    modules; importing it loads no torch."""
+    light = {"trsae.io", "trsae.evals"}
+    for f in Path(R.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                assert node.level == 0 and mod != "matplotlib.pyplot", (f.name, mod)
+                assert not mod.startswith("trsae") or mod in light or mod.startswith("trsae.report"), (f.name, mod)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("trsae") or a.name == "matplotlib.pyplot" for a in node.names)
+    code = "import sys, trsae.report, trsae.paper; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_bar_figure_counts_values_and_errors():
@@ -161,3 +170,68 @@ def test_macro_name_and_format_number():
     assert R.format_number(None) == "n/a" and R.format_number(math.nan) == "n/a"
     assert R.format_number(0.000123) == "1.23e-4"
     assert R.format_number(0.000123, latex=True) == r"1.23\times10^{-4}"
+
+
+# --------------------------------------------------------------------------------------------- one palette
+
+
+def test_every_figure_draws_in_the_palette(tmp_path):
+    palette = {c.lower() for c in R.PALETTE}
+    res = {n: {"probing": {"upos_k1": _leaf(0.5 + i / 10), "upos_k5": _leaf(0.6 + i / 10)}}
+           for i, n in enumerate(["clean model", "TopK", "TRSAE"])}
+    fig_path = R.probing_figure(res, ["upos"], [1, 5], tmp_path / "probing.png")
+    assert fig_path.read_bytes()[:8] == PNG_MAGIC
+    ctx = [{"feature": 7, "examples": [{"tokens": ["a", "b\n", "c"], "acts": [0.1, 0.9, 0.2], "center": 1}]}]
+    assert R.top_contexts_figure(ctx, tmp_path / "top.png").read_bytes()[:8] == PNG_MAGIC
+    figs = [R.make_bar_figure(_results(), R.RECONSTRUCTION_PANELS),
+            R.make_frontier_figure({"TopK": [(16, 0.8, 0.0)], "TRSAE": [(16, 0.9, 0.0)]}, "EV")]
+    for fig in figs:
+        used = {p.get_facecolor() for ax in fig.axes for p in ax.patches} | \
+               {ln.get_color() if ln.get_linestyle() != "None" else ln.get_markeredgecolor()
+                for ax in fig.axes for ln in ax.get_lines()}  # error-bar caps show only their markers
+        hexes = {c.lower() if isinstance(c, str) else "#%02x%02x%02x" % tuple(round(255 * v) for v in c[:3])
+                 for c in used}
+        assert hexes - {"black", "#000000"} <= palette, hexes - palette
+
+
+# --------------------------------------------------------------------------------------------- notebook macros
+
+
+class _Store:
+    manifest = {"model": "gemma-3-270m", "layer": 6, "data": "brown+sotu", "token_count": 40000, "ctx_len": 128}
+    d_model = 640
+    splits = {"test": list(range(12))}
+
+
+class _Train:
+    tokens = 40000
+
+
+def test_notebook_macros_carry_their_files_prefix(tmp_path):
+    summary = {"TopK": {"sparsity": {"l0": _leaf(32.0)}}, "TRSAE": {"sparsity": {"l0": _leaf(31.0)}}}
+    rows = [("sparsity", "l0", "L0")]
+    usage = {"per_seed": [{"open_gate_frac": 0.25, "positional_frac": 0.5}]}
+    made = {
+        R.SETUP: R.setup_macros("smoke", _Store(), _Train(), 8, 32, [0, 1], 4),
+        R.BASELINE: R.baseline_macros(summary, rows),
+        R.TEMPORAL: R.temporal_macros(summary, rows, usage, 0.1, 10.0, 16),
+        R.OVERHEAD: R.overhead_macros({"trsae_train_ratio": 1.5, "relu_train_ratio": float("nan")}, (8, 16, 128),
+                                      640, 32),
+    }
+    assert set(made[R.SETUP]) == {"setupProfile", "setupModel", "setupLayer", "setupData", "setupHarvestTokens",
+                                  "setupCtxLen", "setupTrainTokens", "setupDModel", "setupWidthMult", "setupWidth",
+                                  "setupK", "setupSeeds", "setupEvalSeqs", "setupTestSeqs"}
+    assert made[R.SETUP]["setupData"] == "brown + sotu" and made[R.SETUP]["setupTestSeqs"] == 12
+    assert made[R.BASELINE] == {"baseTopKLZero": 32.0, "baseTopKLZeroSe": 0.01, "baseTRSAELZero": 31.0,
+                                "baseTRSAELZeroSe": 0.01}
+    assert made[R.TEMPORAL]["tmpOpenGateFrac"] == 0.25 and made[R.TEMPORAL]["tmpWindow"] == 16
+    assert made[R.OVERHEAD] == {"overheadDIn": 640, "overheadK": 32, "overheadWidthMult": 8, "overheadWindow": 16,
+                                "overheadCtxLen": 128, "overheadTrainRatio": 1.5}
+    for which, macros in made.items():
+        path = R.write_macro_file(macros, which, tmp_path)
+        assert path.name == which.file and set(_parse_macros(path.read_text())) == set(macros)
+    with pytest.raises(ValueError, match="does not start with 'tmp'"):
+        R.write_macro_file({"baseTopKLZero": 1.0}, R.TEMPORAL, tmp_path)
+    with pytest.raises(ValueError):
+        R.write_macro_file({"tmpx": 1.0}, R.TEMPORAL, tmp_path)  # a capital letter must follow the prefix
+    assert len({m.prefix for m in R.MACRO_FILES}) == len({m.file for m in R.MACRO_FILES}) == len(R.MACRO_FILES)

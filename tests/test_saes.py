@@ -1,29 +1,40 @@
-"""One interface, tested once for every SAE variant (the three baselines and the TRSAE on each mechanism)."""
+"""One interface, tested once for every SAE variant (the three per-token baselines and the TRSAE encoder on each
+sparsity), plus the format-1 checkpoints written before the SAE was composed of parts."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from trsae.saes import (SAE, SAEConfig, BatchTopKSAE, ForwardOutput, ReLUSAE, TopKSAE, batch_topk_pairs,
-                        load_sae, make_sae)
-from trsae.temporal import TRSAE, TRSAEConfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from trsae.saes import SAE, ForwardOutput, SAEConfig, TopKConfig, load_sae, make_sae
+from trsae.saes.config import PartConfig, register_part
+from trsae.saes.sparse_ops import batch_topk_pairs
+from trsae.saes.sparsity import ReLUL1
 
 D, F, K, B, T = 16, 64, 4, 3, 8
 
-VARIANTS = ["relu", "topk", "batchtopk", "trsae-topk", "trsae-batchtopk", "trsae-relu"]
+VARIANTS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka", "trsae-topk", "trsae-batchtopk", "trsae-relu",
+            "trsae-jumprelu", "trsae-matryoshka"]
+SPARSE_LOSS = {"relu": {"l1"}, "topk": {"aux"}, "batchtopk": {"aux"}, "jumprelu": {"l0"},
+               "matryoshka": {"aux", "inner_4", "inner_8", "inner_16", "inner_32"}}
 
 
 def make_cfg(variant: str, **kw) -> SAEConfig:
-    if variant.startswith("trsae"):
+    encoder = "trsae" if variant.startswith("trsae") else "token"
+    if encoder == "trsae":
         kw.setdefault("window", 3)
         kw.setdefault("ctx_init", 0.5)
-        return TRSAEConfig(sparsity=variant.split("-")[1], d_in=D, width=F, k=K, **kw)
-    return SAEConfig(arch=variant, d_in=D, width=F, k=K, **kw)
+    if mechanism(variant) != "relu":
+        kw.setdefault("k", K)
+    if mechanism(variant) in ("relu", "jumprelu"):
+        kw.pop("aux_k", None)  # TopK-style settings do not apply
+    return SAEConfig.build(D, F, mechanism(variant), encoder, **kw)
 
 
 def mechanism(variant: str) -> str:
@@ -33,12 +44,16 @@ def mechanism(variant: str) -> str:
 def build(variant: str, **kw) -> SAE:
     """An SAE with non-trivial temporal parameters (P, G random) so every term is exercised."""
     sae = make_sae(make_cfg(variant, **kw))
-    if isinstance(sae, TRSAE):
+    if sae.cfg.encoder.name == "trsae":
+        enc = sae.encoder
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            sae.P.copy_(0.3 * torch.randn(sae.P.shape, generator=gen))
-            if sae.cfg.per_token_gates:
-                sae.G.copy_(torch.randn(sae.G.shape, generator=gen))
+            enc.P.copy_(0.3 * torch.randn(enc.P.shape, generator=gen))
+            if enc.cfg.per_token_gates:
+                enc.G.copy_(torch.randn(enc.G.shape, generator=gen))
+    if sae.cfg.sparsity.name == "jumprelu":  # thresholds set and spread, as after training
+        with torch.no_grad():
+            sae.sparsity.threshold.copy_(0.2 + 0.3 * torch.rand(F, generator=torch.Generator().manual_seed(2)))
     return sae
 
 
@@ -59,7 +74,7 @@ def test_shapes_and_loss_terms(variant):
     assert out.x_hat_BTD.shape == (B, T, D) and out.codes_BTF.shape == (B, T, F)
     assert out.loss.shape == ()
     torch.testing.assert_close(out.loss, torch.stack(list(out.losses.values())).sum())
-    expected = {"mse", "l1" if mechanism(variant) == "relu" else "aux"}
+    expected = {"mse"} | SPARSE_LOSS[mechanism(variant)]
     if variant.startswith("trsae"):
         expected |= {"pos_l1", "gate"}
     assert set(out.losses) == expected
@@ -89,8 +104,9 @@ def test_topk_l0_is_exactly_k(variant, training):
 @pytest.mark.parametrize("variant", ["batchtopk", "trsae-batchtopk"])
 def test_batchtopk_mean_l0_and_threshold(variant):
     sae = build(variant).train()
+    thr = sae.sparsity.threshold
     x_BTD, mask_BT = batch(b=4, t=16)
-    assert float(sae.threshold) < 0
+    assert float(thr) < 0
     codes_BTF = sae(x_BTD, mask_BT).codes_BTF
     l0_BT = (codes_BTF > 0).sum(-1)
     assert l0_BT[mask_BT].float().mean() == K
@@ -98,16 +114,16 @@ def test_batchtopk_mean_l0_and_threshold(variant):
     assert l0_BT[mask_BT].float().std() > 0  # per-token L0 varies
     # the threshold is the smallest active code of the first batch, then an EMA
     first = codes_BTF[codes_BTF > 0].min()
-    torch.testing.assert_close(sae.threshold, first)
+    torch.testing.assert_close(thr, first)
     codes2_BTF = sae(*batch(seed=1, b=4, t=16)).codes_BTF
-    beta = sae.cfg.threshold_beta
-    torch.testing.assert_close(sae.threshold, beta * first + (1 - beta) * codes2_BTF[codes2_BTF > 0].min())
+    beta = sae.cfg.sparsity.threshold_beta
+    torch.testing.assert_close(thr, beta * first + (1 - beta) * codes2_BTF[codes2_BTF > 0].min())
     # eval mode: a latent is active iff its pre-activation exceeds the threshold
     sae.eval()
     z_BTF = sae.pre_acts(x_BTD, mask_BT=mask_BT)
     codes_BTF = sae.encode(x_BTD, mask_BT=mask_BT)
-    assert torch.equal(codes_BTF > 0, z_BTF > sae.threshold)
-    torch.testing.assert_close(codes_BTF, z_BTF * (z_BTF > sae.threshold))
+    assert torch.equal(codes_BTF > 0, z_BTF > thr)
+    torch.testing.assert_close(codes_BTF, z_BTF * (z_BTF > thr))
 
 
 def _flat_topk_reference(z_NF, k, mask_N):
@@ -145,15 +161,16 @@ def test_save_load_round_trip(variant, tmp_path):
     sae = build(variant)
     x_BTD, mask_BT = batch()
     sae(x_BTD, mask_BT)  # batchtopk: sets the threshold
-    if isinstance(sae, TRSAE):
-        sae.set_window(2)
+    if sae.cfg.encoder.name == "trsae":
+        sae.encoder.set_window(2)
     sae.eval()
     sae.save(tmp_path / "sae")
     meta = json.loads((tmp_path / "sae" / "config.json").read_text())
-    assert meta["class"] == type(sae).__name__
+    assert meta["format"] == 2 and meta["config"]["sparsity"]["name"] == mechanism(variant)
+    assert meta["config"]["encoder"]["name"] == sae.cfg.encoder.name
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["config.json", "sae.safetensors"]
     loaded = load_sae(tmp_path / "sae")
-    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and not loaded.training
+    assert loaded.cfg == sae.cfg and not loaded.training
     for name, t in sae.state_dict().items():
         assert torch.equal(t, loaded.state_dict()[name]), name
     codes_BTF = sae.encode(x_BTD, mask_BT=mask_BT)
@@ -161,12 +178,74 @@ def test_save_load_round_trip(variant, tmp_path):
     assert torch.equal(sae.decode(codes_BTF), loaded.decode(codes_BTF))
 
 
-def test_load_trsae_without_importing_temporal(tmp_path):
-    build("trsae-topk").save(tmp_path / "sae")
-    code = ("import sys; from trsae.saes import load_sae; assert 'trsae.temporal' not in sys.modules; "
-            f"print(type(load_sae({str(tmp_path / 'sae')!r})).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "TRSAE"
+FIXTURE = Path(__file__).parent / "fixtures" / "sae_v1"
+
+
+@pytest.mark.parametrize("name", ["relu", "topk", "batchtopk", "trsae", "trsae_relu_tokgates",
+                                  "trsae_batchtopk_nopos"])
+def test_format_1_checkpoints_load_to_the_same_codes(name):
+    """SAEs saved by the code before the parts redesign (commit c0c296f, see fixtures/sae_v1/make_fixture.py)
+    load and give bitwise the codes, reconstructions and training loss that code computed."""
+    assert json.loads((FIXTURE / name / "config.json").read_text())["format"] == 1
+    expected = load_file(str(FIXTURE / "expected.safetensors"))
+    x_BTD, mask_BT, pos_BT = expected["x_BTD"], expected["mask_BT"], expected["pos_BT"]
+    sae = load_sae(FIXTURE / name)
+    s = sae.cfg.input_scale
+    with torch.no_grad():
+        assert torch.equal(sae.encode(x_BTD * s, pos_BT, mask_BT), expected[f"{name}.codes"])
+        assert torch.equal(sae.reconstruct(x_BTD, pos_BT, mask_BT), expected[f"{name}.recon"])
+    loss = sae.train()(x_BTD * s, mask_BT=mask_BT, pos_BT=pos_BT).loss
+    assert torch.equal(loss.detach().reshape(1), expected[f"{name}.train_loss"])
+
+
+def test_unknown_format_is_refused_with_the_file(tmp_path):
+    build("topk").save(tmp_path / "sae")
+    meta = json.loads((tmp_path / "sae" / "config.json").read_text())
+    (tmp_path / "sae" / "config.json").write_text(json.dumps(meta | {"format": 99}))
+    with pytest.raises(ValueError, match="config.json: SAE format 99"):
+        load_sae(tmp_path / "sae")
+
+
+@dataclass
+class _ShiftedReLUConfig(PartConfig):
+    shift: float = 0.5
+
+
+@register_part("sparsity", "test-shifted-relu", _ShiftedReLUConfig)
+class _ShiftedReLU(ReLUL1):
+    """A new sparsity in one class: ReLU(z - shift), L1 as ReLU's (the test's own part)."""
+
+    def codes(self, enc, st, dead_F=None, update=False):
+        return super().codes(enc, st)._replace(dense_NF=(enc.dense(st) - self.cfg.shift).relu())
+
+    def activate(self, z_NF, mask_N):
+        return (z_NF - self.cfg.shift).relu()
+
+    def losses(self, st, codes, x_hat_ND, W_dec_FD, b_dec_D):
+        return {}
+
+
+def test_a_registered_part_needs_no_change_elsewhere(tmp_path):
+    cfg = SAEConfig.build(D, F, "test-shifted-relu", "trsae", shift=0.25, window=2)
+    sae = make_sae(cfg)
+    x_BTD, mask_BT = batch()
+    z_BTF = sae.pre_acts(x_BTD, mask_BT=mask_BT)
+    torch.testing.assert_close(sae.encode(x_BTD, mask_BT=mask_BT), (z_BTF - 0.25).relu())
+    assert set(sae(x_BTD, mask_BT).losses) == {"mse", "pos_l1", "gate"}
+    sae.save(tmp_path / "s")
+    assert load_sae(tmp_path / "s").cfg == cfg
+
+
+def test_build_routes_settings_to_their_parts():
+    cfg = SAEConfig.build(D, F, "topk", "trsae", k=3, window=5, seed=2)
+    assert cfg.sparsity == TopKConfig(k=3, aux_k=D // 2) and cfg.encoder.window == 5 and cfg.seed == 2
+    assert cfg.label == "trsae-topk" and SAEConfig.build(D, F, "relu").label == "relu"
+    assert cfg.replace(k=5, use_pos=False).flat() == {**cfg.flat(), "k": 5, "use_pos": False}
+    with pytest.raises(ValueError, match="'window' is not a setting of an SAE, of the 'topk' sparsity or of the "
+                                         "'token' encoder"):
+        SAEConfig.build(D, F, "topk", window=4)
+    with pytest.raises(ValueError, match="unknown sparsity 'gated'"):
+        SAEConfig.build(D, F, "gated")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -181,28 +260,29 @@ def test_reconstruct_applies_and_undoes_input_scale(variant):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(arch="gated"), dict(width=0), dict(d_in=-1), dict(k=0), dict(k=F + 1), dict(aux_k=F + 1),
-    dict(input_scale=0.0), dict(l1_coeff=-1.0), dict(aux_coeff=float("nan")), dict(threshold_beta=1.0),
-    dict(width=3.5),
+@pytest.mark.parametrize("sparsity,bad", [
+    ("gated", {}), ("topk", dict(width=0)), ("topk", dict(d_in=-1)), ("topk", dict(k=0)), ("topk", dict(k=F + 1)),
+    ("topk", dict(aux_k=F + 1)), ("topk", dict(input_scale=0.0)), ("relu", dict(l1_coeff=-1.0)),
+    ("topk", dict(aux_coeff=float("nan"))), ("batchtopk", dict(threshold_beta=1.0)), ("topk", dict(width=3.5)),
 ])
-def test_config_validation(bad):
-    kw = dict(arch="topk", d_in=D, width=F, k=K) | bad
+def test_config_validation(sparsity, bad):
+    kw = dict(d_in=D, width=F) | bad
     with pytest.raises(ValueError):
-        SAEConfig(**kw)
+        SAEConfig.build(kw.pop("d_in"), kw.pop("width"), sparsity, **kw)
 
 
 def test_config_defaults_and_dict_round_trip():
-    cfg = SAEConfig(arch="relu", d_in=640, width=4096, k=8192)  # k is unused by relu
-    assert cfg.l1_coeff == pytest.approx(5 / 640) and cfg.aux_k == 320
-    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    relu = SAEConfig.build(640, 4096, "relu")
+    assert relu.sparsity.l1_coeff == pytest.approx(5 / 640)
+    assert SAEConfig.build(640, 4096, "topk").sparsity.aux_k == 320
+    tr = SAEConfig.build(640, 4096, "batchtopk", "trsae")
+    assert tr.encoder.pos_l1 == pytest.approx(0.001 / 640) and tr.encoder.gate_l1 == pytest.approx(0.001 / 640)
+    for cfg in (relu, tr):
+        assert SAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
-        SAEConfig.from_dict(cfg.to_dict() | {"bogus": 1})
-    with pytest.raises(ValueError, match="needs arch"):
-        TopKSAE(SAEConfig(arch="relu", d_in=D, width=F))
-    assert type(make_sae(SAEConfig(arch="batchtopk", d_in=D, width=F, k=K))) is BatchTopKSAE
-    assert type(make_sae(SAEConfig(arch="relu", d_in=D, width=F))) is ReLUSAE
-    assert type(make_sae(SAEConfig(arch="topk", d_in=D, width=F, k=K))) is TopKSAE
+        SAEConfig.from_dict(relu.to_dict() | {"bogus": 1})
+    with pytest.raises(ValueError, match="has no field"):
+        SAEConfig.from_dict(relu.to_dict() | {"sparsity": {"name": "relu", "k": 3}})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -214,7 +294,7 @@ def test_decoder_normalisation(variant):
     before = sae(x_BTD, mask_BT)
     sae.normalize_decoder_()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
-    if mechanism(variant) == "relu":  # the encoder compensates: same function and same weighted L1
+    if mechanism(variant) in ("relu", "jumprelu"):  # encoder and thresholds compensate: the same function
         after = sae(x_BTD, mask_BT)
         torch.testing.assert_close(after.x_hat_BTD, before.x_hat_BTD, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(after.loss, before.loss, rtol=1e-5, atol=1e-6)
@@ -227,7 +307,7 @@ def test_decoder_normalisation(variant):
 def test_aux_loss_only_with_dead_latents(variant):
     sae = build(variant)
     x_BTD, mask_BT = batch()
-    if mechanism(variant) == "relu":
+    if mechanism(variant) in ("relu", "jumprelu"):
         assert "aux" not in sae(x_BTD, mask_BT, dead_F=torch.ones(F, dtype=torch.bool)).losses
         return
     assert sae(x_BTD, mask_BT).losses["aux"] == 0
@@ -262,9 +342,16 @@ def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
     """Dense autograd reference: z for all latents, a mask of the selected ones, a dense decoder."""
     z_NF = sae.pre_acts(x_BTD, mask_BT=mask_BT).reshape(-1, F)
     x_ND, m_N = x_BTD.reshape(-1, D), mask_BT.reshape(-1)
-    mech = sae.cfg.mechanism
+    mech, sp = sae.cfg.sparsity.name, sae.cfg.sparsity
     if mech == "relu":
         codes_NF = z_NF.relu()
+    elif mech == "jumprelu":  # straight-through gradients to theta written as surrogates c * theta, c detached
+        theta_F, bw = sae.sparsity.threshold, sp.bandwidth
+        near_NF = ((z_NF.detach() - theta_F.detach()).abs() < bw / 2).float()
+        jump_NF = -(theta_F.detach() / bw) * near_NF * theta_F  # d/dtheta: -(theta / bw) rect
+        step_NF = -(near_NF / bw) * theta_F  # d/dtheta: -(1 / bw) rect
+        codes_NF = z_NF * (z_NF > theta_F).float() + jump_NF - jump_NF.detach()
+        step_NF = (z_NF > theta_F).float() + step_NF - step_NF.detach()
     else:
         if mech == "topk":
             sel_NF = torch.zeros_like(z_NF, dtype=torch.bool).scatter_(1, z_NF.topk(K).indices, True)
@@ -277,25 +364,31 @@ def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
     x_hat_ND = codes_NF @ sae.W_dec + sae.b_dec
     loss = ((x_hat_ND - x_ND).pow(2).sum(1) / D)[m_N].mean()
     if mech == "relu":
-        loss = loss + sae.cfg.l1_coeff * (codes_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
+        loss = loss + sp.l1_coeff * (codes_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
+    elif mech == "jumprelu":
+        loss = loss + sp.l0_coeff * (2 / K * (step_NF.sum(1) - K).pow(2))[m_N].mean()
     else:
         e_VD = (x_ND - x_hat_ND).detach()[m_N]
         dead_G = dead_F.nonzero().squeeze(1)
-        vals, idx = z_NF[m_N][:, dead_G].topk(min(sae.cfg.aux_k, len(dead_G)))
+        vals, idx = z_NF[m_N][:, dead_G].topk(min(sp.aux_k, len(dead_G)))
         e_hat_VD = torch.zeros(len(e_VD), F).scatter(1, dead_G[idx], vals.relu()) @ sae.W_dec
-        scale = min(len(dead_G) / sae.cfg.aux_k, 1.0)
-        loss = loss + sae.cfg.aux_coeff * scale * (e_hat_VD - e_VD).pow(2).sum() / e_VD.pow(2).sum()
-    if isinstance(sae, TRSAE):
-        c = sae.cfg
-        buckets_N = sae.buckets(torch.arange(T).expand(B, T)).reshape(-1)
+        scale = min(len(dead_G) / sp.aux_k, 1.0)
+        loss = loss + sp.aux_coeff * scale * (e_hat_VD - e_VD).pow(2).sum() / e_VD.pow(2).sum()
+    if mech == "matryoshka":  # each prefix of the dictionary reconstructs with the same codes
+        for w in (4, 8, 16, 32):
+            inner_ND = codes_NF[:, :w] @ sae.W_dec[:w] + sae.b_dec
+            loss = loss + ((inner_ND - x_ND).pow(2).sum(1) / D)[m_N].mean()
+    if sae.cfg.encoder.name == "trsae":
+        enc, c = sae.encoder, sae.cfg.encoder
+        buckets_N = enc.buckets(torch.arange(T).expand(B, T)).reshape(-1)
         dec_norm_F = sae.W_dec.norm(dim=1)
-        loss = loss + c.pos_l1 * (sae.P.abs()[:, buckets_N[m_N]] * dec_norm_F[:, None]).sum(0).mean()
+        loss = loss + c.pos_l1 * (enc.P.abs()[:, buckets_N[m_N]] * dec_norm_F[:, None]).sum(0).mean()
         if c.per_token_gates:
-            q_NK = (x_ND @ sae.W_qkv)[:, : c.d_k]
-            gbar_F = torch.sigmoid(sae.gate_logit + q_NK @ sae.G.T)[m_N].mean(0)
+            q_NK = (x_ND @ enc.W_qkv)[:, : c.d_k]
+            gbar_F = torch.sigmoid(enc.gate_logit + q_NK @ enc.G.T)[m_N].mean(0)
         else:
-            gbar_F = torch.sigmoid(sae.gate_logit)
-        loss = loss + c.gate_l1 * (gbar_F * sae.U.norm(dim=1) * dec_norm_F).sum()
+            gbar_F = torch.sigmoid(enc.gate_logit)
+        loss = loss + c.gate_l1 * (gbar_F * enc.U.norm(dim=1) * dec_norm_F).sum()
     return loss
 
 

@@ -104,24 +104,24 @@ def test_missing_store_and_broken_manifest(tmp_path):
         ActivationStore(tmp_path)
 
 
-@pytest.mark.parametrize("shuffle", ["window", "sequence", None])
-@pytest.mark.parametrize("window_len", [8, 32])
-def test_windows_are_whole_and_never_mix_sequences(tiny_store, shuffle, window_len):
+@pytest.mark.parametrize("shuffle", ["crop", "sequence", None])
+@pytest.mark.parametrize("crop_len", [8, 32])
+def test_windows_are_whole_and_never_mix_sequences(tiny_store, shuffle, crop_len):
     n = 0
-    for b in tiny_store.batches("train", batch_size=6, window_len=window_len, shuffle=shuffle, seed=1, epochs=1):
+    for b in tiny_store.batches("train", batch_size=6, crop_len=crop_len, shuffle=shuffle, seed=1, epochs=1):
         for acts_TD, ids_T, pos_T, seq in zip(b.acts_BTD, b.ids_BT, b.pos_BT, b.seq_B):
             ref_acts, ref_ids = tiny_store.sequence(int(seq))
             assert int(seq) in tiny_store.splits["train"]
-            assert torch.equal(pos_T, torch.arange(pos_T[0], pos_T[0] + window_len))
+            assert torch.equal(pos_T, torch.arange(pos_T[0], pos_T[0] + crop_len))
             assert torch.equal(ids_T, ref_ids[pos_T].long())
             torch.testing.assert_close(acts_TD, ref_acts[pos_T] * tiny_store.norm_scale)
             n += 1
-    assert n == (32 * (32 // window_len)) // 6 * 6
+    assert n == (32 * (32 // crop_len)) // 6 * 6
 
 
 def test_bos_never_reaches_training_tokens(tiny_store):
     saw_bos = False
-    for b in tiny_store.batches("train", batch_size=4, window_len=8, seed=0, epochs=1):
+    for b in tiny_store.batches("train", batch_size=4, crop_len=8, seed=0, epochs=1):
         assert not (b.ids_BT[b.mask_BT] == 50256).any()
         assert (b.mask_BT == (b.ids_BT != 50256)).all()
         saw_bos |= bool((~b.mask_BT).any())
@@ -129,8 +129,8 @@ def test_bos_never_reaches_training_tokens(tiny_store):
 
 
 def test_cursor_resumes_the_same_stream(tiny_store):
-    full = list(tiny_store.batches("train", batch_size=5, window_len=16, seed=3, epochs=3))
-    tail = list(tiny_store.batches("train", batch_size=5, window_len=16, seed=3, start=7, epochs=3))
+    full = list(tiny_store.batches("train", batch_size=5, crop_len=16, seed=3, epochs=3))
+    tail = list(tiny_store.batches("train", batch_size=5, crop_len=16, seed=3, start=7, epochs=3))
     assert len(tail) == len(full) - 7
     for a, b in zip(full[7:], tail):
         assert torch.equal(a.seq_B, b.seq_B) and torch.equal(a.pos_BT, b.pos_BT)
@@ -141,7 +141,7 @@ def test_cursor_resumes_the_same_stream(tiny_store):
 
 def test_window_must_divide_context(tiny_store):
     with pytest.raises(ValueError, match="divide"):
-        next(tiny_store.batches("train", window_len=5))
+        next(tiny_store.batches("train", crop_len=5))
 
 
 @pytest.mark.slow

@@ -8,20 +8,22 @@ import math
 import pytest
 import torch
 
-from trsae.saes import SAEConfig, load_sae, make_sae
-from trsae.temporal import (TRSAE, TRSAEConfig, bucket_bounds, feature_map, naive_window_attention,
-                            position_buckets, windowed_linear_attention)
+from trsae.saes import SAE, SAEConfig, TRSAEEncoderConfig, load_sae, make_sae
+from trsae.saes.context import (bucket_bounds, feature_map, naive_window_attention, position_buckets,
+                                windowed_linear_attention)
 
 D, F, K = 16, 64, 4
 
 
-def trsae(**kw) -> TRSAE:
-    kw = dict(d_in=D, width=F, k=K, window=3, ctx_init=1.0, d_k=4, d_v=8, d_ctx=8) | kw
-    sae = make_sae(TRSAEConfig(**kw))
+def trsae(sparsity: str = "topk", **kw) -> SAE:
+    kw = dict(window=3, ctx_init=1.0, d_k=4, d_v=8, d_ctx=8) | kw
+    if sparsity != "relu":
+        kw.setdefault("k", K)
+    sae = make_sae(SAEConfig.build(D, F, sparsity, "trsae", **kw))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        if sae.cfg.use_pos:
-            sae.P.copy_(0.3 * torch.randn(sae.P.shape, generator=gen))
+        if sae.cfg.encoder.use_pos:
+            sae.encoder.P.copy_(0.3 * torch.randn(sae.encoder.P.shape, generator=gen))
     return sae
 
 
@@ -73,10 +75,11 @@ def test_windowed_attention_zero_context_and_gradients():
 @pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu"])
 @pytest.mark.parametrize("how", ["w=0", "use_attn=False"])
 def test_no_context_and_zero_P_is_exactly_the_baseline(sparsity, how):
-    tr = make_sae(TRSAEConfig(sparsity=sparsity, d_in=D, width=F, k=K, window=5, use_attn=how == "w=0"))
+    kw = {} if sparsity == "relu" else {"k": K}
+    tr = make_sae(SAEConfig.build(D, F, sparsity, "trsae", window=5, use_attn=how == "w=0", **kw))
     if how == "w=0":
-        tr.set_window(0)
-    base = make_sae(SAEConfig(arch=sparsity, d_in=D, width=F, k=K))
+        tr.encoder.set_window(0)
+    base = make_sae(SAEConfig.build(D, F, sparsity, **kw))
     shared = {n: t for n, t in tr.state_dict().items() if n in base.state_dict()}
     base.load_state_dict(shared)
     gen = torch.Generator().manual_seed(0)
@@ -111,11 +114,11 @@ def test_causal_codes_ignore_the_future_and_lookahead_does_not():
 # ------------------------------------------------------------------------------------------ schedule, buckets
 
 def test_curriculum_and_window():
-    sae = trsae(window=10, w_start=2, curriculum_frac=0.5)
+    sae = trsae(window=10, w_start=2, curriculum_frac=0.5).encoder
     assert sae.window == 10  # a fresh model evaluates with the full window
     got = [sae.window_at(step, 100) for step in (0, 1, 12, 25, 49, 50, 99, 1000)]
     assert got == [2, 2, 3, 6, 9, 10, 10, 10]
-    assert trsae(window=10, w_start=2).window_at(0, 100) == 10  # curriculum_frac = 0: no curriculum
+    assert trsae(window=10, w_start=2).encoder.window_at(0, 100) == 10  # curriculum_frac = 0: no curriculum
     sae.set_window(sae.window_at(25, 100))
     assert sae.window == 6
     with pytest.raises(ValueError):
@@ -149,11 +152,11 @@ def test_position_buckets():
 @pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu"])
 def test_gradients_reach_every_temporal_parameter(sparsity, per_token_gates):
     sae = trsae(sparsity=sparsity, per_token_gates=per_token_gates, d_v=8, d_ctx=6)
-    sae.P.data.zero_()  # zero-initialised P must still get a gradient
+    sae.encoder.P.data.zero_()  # zero-initialised P must still get a gradient
     x = torch.randn(2, 9, D)
     sae(x).loss.backward()
     names = {"P", "W_qkv", "W_o", "U", "gate_logit"} | ({"G"} if per_token_gates else set())
-    assert names <= {n for n, _ in sae.named_parameters()}
+    assert names <= {n for n, _ in sae.encoder.named_parameters()}
     for name, p in sae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
@@ -169,10 +172,11 @@ def test_temporal_loss_terms_follow_their_definitions():
     pos = torch.arange(12).expand(2, 12) + torch.tensor([[0], [7]])
     losses = sae(x, mask, pos).losses
     b = position_buckets(pos, 2, 5, 8)[mask]
-    torch.testing.assert_close(losses["pos_l1"], 0.1 * (sae.P.abs()[:, b] * norm_F[:, None]).sum(0).mean())
-    gate_F = torch.sigmoid(sae.gate_logit)
-    torch.testing.assert_close(losses["gate"], 0.01 * (gate_F * sae.U.norm(dim=1) * norm_F).sum())
-    c = TRSAEConfig(d_in=D, width=F)
+    enc = sae.encoder
+    torch.testing.assert_close(losses["pos_l1"], 0.1 * (enc.P.abs()[:, b] * norm_F[:, None]).sum(0).mean())
+    gate_F = torch.sigmoid(enc.gate_logit)
+    torch.testing.assert_close(losses["gate"], 0.01 * (gate_F * enc.U.norm(dim=1) * norm_F).sum())
+    c = SAEConfig.build(D, F, "topk", "trsae").encoder
     assert c.pos_l1 == pytest.approx(0.001 / D) and c.gate_l1 == pytest.approx(0.001 / D)
 
 
@@ -184,23 +188,23 @@ def test_ablation_switches():
     with_pos = trsae().eval()
     assert not torch.equal(with_pos.encode(x), with_pos.encode(x, shifted))
     no_pos = trsae(use_pos=False).eval()
-    assert not hasattr(no_pos, "P") and no_pos.positional_features() == []
+    assert not hasattr(no_pos.encoder, "P") and no_pos.encoder.positional_features() == []
     assert torch.equal(no_pos.encode(x), no_pos.encode(x, shifted))
     assert "pos_l1" not in no_pos(x).losses
     no_gates = trsae(use_gates=False)
-    assert not hasattr(no_gates, "gate_logit") and torch.equal(no_gates.gates(), torch.ones(F))
+    assert not hasattr(no_gates.encoder, "gate_logit") and torch.equal(no_gates.encoder.gates(), torch.ones(F))
     assert "gate" not in no_gates(x).losses
-    torch.testing.assert_close(no_gates.context_strength(), no_gates.U.norm(dim=1))
+    torch.testing.assert_close(no_gates.encoder.context_strength(), no_gates.encoder.U.norm(dim=1))
     no_attn = trsae(use_attn=False)
-    assert not hasattr(no_attn, "U") and no_attn.open_gates(0.0) == 0
+    assert not hasattr(no_attn.encoder, "U") and no_attn.encoder.open_gates(0.0) == 0
     # per-token gates with G = 0 are the per-feature gates
     per_feature, per_token = trsae().eval(), trsae(per_token_gates=True).eval()
-    per_token.load_state_dict(per_feature.state_dict() | {"G": torch.zeros(F, 4)})
+    per_token.load_state_dict(per_feature.state_dict() | {"encoder.G": torch.zeros(F, 4)})
     torch.testing.assert_close(per_token.encode(x), per_feature.encode(x))
 
 
 def test_reports_positional_features_and_open_gates():
-    sae = trsae()
+    sae = trsae().encoder
     with torch.no_grad():
         sae.P.zero_()
         sae.P[3, 2] = 1.0
@@ -218,27 +222,26 @@ def test_reports_positional_features_and_open_gates():
 
 
 def test_config_validation():
-    ok = dict(d_in=D, width=F, k=K)
-    for bad in (dict(sparsity="gated"), dict(window=-1), dict(window=2, w_start=3), dict(curriculum_frac=1.5),
+    for bad in (dict(window=-1), dict(window=2, w_start=3), dict(curriculum_frac=1.5),
                 dict(d_k=0), dict(n_exact_pos=40, n_buckets=32), dict(pos_max=8, n_exact_pos=8),
-                dict(gate_l1=-1.0), dict(causal="yes"), dict(arch="topk")):
+                dict(gate_l1=-1.0), dict(causal="yes"), dict(temporal_lr_mult=0.0)):
         with pytest.raises(ValueError):
-            TRSAEConfig(**ok, **bad)
-    cfg = TRSAEConfig(**ok)
-    assert cfg.arch == "trsae" and cfg.mechanism == "topk"
-    assert TRSAEConfig.from_dict(cfg.to_dict()) == cfg
+            TRSAEEncoderConfig(**bad)
+    cfg = SAEConfig.build(D, F, "topk", "trsae", k=K)
+    assert cfg.label == "trsae-topk" and cfg.encoder == TRSAEEncoderConfig(pos_l1=0.001 / D, gate_l1=0.001 / D)
+    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_save_load_round_trip(tmp_path):
     sae = trsae(per_token_gates=True, sparsity="batchtopk", d_v=8, d_ctx=6)
     with torch.no_grad():
-        sae.G.normal_()
+        sae.encoder.G.normal_()
     x = torch.randn(2, 9, D)
     sae(x)
-    sae.set_window(2)
+    sae.encoder.set_window(2)
     sae.eval().save(tmp_path / "m")
     loaded = load_sae(tmp_path / "m")
-    assert isinstance(loaded, TRSAE) and loaded.cfg == sae.cfg and loaded.window == 2
+    assert loaded.cfg == sae.cfg and loaded.encoder.window == 2
     assert torch.equal(loaded.encode(x), sae.encode(x))
     assert loaded.n_params() == sae.n_params()
 

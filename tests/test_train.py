@@ -7,12 +7,12 @@ from trsae.config import TrainConfig
 from trsae.saes import SAEConfig, load_sae
 from trsae.train import RunError, lr_lambda, read_log, train_sae
 
-TCFG = TrainConfig(tokens=16 * 8 * 30, batch_size=8, window_len=16, lr=1e-3, seed=0, checkpoint_every=7,
+TCFG = TrainConfig(tokens=16 * 8 * 30, batch_size=8, crop_len=16, lr=1e-3, seed=0, checkpoint_every=7,
                    log_every=5, dead_tokens=100)
 
 
 def _cfg(store, arch="topk"):
-    return SAEConfig(arch=arch, d_in=store.d_model, width=96, k=4)
+    return SAEConfig.build(store.d_model, 96, arch, **({} if arch == "relu" else {"k": 4}))
 
 
 def test_lr_schedule_values():
@@ -50,14 +50,14 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_store, arch
 def test_resume_refuses_another_config(tmp_path, tiny_store):
     train_sae(_cfg(tiny_store), TCFG, tiny_store, tmp_path, progress=False, max_steps=2)
     with pytest.raises(RunError, match="another sae configuration"):
-        train_sae(dataclasses.replace(_cfg(tiny_store), k=5), TCFG, tiny_store, tmp_path, progress=False)
+        train_sae(_cfg(tiny_store).replace(k=5), TCFG, tiny_store, tmp_path, progress=False)
     with pytest.raises(RunError, match="another train configuration"):
         train_sae(_cfg(tiny_store), dataclasses.replace(TCFG, lr=2e-3), tiny_store, tmp_path, progress=False)
 
 
 def test_store_width_mismatch_is_refused(tmp_path, tiny_store):
     with pytest.raises(RunError, match="d_in"):
-        train_sae(SAEConfig(arch="topk", d_in=tiny_store.d_model + 1, width=96, k=4), TCFG, tiny_store, tmp_path)
+        train_sae(SAEConfig.build(tiny_store.d_model + 1, 96, "topk", k=4), TCFG, tiny_store, tmp_path)
 
 
 def test_dead_latents_are_tracked(tmp_path, tiny_store):
@@ -72,18 +72,18 @@ def test_batchtopk_threshold_gives_l0_k_on_training_data(tmp_path, tiny_store):
     """After training, per-token thresholding reproduces the batch top-k budget (mean L0 = k)."""
     sae = train_sae(_cfg(tiny_store, "batchtopk"), TCFG, tiny_store, tmp_path, progress=False)
     l0 = []
-    for b in tiny_store.batches("train", batch_size=8, window_len=16, seed=1, epochs=1):
+    for b in tiny_store.batches("train", batch_size=8, crop_len=16, seed=1, epochs=1):
         codes = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
         l0.append((codes[b.mask_BT] > 0).sum(-1).float())
     assert torch.cat(l0).mean().item() == pytest.approx(4, rel=0.1)
 
 
 def test_trsae_temporal_parameters_get_their_own_learning_rate():
-    from trsae.temporal import TRSAE, TRSAEConfig
+    from trsae.saes import make_sae
 
-    sae = TRSAE(TRSAEConfig(d_in=8, width=16, k=2, window=2, temporal_lr_mult=10.0))
+    sae = make_sae(SAEConfig.build(8, 16, "topk", "trsae", k=2, window=2, temporal_lr_mult=10.0))
     groups = sae.optim_groups(1e-3)
     names = {id(p): n for n, p in sae.named_parameters()}
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)]
-    assert {names[id(p)] for p in groups[1]["params"]} == {"P", "W_qkv", "U", "gate_logit"}
+    assert {names[id(p)] for p in groups[1]["params"]} == {"encoder.P", "encoder.W_qkv", "encoder.U", "encoder.gate_logit"}
     assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))

@@ -10,13 +10,11 @@ import sys
 
 
 def _harvest(a: argparse.Namespace) -> None:
-    from trsae.config import HarvestConfig
+    from trsae.config import HarvestConfig, given
     from trsae.dist import Ranks
     from trsae.store import harvest
 
-    cfg = HarvestConfig(model=a.model, layer=a.layer, data=a.data, tokens=a.tokens, ctx_len=a.ctx_len,
-                        seqs_per_shard=a.seqs_per_shard, batch_size=a.batch_size, dtype=a.dtype,
-                        split_seed=a.split_seed)
+    cfg = HarvestConfig(**given(a, a.harvest_fields))
     store = harvest(cfg, a.out, data_dir=a.data_dir, progress=not a.quiet)
     if Ranks.current().main:
         print(store)
@@ -42,42 +40,35 @@ def _check_params(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trsae.config import HarvestConfig, TrainConfig, add_config_arguments
+    from trsae.saes.config import part_classes, part_names
+
     p = argparse.ArgumentParser(prog="python -m trsae", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     h = sub.add_parser("harvest", help="harvest a layer's residual stream into an activation store")
-    h.add_argument("--model", default="gemma-3-270m")
-    h.add_argument("--layer", type=int, default=6)
-    h.add_argument("--data", default="brown+sotu", help="sources joined by +, e.g. brown+sotu or hf:<dataset>")
-    h.add_argument("--tokens", type=int, default=200_000)
-    h.add_argument("--ctx-len", type=int, default=128)
-    h.add_argument("--seqs-per-shard", type=int, default=64)
-    h.add_argument("--batch-size", type=int, default=8)
-    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    h.add_argument("--split-seed", type=int, default=0)
+    h.set_defaults(fn=_harvest, harvest_fields=add_config_arguments(h, HarvestConfig))
     h.add_argument("--data-dir", default=None, help="data mirror (default: $TRSAE_DATA_DIR, then the cache)")
     h.add_argument("--out", required=True)
     h.add_argument("--quiet", action="store_true")
-    h.set_defaults(fn=_harvest)
 
-    t = sub.add_parser("train", help="train an SAE on a store (resumes from the run folder's checkpoint)")
+    t = sub.add_parser("train", help="train an SAE on a store (resumes from the run folder's checkpoint)",
+                       description="Options after --sparsity/--encoder are the settings of those parts; each "
+                                   "applies only to the part that has it.")
     t.add_argument("--store", required=True)
-    t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "trsae"])
+    t.add_argument("--out", required=True)
+    t.add_argument("--sparsity", default="topk", choices=part_names("sparsity"))
+    t.add_argument("--encoder", default="token", choices=part_names("encoder"))
     t.add_argument("--width", type=int, default=None, help="dictionary size F (default 8 × d)")
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--l1-coeff", type=float, default=None)
-    t.add_argument("--window", type=int, default=8, help="TRSAE context window w")
-    t.add_argument("--tokens", type=int, default=1_000_000)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=4e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--window-len", type=int, default=None, help="tokens per window (default: min(T, 128))")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    t.add_argument("--crop-len", type=int, default=None,
+                   help="tokens per training crop (default: the store's context length, at most 128)")
+    train_fields = add_config_arguments(t, TrainConfig, skip=("crop_len",))
+    part_fields = [n for kind in ("sparsity", "encoder") for name in part_names(kind)
+                   for n in add_config_arguments(t, part_classes(kind, name)[0])]
     t.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this call, with a checkpoint (rerun to resume)")
-    t.add_argument("--out", required=True)
     t.add_argument("--quiet", action="store_true")
-    t.set_defaults(fn=_train)
+    t.set_defaults(fn=_train, train_fields=train_fields, part_fields=part_fields)
 
     e = sub.add_parser("eval", help="core metrics of a trained SAE on a store's test split")
     e.add_argument("--store", required=True)

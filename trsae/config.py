@@ -108,11 +108,12 @@ class TrainConfig:
     tokens: int = 1_000_000
     """Training tokens (valid tokens seen are slightly fewer: BOS is masked)."""
     batch_size: int = 32
-    """Windows per batch."""
-    window_len: int = 128
-    """Tokens per window; must divide the store's context length."""
-    shuffle: str = "window"
-    """Shuffle whole windows ("window") or whole sequences ("sequence"); never single tokens."""
+    """Training crops per batch."""
+    crop_len: int = 128
+    """Tokens per training crop (a run of consecutive tokens of one stored sequence); must divide the store's
+    context length. Not the TRSAE attention window, which is `TRSAEEncoderConfig.window`."""
+    shuffle: str = "crop"
+    """Shuffle whole crops ("crop") or whole sequences ("sequence"); never single tokens."""
     lr: float = 4e-4
     warmup_frac: float = 0.05
     decay_frac: float = 0.2
@@ -125,10 +126,10 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "batch_size", "window_len", "lr", "dead_tokens", "checkpoint_every", "log_every"):
+        for name in ("tokens", "batch_size", "crop_len", "lr", "dead_tokens", "checkpoint_every", "log_every"):
             _positive(name, getattr(self, name))
-        if self.shuffle not in ("window", "sequence"):
-            raise ValueError(f"shuffle must be 'window' or 'sequence', got {self.shuffle!r}")
+        if self.shuffle not in ("crop", "sequence"):
+            raise ValueError(f"shuffle must be 'crop' or 'sequence', got {self.shuffle!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1 and self.warmup_frac + self.decay_frac <= 1):
             raise ValueError("warmup_frac and decay_frac must be fractions that sum to at most 1")
 
@@ -154,3 +155,60 @@ def check_params_file(params: str | os.PathLike, notebooks: list[str | os.PathLi
     for nb in notebooks:
         allowed |= notebook_parameters(nb)
     return load_params(params, allowed)
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (and of its dataclass bases), whitespace-collapsed."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def add_config_arguments(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """Add ``--field-name`` options for the fields of dataclass `cls`, typed and documented from the dataclass,
+    whose defaults stay the dataclass's own: an option not given is absent from the parsed namespace
+    (``argparse.SUPPRESS``). Options already on the parser are left alone. Returns the field names added."""
+    import argparse
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    have = {s for a in parser._actions for s in a.option_strings}
+    added = []
+    for f in dataclasses.fields(cls):
+        opt = "--" + f.name.replace("_", "-")
+        if f.name in skip or opt in have:
+            continue
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = args[0] if args else kind
+        default = f.default if f.default is not dataclasses.MISSING else "required"
+        text = f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(opt, type=kind, default=argparse.SUPPRESS, help=text, metavar=f.name.upper())
+        added.append(f.name)
+    return added
+
+
+def given(ns: Any, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The options of `names` that were given on the command line."""
+    return {n: getattr(ns, n) for n in names if hasattr(ns, n)}

@@ -16,9 +16,7 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from trsae.config import cache_dir
+from trsae.io import atomic_dir
 
 
 class DataError(RuntimeError):
@@ -124,9 +123,7 @@ def _download(src: Source, dest: Path) -> None:
             payload = r.read()
     except OSError as e:
         raise DataError(f"{src.name}: cannot download {src.url} ({e})") from e
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         if src.url.endswith((".tgz", ".tar.gz")):
             with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
                 for m in tar.getmembers():
@@ -136,11 +133,6 @@ def _download(src: Source, dest: Path) -> None:
         else:
             (tmp / Path(src.url).name).write_bytes(payload)
         _verify(src, tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def locate(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> list[Path]:

@@ -46,7 +46,7 @@ class Ranks:
             torch.distributed.barrier()
 
     def shard(self, batch):
-        """This rank's windows of a global batch (every world-th, starting at its rank)."""
+        """This rank's training crops of a global batch (every world-th, starting at its rank)."""
         if self.world == 1:
             return batch
         return type(batch)(*(t[self.rank::self.world] for t in batch))

@@ -1,22 +1,22 @@
 """Evaluate a trained SAE on a store's held-out split: reconstruction, sparsity, and the model's behaviour
 with the reconstruction spliced in at the layer (through nnsight), against zero- and mean-ablation.
 
-Splicing replaces the layer output only at ordinary tokens; BOS and other special tokens keep their clean
-activation in every variant (SAE, zero, mean), and cross-entropy / KL are scored at positions that read an
-ordinary token and predict one (`trsae.metrics.next_token_targets`).
+Splicing (`trsae.lm.splice`) replaces the layer output only at ordinary tokens; BOS and other special tokens
+keep their clean activation in every variant (SAE, zero, mean), and cross-entropy / KL are scored at positions
+that read an ordinary token and predict one (`trsae.metrics.next_token_targets`).
 """
 
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import torch
 
-from trsae.lm import LoadedModel, load_model, logits_with_replacement
+from trsae.io import write_json_atomic
+from trsae.lm import LoadedModel, load_model, logits_with_replacement, splice
 from trsae.metrics import (CleanLogits, FeatureStatsAccumulator, LogitAccumulator, ReconstructionAccumulator,
-                           core_results, next_token_targets, write_json_atomic)
+                           core_results, next_token_targets)
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
 
@@ -31,13 +31,6 @@ def train_mean(store: ActivationStore, max_seqs: int = 256) -> torch.Tensor:
         total += rows.sum(0)
         n += rows.shape[0]
     return (total / max(n, 1)).float()
-
-
-def _splice(sae: SAE, mask_BT: torch.Tensor, pos_BT: torch.Tensor):
-    def replace(h_BTD: torch.Tensor) -> torch.Tensor:
-        x_hat_BTD = sae.reconstruct(h_BTD, pos_BT=pos_BT, mask_BT=mask_BT)
-        return torch.where(mask_BT[..., None], x_hat_BTD.to(h_BTD.dtype), h_BTD)
-    return replace
 
 
 def _fill(value_D: torch.Tensor | None, mask_BT: torch.Tensor):
@@ -87,7 +80,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             recon[name].update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)  # model units
             feats[name].update(codes_BTF, b.mask_BT)
             if with_logits:
-                spliced = logits_with_replacement(model, layer, b.ids_BT, _splice(sae, b.mask_BT, b.pos_BT))
+                spliced = logits_with_replacement(model, layer, b.ids_BT, splice(sae, b.mask_BT, b.pos_BT))
                 logit[name].add_clean(ref)
                 logit[name].add("sae", ref.stats(spliced, name))
                 logit[name].add("zero", ablated["zero"])

@@ -4,9 +4,11 @@ SAELens SAEs for evaluation with this project's metrics.
 The format needs no SAELens code to read or write; ``pip install -e '.[saelens]'`` installs the package the
 round-trip test loads exports with (an optional extra: the default install stays small and CPU-only).
 
-Mapping (SAELens architecture <- this project's mechanism): ``standard`` <- relu, ``topk`` <- topk,
-``jumprelu`` with one shared threshold <- batchtopk (BatchTopK's inference rule: a latent fires when its
-pre-activation exceeds the calibrated threshold). Weights are exported in the model's raw units: the store's
+Mapping (SAELens architecture <- this project's sparsity part, each part's `saelens` method): ``standard`` <-
+relu, ``topk`` <- topk, ``jumprelu`` <- jumprelu (per-latent thresholds), and ``jumprelu`` with one shared
+threshold <- batchtopk and matryoshka (BatchTopK's inference rule: a latent fires when its pre-activation exceeds
+the calibrated threshold; SAELens saves its BatchTopK SAEs the same way). The exported ``metadata`` names the
+part, so that an import gives back the same part. Weights are exported in the model's raw units: the store's
 normalisation scalar ``s`` (``input_scale``) is folded in as ``W_enc s``, ``W_dec / s``, ``b_dec / s``, so
 SAELens's ``normalize_activations`` is "none" and codes are unchanged.
 
@@ -43,31 +45,23 @@ def export_saelens(sae: SAE, directory: str | os.PathLike, model_name: str | Non
     """Write ``sae`` in the SAELens format into ``directory`` (atomically, weights first); returns it."""
     directory = Path(directory)
     c = sae.cfg
-    mech = sae.mechanism
     s = float(c.input_scale)
     with torch.no_grad():
         tensors = {"W_enc": sae.W_enc * s, "b_enc": sae.b_enc.clone(), "W_dec": sae.W_dec / s,
                    "b_dec": sae.b_dec / s}
     cfg = {"d_in": c.d_in, "d_sae": c.width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none"}
-    meta: dict = {"model_name": model_name, "hook_name": hook_name, "trsae_arch": c.arch, "trsae_input_scale": s}
-    if mech == "relu":
-        cfg["architecture"] = "standard"
-    elif mech == "topk":
-        cfg |= {"architecture": "topk", "k": c.k, "rescale_acts_by_decoder_norm": False}
-    elif mech == "batchtopk":
-        thr = float(sae.threshold)
-        if thr < 0:
-            raise InterchangeError("this BatchTopK SAE has no calibrated inference threshold (threshold < 0); "
-                                   "train it to the end first")
-        cfg["architecture"] = "jumprelu"
-        tensors["threshold"] = torch.full((c.width,), thr)
-        meta["trsae_k"] = c.k
-    else:
-        raise InterchangeError(f"no SAELens architecture for mechanism {mech!r}")
-    if c.arch == "trsae":
+    meta: dict = {"model_name": model_name, "hook_name": hook_name, "trsae_arch": c.label, "trsae_input_scale": s,
+                  "trsae_sparsity": c.sparsity.to_dict()}
+    try:
+        arch_cfg, extra = sae.sparsity.saelens()
+    except ValueError as e:
+        raise InterchangeError(str(e)) from None
+    cfg |= arch_cfg
+    tensors |= extra
+    if c.encoder.name != "token":
         meta["trsae_note"] = TRSAE_NOTE
-        meta["trsae_window"] = int(getattr(c, "window", 0))
+        meta["trsae_window"] = int(getattr(c.encoder, "window", 0))
     cfg["metadata"] = meta
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
@@ -80,8 +74,9 @@ def export_saelens(sae: SAE, directory: str | os.PathLike, model_name: str | Non
 def import_saelens(directory: str | os.PathLike) -> SAE:
     """A SAELens-format SAE as this project's SAE, in raw units (``input_scale`` 1), for `trsae.metrics`.
 
-    Supported: ``standard`` (-> relu), ``topk`` (-> topk) and ``jumprelu`` with one threshold shared by
-    all latents (-> batchtopk in eval mode); ``normalize_activations`` must be "none".
+    Supported: ``standard`` (-> relu), ``topk`` (-> topk) and ``jumprelu`` (-> the part named in the metadata of
+    our own exports; otherwise batchtopk when one threshold is shared by all latents, else jumprelu);
+    ``normalize_activations`` must be "none".
     """
     directory = Path(directory)
     for f in (CFG_FILE, WEIGHTS_FILE):
@@ -96,18 +91,19 @@ def import_saelens(directory: str | os.PathLike) -> SAE:
                                "fold the normalisation into the weights and set it to 'none'")
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     meta = cfg.get("metadata") or {}
+    saved = meta.get("trsae_sparsity")  # written by export_saelens: the part exactly
     if arch == "standard":
-        ours = SAEConfig(arch="relu", d_in=d_in, width=d_sae)
+        ours = SAEConfig.build(d_in, d_sae, "relu")
     elif arch == "topk":
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise InterchangeError("rescale_acts_by_decoder_norm=True is not supported")
-        ours = SAEConfig(arch="topk", d_in=d_in, width=d_sae, k=int(cfg["k"]))
+        ours = SAEConfig.build(d_in, d_sae, "topk", k=int(cfg["k"]))
+    elif arch == "jumprelu" and saved is not None:
+        ours = SAEConfig(d_in=d_in, width=d_sae, sparsity=saved)
     elif arch == "jumprelu":
         thr = w["threshold"].float()
-        if not torch.all(thr == thr[0]):
-            raise InterchangeError("a JumpReLU SAE with per-latent thresholds has no equivalent here (only one "
-                                   "shared threshold, as BatchTopK's, is supported)")
-        ours = SAEConfig(arch="batchtopk", d_in=d_in, width=d_sae, k=int(meta.get("trsae_k") or 1))
+        shared = bool(torch.all(thr == thr[0]))  # BatchTopK's inference rule, else per-latent thresholds
+        ours = SAEConfig.build(d_in, d_sae, "batchtopk" if shared else "jumprelu", k=int(meta.get("trsae_k") or 1))
     else:
         raise InterchangeError(f"SAELens architecture {arch!r} is not supported (standard, topk, jumprelu)")
     sae = make_sae(ours)
@@ -119,6 +115,5 @@ def import_saelens(directory: str | os.PathLike) -> SAE:
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(w["W_dec"].float())
         sae.b_dec.copy_(w["b_dec"].float())
-        if arch == "jumprelu":
-            sae.threshold.fill_(float(w["threshold"][0]))
+        sae.sparsity.load_saelens_({k: v.float() for k, v in w.items()})
     return sae.eval()

@@ -1,12 +1,21 @@
-"""Atomic file writes: a reader never sees a partial file. Standard library only (imports nothing of trsae),
-so that every module, the pure SAE and metric modules included, can share it."""
+"""Atomic file writes: a reader never sees a partial file or folder. Standard library only (imports nothing of
+trsae, nor torch or numpy), so that every module, the pure SAE and metric modules included, can share it.
+
+    atomic_path        a temporary file to write, renamed over the target on success
+    atomic_dir         a temporary folder to fill, renamed over the target on success
+    atomic_write_*     bytes, text, JSON
+    write_json_atomic  results JSON: `to_jsonable` first (tensors, arrays, NaN -> null), indent 2
+"""
 
 from __future__ import annotations
 
 import errno
 import json
+import math
+import numbers
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,12 +63,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        code = _no_space(e)
-        if code is not None:
-            raise NoSpaceError(code, f"no space left to write {path} ({os.strerror(code)}); nothing partial was "
-                                     "left: free space there or write to another folder, then rerun the same "
-                                     "command (a harvest or training run resumes)") from e
+        _raise_no_space(e, path)
         raise
+
+
+def _raise_no_space(e: BaseException, path: Path) -> None:
+    code = _no_space(e)
+    if code is not None:
+        raise NoSpaceError(code, f"no space left to write {path} ({os.strerror(code)}); nothing partial was "
+                                 "left: free space there or write to another folder, then rerun the same "
+                                 "command (a harvest or training run resumes)") from e
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; on success it replaces ``path`` (an existing folder
+    there is removed first); on any error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _raise_no_space(e, path)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -72,5 +104,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 1, sort_keys: bool = True) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 1, sort_keys: bool = True,
+                      allow_nan: bool = True) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors, numpy values, paths and tuples to plain JSON types; NaN / ±inf to ``None``.
+
+    Duck-typed, so that this module needs neither torch nor numpy: a torch tensor is what has ``detach``, a numpy
+    array or scalar what has ``tolist`` and ``dtype``."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Write ``to_jsonable(obj)`` as JSON to ``path`` atomically: keys in insertion order, ``indent`` 2, no NaN."""
+    return atomic_write_json(path, to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=False)

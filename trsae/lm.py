@@ -24,9 +24,7 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +32,7 @@ from typing import Callable
 import torch
 
 from trsae.config import cache_dir
+from trsae.io import atomic_dir
 
 OFFLINE_MODELS = ("gemma-3-270m", "smollm2-135m", "tiny-gpt2")
 
@@ -138,9 +137,7 @@ def _convert_gguf(name: str, package: str) -> Path:
     dest = converted_dir(name)
     if (dest / "config.json").is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         gguf = _gguf_file(package, tmp)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -153,11 +150,6 @@ def _convert_gguf(name: str, package: str) -> Path:
             gguf.unlink()
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -251,3 +243,17 @@ def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor
             envoy.output = replace(envoy.output)
         logits = model.nn.output.logits.save()
     return logits if keep is None or kw else logits[:, T - keep:]
+
+
+def splice(sae, mask_BT: torch.Tensor, pos_BT: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``replace`` of `logits_with_replacement` that puts ``sae.reconstruct(h_BTD)`` (raw activations in,
+    raw out) where ``mask_BT`` is True and keeps the clean activation elsewhere (BOS, special tokens, padding).
+    ``pos_BT``: the tokens' positions for the SAE (default ``0 … T-1`` in every row, BOS = 0)."""
+    if pos_BT is None:
+        pos_BT = torch.arange(mask_BT.shape[1], device=mask_BT.device).expand_as(mask_BT)
+
+    def replace(h_BTD: torch.Tensor) -> torch.Tensor:
+        x_hat_BTD = sae.reconstruct(h_BTD, pos_BT=pos_BT, mask_BT=mask_BT)
+        return torch.where(mask_BT[..., None], x_hat_BTD.to(h_BTD.dtype), h_BTD)
+
+    return replace

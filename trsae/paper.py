@@ -1,4 +1,5 @@
-"""Checks that the paper refers only to what the notebooks produce. Pure Python (re + pathlib).
+"""Checks that the paper refers only to what the notebooks produce. Pure Python (re + pathlib), plus the macro
+prefixes of `trsae.report.macros`.
 
 The paper (``paper/paper.tex``) takes every number from macro files (``\\newcommand{\\name}{value}``) and
 table / figure files that the notebooks write into ``figures/``. This module reads the TeX source and says:
@@ -23,6 +24,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from trsae.report.macros import PREFIXES  # the notebooks' macro prefixes, declared where the macros are made
+
 __all__ = [
     "PREFIXES",
     "GRAPHICS_EXTENSIONS",
@@ -34,8 +37,6 @@ __all__ = [
     "check_paper",
 ]
 
-PREFIXES: tuple[str, ...] = ("setup", "base", "tmp", "abl", "interp", "overhead")
-"""Prefixes of the notebooks' macros (01 writes setup and base, 02 tmp, 03 abl, 04 interp, 05 overhead)."""
 
 GRAPHICS_EXTENSIONS: tuple[str, ...] = (".pdf", ".png", ".jpg", ".jpeg", ".eps")
 """What ``\\includegraphics{stem}`` without an extension may resolve to (graphicx's order for pdflatex)."""

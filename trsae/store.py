@@ -1,4 +1,4 @@
-"""Harvest a layer's residual stream into a sequence-preserving activation store, and stream windows from it.
+"""Harvest a layer's residual stream into a sequence-preserving activation store, and stream training crops from it.
 
 On disk (one folder)::
 
@@ -9,7 +9,7 @@ On disk (one folder)::
 Sequences stay whole. Shards and the manifest are written to a temporary file and renamed, so a reader
 never sees a partial file; the manifest lists only finished shards, so an interrupted harvest resumes at
 the first missing one. Sequences (not tokens) are split into train / val / test by a seeded permutation.
-Batches are windows of consecutive tokens of one sequence, shuffled by window or by sequence within a
+Batches are crops of consecutive tokens of one sequence, shuffled by crop or by sequence within a
 bounded buffer of shards; BOS and other special tokens are masked out (``mask_BT`` is False there).
 """
 
@@ -44,7 +44,7 @@ class StoreError(RuntimeError):
 
 
 class Batch(NamedTuple):
-    """A batch of windows: ``B`` windows of ``T`` consecutive tokens, each from one sequence."""
+    """A batch of crops: ``B`` crops of ``T`` consecutive tokens, each from one sequence."""
 
     acts_BTD: torch.Tensor
     """Activations, float32, multiplied by the store's normalisation scalar (E‖x‖² = d on train)."""
@@ -55,7 +55,7 @@ class Batch(NamedTuple):
     ids_BT: torch.Tensor
     """Token ids."""
     seq_B: torch.Tensor
-    """Global sequence index of each window."""
+    """Global sequence index of each crop."""
 
 
 # --- atomic file writes -------------------------------------------------------------------------------
@@ -290,11 +290,11 @@ class ActivationStore:
     def n_tokens(self, split: str) -> int:
         return len(self.splits[split]) * self.ctx_len
 
-    def _window_order(self, split: str, window_len: int, shuffle: str | None, seed: int, epoch: int,
+    def _crop_order(self, split: str, crop_len: int, shuffle: str | None, seed: int, epoch: int,
                       buffer_shards: int) -> np.ndarray:
-        """``[n_windows, 2]`` (sequence, start) pairs of one epoch, shuffled within groups of shards."""
+        """``[n_crops, 2]`` (sequence, start) pairs of one epoch, shuffled within groups of shards."""
         seqs = self.splits[split]
-        per_seq = self.ctx_len // window_len
+        per_seq = self.ctx_len // crop_len
         shard_of = seqs // self.manifest["seqs_per_shard"]
         shards = np.unique(shard_of)
         if shuffle is None:
@@ -308,46 +308,47 @@ class ActivationStore:
             gs = seqs[np.isin(shard_of, g)]
             if shuffle == "sequence":
                 gs = rng.permutation(gs)
-            w = np.stack(np.meshgrid(gs, np.arange(per_seq) * window_len, indexing="ij"), -1).reshape(-1, 2)
-            if shuffle == "window":
+            w = np.stack(np.meshgrid(gs, np.arange(per_seq) * crop_len, indexing="ij"), -1).reshape(-1, 2)
+            if shuffle == "crop":
                 w = w[rng.permutation(len(w))]
             out.append(w)
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
-    def batches(self, split: str = "train", batch_size: int = 32, window_len: int | None = None,
-                shuffle: str | None = "window", seed: int = 0, start: int = 0, epochs: int | None = None,
+    def batches(self, split: str = "train", batch_size: int = 32, crop_len: int | None = None,
+                shuffle: str | None = "crop", seed: int = 0, start: int = 0, epochs: int | None = None,
                 buffer_shards: int = 4, drop_last: bool = True) -> Iterator[Batch]:
-        """Stream batches of whole windows, starting at batch ``start`` (a resumable data cursor).
+        """Stream batches of whole crops (runs of consecutive tokens of one sequence), starting at batch ``start``
+        (a resumable data cursor).
 
-        ``shuffle``: "window" (windows permuted within a buffer of ``buffer_shards`` shards), "sequence"
-        (sequences permuted, their windows kept in order) or None (in order). Epochs repeat with a new
+        ``shuffle``: "crop" (crops permuted within a buffer of ``buffer_shards`` shards), "sequence"
+        (sequences permuted, their crops kept in order) or None (in order). Epochs repeat with a new
         permutation; ``epochs=None`` streams forever. Memory stays bounded by the shard cache.
         """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        window_len = window_len or self.ctx_len
-        if window_len <= 0 or self.ctx_len % window_len:
-            raise ValueError(f"window_len {window_len} must divide the store's context length {self.ctx_len}")
-        if shuffle not in ("window", "sequence", None):
-            raise ValueError(f"shuffle must be 'window', 'sequence' or None, got {shuffle!r}")
-        n_win = len(self.splits[split]) * (self.ctx_len // window_len)
-        if n_win == 0:
+        crop_len = crop_len or self.ctx_len
+        if crop_len <= 0 or self.ctx_len % crop_len:
+            raise ValueError(f"crop_len {crop_len} must divide the store's context length {self.ctx_len}")
+        if shuffle not in ("crop", "sequence", None):
+            raise ValueError(f"shuffle must be 'crop', 'sequence' or None, got {shuffle!r}")
+        n_crops = len(self.splits[split]) * (self.ctx_len // crop_len)
+        if n_crops == 0:
             raise StoreError(f"the {split} split of {self.path} is empty")
-        if drop_last and n_win < batch_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {n_win} windows of the {split} split")
-        per_epoch = n_win // batch_size if drop_last else -(-n_win // batch_size)
-        pos_T = torch.arange(window_len)
+        if drop_last and n_crops < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n_crops} crops of the {split} split")
+        per_epoch = n_crops // batch_size if drop_last else -(-n_crops // batch_size)
+        pos_T = torch.arange(crop_len)
         b = start
         while epochs is None or b < epochs * per_epoch:
             epoch, j = divmod(b, per_epoch)
             if j == 0 or b == start:
-                order = self._window_order(split, window_len, shuffle, seed, epoch, buffer_shards)
+                order = self._crop_order(split, crop_len, shuffle, seed, epoch, buffer_shards)
             chunk = order[j * batch_size:(j + 1) * batch_size]
             acts, ids = [], []
             for seq, st in chunk:
                 a_TD, i_T = self.sequence(int(seq))
-                acts.append(a_TD[st:st + window_len])
-                ids.append(i_T[st:st + window_len])
+                acts.append(a_TD[st:st + crop_len])
+                ids.append(i_T[st:st + crop_len])
             ids_BT = torch.stack(ids).long()
             yield Batch(acts_BTD=torch.stack(acts).float() * self.norm_scale,
                         mask_BT=~torch.isin(ids_BT, self._special.long()),

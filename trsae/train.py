@@ -11,7 +11,7 @@ A run folder holds::
 Rerunning the same call resumes from ``checkpoint.pt``; a finished run returns its SAE at once.
 
 Under ``torchrun --nproc-per-node N -m trsae train ...`` (``gloo`` on CPU, ``nccl`` on GPU) each rank takes
-every N-th window of the same global batch, gradients are averaged over ranks, the dead-latent counters and
+every N-th training crop of the same global batch, gradients are averaged over ranks, the dead-latent counters and
 BatchTopK's threshold are reduced so that every rank holds the same values, and only rank 0 writes the log,
 checkpoints and the SAE. The data cursor counts global batches, so a run resumes on any number of ranks.
 BatchTopK selects its top k·N activations within each rank's share of the batch.
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trsae.config import TrainConfig
+from trsae.config import TrainConfig, given
 from trsae.dist import Ranks
-from trsae.saes import SAE, SAEConfig, load_sae, make_sae
+from trsae.saes import SAE, ForwardOutput, SAEConfig, load_sae, make_sae
 from trsae.io import atomic_write_bytes, atomic_write_json
 from trsae.store import ActivationStore
 
@@ -69,10 +69,26 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _is_unit_norm(sae: SAE) -> bool:
-    """TopK-style SAEs keep unit-norm decoder rows; ReLU + L1 weights its L1 by the row norms instead."""
-    sparsity = getattr(sae.cfg, "sparsity", sae.cfg.arch)
-    return sparsity in ("topk", "batchtopk")
+def train_step(sae: SAE, opt: torch.optim.Optimizer, x_BTD: torch.Tensor, mask_BT: torch.Tensor,
+               pos_BT: torch.Tensor | None = None, dead_F: torch.Tensor | None = None,
+               ranks: Ranks | None = None) -> ForwardOutput:
+    """One optimiser step, the same for the trainer, the overhead timings and the benchmarks: forward (with the
+    AuxK loss over `dead_F`), backward, gradients averaged over `ranks`, the decoder gradient made orthogonal to
+    unit-norm rows, Adam, decoder rows renormalised (in training mode). Returns the forward's output (loss terms,
+    codes)."""
+    unit_norm = sae.sparsity.unit_norm
+    sae.train()
+    out = sae(x_BTD, mask_BT=mask_BT, pos_BT=pos_BT, dead_F=dead_F)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if ranks is not None:
+        ranks.average_grads_(sae)
+    if unit_norm:
+        sae.remove_parallel_grad_()
+    opt.step()
+    if unit_norm:
+        sae.normalize_decoder_()
+    return out
 
 
 @torch.no_grad()
@@ -83,7 +99,7 @@ def init_b_dec_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: i
     a small part of E‖x‖²); starting at the mean lets the dictionary spend its latents on the rest.
     """
     total, n = torch.zeros(store.d_model, dtype=torch.float64), 0
-    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len,
+    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, crop_len=cfg.crop_len,
                                         shuffle=cfg.shuffle, seed=cfg.seed)):
         if i >= n_batches:
             break
@@ -94,22 +110,16 @@ def init_b_dec_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: i
 
 
 @torch.no_grad()
-def calibrate_threshold_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: int = 8) -> None:
-    """Set a BatchTopK SAE's inference threshold so that its mean L0 on training data is exactly k.
-
-    The running (EMA) estimate of Bussmann et al. lags behind the encoder in a short run; here the threshold is
-    the (k·N)-th largest pre-activation over N training tokens of the final model, the value at which
-    per-token thresholding reproduces the batch's top-k budget.
-    """
+def calibrate_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: int = 8) -> None:
+    """Hand a sparsity that asks for it (`Sparsity.calibrated`, e.g. BatchTopK's inference threshold) the final
+    model's pre-activations on ``n_batches`` training batches (a stream of its own seed)."""
     zs = []
-    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len,
+    for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, crop_len=cfg.crop_len,
                                         shuffle=cfg.shuffle, seed=cfg.seed + 1)):
         if i >= n_batches:
             break
         zs.append(sae.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)[b.mask_BT].flatten())
-    z = torch.cat(zs)
-    n_keep = sae.cfg.k * (z.numel() // sae.cfg.width)
-    sae.threshold.copy_(torch.topk(z, n_keep).values[-1].clamp_min(0))
+    sae.sparsity.calibrate_(torch.cat(zs), sae.cfg.width)
 
 
 def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: str | os.PathLike,
@@ -125,9 +135,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                        f"{ranks.world} processes")
     if sae_cfg.d_in != store.d_model:
         raise RunError(f"SAE d_in {sae_cfg.d_in} does not match the store's d_model {store.d_model}")
-    if store.ctx_len % cfg.window_len:
-        raise RunError(f"window_len {cfg.window_len} must divide the store's context length {store.ctx_len}")
-    sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale)
+    if store.ctx_len % cfg.crop_len:
+        raise RunError(f"crop_len {cfg.crop_len} must divide the store's context length {store.ctx_len}")
+    sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale, seed=cfg.seed)  # one seed: the run's
     run_info = {"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
                           "model": store.manifest["model"], "layer": store.manifest["layer"]}}
@@ -147,9 +157,8 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
         return load_sae(out / "sae")
 
     torch.manual_seed(cfg.seed)
-    sae_cfg = dataclasses.replace(sae_cfg, seed=cfg.seed)
     sae = make_sae(sae_cfg)
-    tokens_per_step = cfg.batch_size * cfg.window_len
+    tokens_per_step = cfg.batch_size * cfg.crop_len
     total = max(1, cfg.tokens // tokens_per_step)
     opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -169,10 +178,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     if log_path.exists() and ranks.main:  # drop log lines written after the checkpoint we resume from
         lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
         atomic_write_bytes(log_path, "".join(ln + "\n" for ln in lines).encode())
-    unit_norm = _is_unit_norm(sae)
     if step == 0:
         init_b_dec_(sae, store, cfg)
-        if unit_norm:
+        if sae.sparsity.unit_norm:
             sae.normalize_decoder_()
     ranks.broadcast_params_(sae)
 
@@ -183,9 +191,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                                 "scheduler": sched.state_dict(), "since_fired": since_fired_F, "step": step,
                                 "rng": _rng_state(), "run": run_info})
 
-    batches = store.batches("train", batch_size=cfg.batch_size, window_len=cfg.window_len, shuffle=cfg.shuffle,
+    batches = store.batches("train", batch_size=cfg.batch_size, crop_len=cfg.crop_len, shuffle=cfg.shuffle,
                             seed=cfg.seed, start=step)
-    bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.arch}", unit="step",
+    bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.label}", unit="step",
                disable=not (progress and ranks.main))
     stop_at = total if max_steps is None else min(total, step + max_steps)
     t0, tok0 = time.perf_counter(), 0
@@ -193,26 +201,18 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     with open(log_path if ranks.main else os.devnull, "a") as log:
         while step < stop_at:
             batch = ranks.shard(next(batches))
-            if hasattr(sae, "window_at"):
-                sae.set_window(sae.window_at(step, total))
-            out_ = sae(batch.acts_BTD, mask_BT=batch.mask_BT, pos_BT=batch.pos_BT,
-                       dead_F=since_fired_F > cfg.dead_tokens)
-            opt.zero_grad(set_to_none=True)
-            out_.loss.backward()
-            ranks.average_grads_(sae)
-            if unit_norm:
-                sae.remove_parallel_grad_()
-            opt.step()
+            sae.encoder.on_step(step, total)
+            out_ = train_step(sae, opt, batch.acts_BTD, batch.mask_BT, batch.pos_BT,
+                              dead_F=since_fired_F > cfg.dead_tokens, ranks=ranks)
             sched.step()
-            if unit_norm:
-                sae.normalize_decoder_()
             with torch.no_grad():
                 codes = out_.codes_BTF[batch.mask_BT]
                 fired = ranks.sum_((codes > 0).any(0).long()) > 0
                 since_fired_F += int(ranks.sum_(batch.mask_BT.sum()))
                 since_fired_F[fired] = 0
-                if ranks.world > 1 and hasattr(sae, "threshold"):
-                    ranks.sum_(sae.threshold).div_(ranks.world)
+                if ranks.world > 1:
+                    for buf in sae.sparsity.buffers():
+                        ranks.sum_(buf).div_(ranks.world)
             step += 1
             tok0 += int(batch.mask_BT.sum())
             bar.update(1)
@@ -226,8 +226,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                        "l0": (codes > 0).sum(-1).float().mean().item(), "fvu": fvu,
                        "dead_frac": (since_fired_F > cfg.dead_tokens).float().mean().item(),
                        "tok_per_s": tok0 / (time.perf_counter() - t0)}
-                if hasattr(sae, "window"):
-                    rec["window"] = int(sae.window)
+                rec.update(sae.encoder.log_stats())
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", fvu=f"{fvu:.3f}")
@@ -235,8 +234,8 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                 checkpoint()
     bar.close()
     sae.eval()
-    if step >= total and getattr(sae, "mechanism", None) == "batchtopk":
-        calibrate_threshold_(sae, store, cfg)
+    if step >= total and sae.sparsity.calibrated:
+        calibrate_(sae, store, cfg)
     if step >= total and ranks.main:
         sae.save(out / "sae")
     ranks.barrier()
@@ -250,20 +249,13 @@ def read_log(run: str | os.PathLike) -> list[dict]:
 
 
 def sae_config_from_args(a, d_in: int) -> SAEConfig:
-    """Build the SAE config from the CLI's arguments."""
-    width = a.width or 8 * d_in
-    if a.arch == "trsae":
-        from trsae.temporal import TRSAEConfig
-
-        return TRSAEConfig(d_in=d_in, width=width, k=a.k, window=a.window)
-    kw = {"l1_coeff": a.l1_coeff} if a.l1_coeff is not None else {}
-    return SAEConfig(arch=a.arch, d_in=d_in, width=width, k=a.k, **kw)
+    """The SAE config of the CLI's ``--sparsity``, ``--encoder``, ``--width`` and the part settings given."""
+    return SAEConfig.build(d_in, a.width or 8 * d_in, a.sparsity, a.encoder, **given(a, a.part_fields))
 
 
 def train_from_args(a) -> None:
     store = ActivationStore(a.store)
-    cfg = TrainConfig(tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      window_len=a.window_len or min(store.ctx_len, 128), checkpoint_every=a.checkpoint_every)
+    cfg = TrainConfig(crop_len=a.crop_len or min(store.ctx_len, TrainConfig.crop_len), **given(a, a.train_fields))
     sae = train_sae(sae_config_from_args(a, store.d_model), cfg, store, a.out, progress=not a.quiet,
                     max_steps=a.max_steps)
     if Ranks.current().rank != 0:

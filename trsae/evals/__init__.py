@@ -1,12 +1,15 @@
 """Offline evaluations beyond the core metrics: probing, syntax, discourse and automated interpretability.
 
-| module         | holds                                                                                    |
-| -------------- | ---------------------------------------------------------------------------------------- |
-| `ud`           | CoNLL-U parsing, UD word -> model-token alignment, token-level labels, features at tokens |
-| `probing`      | k-sparse probes (latents chosen on train, C on dev, accuracy / macro-F1 on test)          |
-| `syntax`       | BLiMP, SyntaxGym and Linzen agreement scoring, clean or with a reconstruction spliced in  |
-| `discourse`    | GAP: a k-sparse antecedent probe at the pronoun and the model's own name preference       |
-| `autointerp`   | density, best-label F1, temporal smoothness, top-activating contexts (no API model)       |
+| module       | holds                                                                                |
+| ------------ | ------------------------------------------------------------------------------------ |
+| `text`       | tokenise with offsets, batch by length, right-pad, features at every ordinary token  |
+| `ud`         | CoNLL-U parsing, UD word -> model-token alignment (`ALIGNMENT`), token-level labels  |
+| `probing`    | k-sparse probes (latents chosen on train, C on dev, accuracy / macro-F1 on test)     |
+| `syntax`     | token log-probs with an SAE spliced in; BLiMP and Linzen agreement scoring           |
+| `syntaxgym`  | SyntaxGym prediction formulas and suites, scored with `syntax`'s core                |
+| `discourse`  | GAP: a k-sparse antecedent probe at the pronoun and the model's own name preference  |
+| `autointerp` | density, best-label F1, temporal smoothness, top-activating contexts (no API model)  |
+| `measures`   | notebook 04's measures of one source (clean model or SAE), in the results-dict shape |
 
 UD EWT is located through `trsae.data.locate`. BLiMP, SyntaxGym, Linzen agreement and GAP have no download
 source in `trsae.data` yet: they are read from ``<data dir>/<folder>`` (`eval_data_dir`), where the data dir is
@@ -27,6 +30,9 @@ EVAL_FOLDERS = {
     "gap": "gap_coreference",
 }
 """Evaluation data set -> folder inside a data directory."""
+
+ALIGNMENT = "the last sub-token of each word"
+"""How a word (UD, GAP names and pronouns) is represented among the model's tokens (`trsae.evals.ud`)."""
 
 CANONICAL = {
     "blimp": "github alexwarstadt/blimp data/*.jsonl",

@@ -164,7 +164,7 @@ def top_contexts(tokens, features: list[int], tokenizer, n: int = 8, left: int =
     ``left`` tokens before and ``right`` after: ``[{"feature", "max_act", "examples": [{"seq", "tok",
     "tokens": [str], "acts": [float], "center": index of the top token in the window}]}]``.
 
-    ``tokens`` is a `trsae.evals.ud.TokenFeatures` (rows ordered by context then token)."""
+    ``tokens`` is a `trsae.evals.text.TokenFeatures` (rows ordered by context then token)."""
     X = _csr(tokens.X)
     XT = X.T.tocsr()
     out = []

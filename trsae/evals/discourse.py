@@ -33,7 +33,7 @@ import numpy as np
 from trsae.evals import eval_data_dir
 from trsae.evals.probing import KS, CS, ProbeResult, sparse_probe
 from trsae.evals.syntax import ReplaceFactory, continuation_logprobs
-from trsae.evals.ud import encode_contexts, encode_with_offsets, last_token_indices
+from trsae.evals.text import encode_contexts, encode_with_offsets, last_token_indices
 
 GAP_SPLITS = ("development", "validation", "test")
 

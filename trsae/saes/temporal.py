@@ -1,20 +1,21 @@
-"""TRSAE: a sparse autoencoder whose encoder sees position and a short causal window of earlier tokens.
+"""The TRSAE encoder: per-token pre-activations plus sparse position embeddings and a gated read of a short
+causal window of earlier tokens.
 
 For token t (window w, C = d_ctx, K = d_k, V = d_v, Bk = n_buckets)::
 
     z_t = W_enc^T (x_t - b_dec) + b_enc  +  P[:, bucket(t)]  +  g ⊙ (U ctx_t)
-    f_t = sparsity(z_t)            (topk | batchtopk | relu, `TRSAEConfig.sparsity`)
+    f_t = sparsity(z_t)            (any sparsity part)
     x_hat_t = W_dec^T f_t + b_dec  (per-token linear decoder: context changes which features fire,
                                     never adds a dense path to x_hat)
 
 - ``P [F, Bk]``: position embeddings, zero at init, L1-penalised. Buckets are exact for t < n_exact_pos and
-  log-spaced up to pos_max (`position_buckets`).
+  log-spaced up to pos_max (`trsae.saes.context.position_buckets`).
 - ``ctx_t``: linear attention from x_t over x_{t-w} .. x_{t-1} (t itself excluded; masked tokens are no
-  keys), feature map elu+1 on queries and keys, values ``x W_v``, normalised by ``sum_s q_t . k_s``; computed
-  in O(T) from prefix sums over ``k_s ⊗ [v_s, 1]`` (state K*(V+1) floats per token, independent of w). Zero
-  when the window holds no valid key (t = 0, w = 0). Then projected to C dims (``W_o``, only if
-  d_v != d_ctx) and RMS-normalised, so the scale of the context term does not depend on w (averages over
-  longer windows shrink) and cannot be inflated through W_v to dodge the gate penalty.
+  keys), feature map elu+1 on queries and keys, values ``x W_v``, in O(T) from prefix sums
+  (`trsae.saes.context.windowed_linear_attention`). Zero when the window holds no valid key (t = 0, w = 0).
+  Then projected to C dims (``W_o``, only if d_v != d_ctx) and RMS-normalised, so the scale of the context
+  term does not depend on w (averages over longer windows shrink) and cannot be inflated through W_v to dodge
+  the gate penalty.
 - ``U [F, C]``: low-rank read-out, init N(0, ctx_init^2 / C), so at init the context term is small but
   non-zero and every attention weight gets a gradient from step 0.
 - gates ``g = sigmoid(gate_logit_F)`` (init logit 0: g = 0.5, so gradient flows both ways), optionally per
@@ -26,11 +27,10 @@ For token t (window w, C = d_ctx, K = d_k, V = d_v, Bk = n_buckets)::
 - Both penalties are weighted by the decoder row norms, like the ReLU L1, so `normalize_decoder_` (which
   rescales P and U with the encoder) leaves the loss unchanged.
 
-The TopK-style sparse training path of `trsae.saes` is extended: the dense pre-activations add the context
-and position terms in one in-place product ``z.addmm_([ctx, onehot(bucket)], [g U, P]^T)``, and only the
-selected (token, latent) pairs carry gradients to U, g, P and the attention (sparse products in
-`trsae.saes._PairPreacts`). With w = 0 (or use_attn False) and P = 0 the TRSAE computes exactly (bitwise)
-what a TopK / BatchTopK / ReLU SAE with the same W_enc, b_enc, W_dec, b_dec computes.
+In the sparse training path the dense pre-activations add the context and position terms in one in-place
+product ``z.addmm_([ctx, onehot(bucket)], [g U, P]^T)``, and only the selected (token, latent) pairs carry
+gradients to U, g, P and the attention (`trsae.saes.sparse_ops.PairPreacts`). With w = 0 (or use_attn False)
+and P = 0 the TRSAE computes exactly (bitwise) what its per-token twin with the same weights computes.
 """
 
 from __future__ import annotations
@@ -42,20 +42,15 @@ import torch
 import torch.nn.functional as tnf
 from torch import Tensor, nn
 
-from trsae.saes import ARCHS, SAE, SAEConfig, _check_float, _check_int, _EncState, register_sae
+from trsae.saes.config import PartConfig, check_bools, check_float, check_int, register_part
+from trsae.saes.context import feature_map, position_buckets, windowed_linear_attention
+from trsae.saes.encoders import EncState, TokenEncoder
 
 
-# --------------------------------------------------------------------------------------------- config
+@dataclass
+class TRSAEEncoderConfig(PartConfig):
+    """The TRSAE encoder's settings (see the module docstring)."""
 
-
-@dataclass(kw_only=True)
-class TRSAEConfig(SAEConfig):
-    """A TRSAE: the fields of SAEConfig (arch = "trsae") plus the temporal components. Keyword-only."""
-
-    arch: str = "trsae"
-    """Always "trsae"; the sparsity mechanism is `sparsity`."""
-    sparsity: str = "topk"
-    """Mechanism of the baseline it is matched to: "topk" | "batchtopk" | "relu"."""
     window: int = 16
     """w_max: context tokens x_{t-w} .. x_{t-1}. 0 = no context."""
     w_start: int = 1
@@ -78,20 +73,15 @@ class TRSAEConfig(SAEConfig):
     pos_max: int = 1024
     """Positions >= pos_max share the last bucket."""
     pos_l1: float | None = None
-    """Weight of ``mean_valid_t sum_f |P[f, bucket(t)]| ||W_dec[f]||`` (L1 of the positional shift a token sees).
-    None -> ``0.001 / d_in``: the MSE gradient on a pre-activation scales as 1/d_in, so does the default. On a
-    synthetic d=64 task, 10x less left most features positional, 10x more left almost none. On gemma-3-270m
-    layer 6 (150k training tokens, training-batch FVU), 0.01 / d_in kept 99% of features context-free and gave
-    FVU 0.230; 0.001 / d_in (both penalties) gave 0.227 (TRSAE with lr multiplier 1: 0.235): sweep it."""
+    """Weight of ``mean_valid_t sum_f |P[f, bucket(t)]| ||W_dec[f]||``. None -> ``0.001 / d_in`` (the MSE
+    gradient on a pre-activation scales as 1/d_in, so does the default); sweep it."""
     gate_l1: float | None = None
-    """Weight of ``sum_f mean_t(g_tf) ||U_f|| ||W_dec[f]||`` (group lasso on the effective context rows).
-    None -> ``0.001 / d_in`` (same reasoning and same caveat as pos_l1)."""
+    """Weight of ``sum_f mean_t(g_tf) ||U_f|| ||W_dec[f]||``. None -> ``0.001 / d_in``."""
     gate_init: float = 0.0
     """Initial gate logit (0 -> g = 0.5)."""
     temporal_lr_mult: float = 10.0
-    """Learning-rate multiplier of the temporal parameters (P, W_qkv, W_o, U, gate logits, G). They start at
-    zero or ctx_init scale and Adam moves each entry by about lr per step, so at lr 4e-4 a few hundred steps
-    left them where they started (gates 0.5 +- 0.003, context shift std <= 0.06 against a token term of ~0.9)."""
+    """Learning-rate multiplier of the temporal parameters (P, W_qkv, W_o, U, gate logits, G), which start at
+    zero or at ctx_init scale while Adam moves each entry by about lr per step."""
     per_token_gates: bool = False
     """Gates also depend on the token: ``g_tf = sigmoid(a_f + G_f . q_t)`` (dense [N, F] work; slower)."""
     use_pos: bool = True
@@ -103,151 +93,48 @@ class TRSAEConfig(SAEConfig):
     causal: bool = True
     """False = LOOK-AHEAD REFERENCE ABLATION: attends to t-w .. t+w excluding t (codes see the future)."""
 
-    def _allowed_archs(self) -> tuple[str, ...]:
-        return ("trsae",)
-
-    @property
-    def mechanism(self) -> str:
-        return self.sparsity
-
     def validate(self) -> None:
-        if self.sparsity not in ARCHS:
-            raise ValueError(f"unknown sparsity {self.sparsity!r}: expected one of {ARCHS}")
-        super().validate()
         for name in ("window", "w_start", "n_exact_pos"):
-            _check_int(name, getattr(self, name), lo=0)
+            check_int(name, getattr(self, name), lo=0)
         for name in ("d_k", "d_v", "d_ctx", "n_buckets", "pos_max"):
-            _check_int(name, getattr(self, name), lo=1)
+            check_int(name, getattr(self, name), lo=1)
         if self.w_start > self.window:
             raise ValueError(f"w_start={self.w_start} must be <= window={self.window}")
-        _check_float("curriculum_frac", self.curriculum_frac, lo=0.0)
+        check_float("curriculum_frac", self.curriculum_frac, lo=0.0)
         if self.curriculum_frac > 1:
             raise ValueError(f"curriculum_frac={self.curriculum_frac} must be in [0, 1]")
         if self.n_exact_pos > self.n_buckets:
             raise ValueError(f"n_exact_pos={self.n_exact_pos} must be <= n_buckets={self.n_buckets}")
         if self.pos_max <= self.n_exact_pos:
             raise ValueError(f"pos_max={self.pos_max} must be > n_exact_pos={self.n_exact_pos}")
-        if self.pos_l1 is None:
-            self.pos_l1 = 0.001 / self.d_in
-        if self.gate_l1 is None:
-            self.gate_l1 = 0.001 / self.d_in
-        _check_float("temporal_lr_mult", self.temporal_lr_mult)
+        check_float("temporal_lr_mult", self.temporal_lr_mult)
         if self.temporal_lr_mult <= 0:
             raise ValueError(f"temporal_lr_mult={self.temporal_lr_mult} must be > 0")
-        for name in ("pos_l1", "gate_l1", "ctx_init"):
-            _check_float(name, getattr(self, name), lo=0.0)
-        _check_float("gate_init", self.gate_init)
-        for name in ("per_token_gates", "use_pos", "use_attn", "use_gates", "causal"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("pos_l1", "gate_l1"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), lo=0.0)
+        check_float("ctx_init", self.ctx_init, lo=0.0)
+        check_float("gate_init", self.gate_init)
+        check_bools(self, "per_token_gates", "use_pos", "use_attn", "use_gates", "causal")
+
+    def resolve(self, d_in: int, width: int) -> None:
+        if self.pos_l1 is None:
+            self.pos_l1 = 0.001 / d_in
+        if self.gate_l1 is None:
+            self.gate_l1 = 0.001 / d_in
 
 
-# --------------------------------------------------------------------------------------------- positions
+@register_part("encoder", "trsae", TRSAEEncoderConfig)
+class TRSAEEncoder(TokenEncoder):
+    """The TRSAE encoder. Inputs must be whole runs of consecutive tokens ``[B, T, d]``; the attention window
+    runs along T, positions come from `pos_BT` (default arange)."""
 
+    cfg: TRSAEEncoderConfig
+    _CONTEXT = ("P", "W_qkv", "W_o", "U", "gate_logit", "G")
 
-def position_buckets(pos: Tensor, n_exact: int, n_buckets: int, pos_max: int) -> Tensor:
-    """Bucket of each absolute position: ``t`` for t < n_exact, else
-    ``n_exact + floor((n_buckets - n_exact) * log(t / n_exact) / log(pos_max / n_exact))``, capped at
-    n_buckets - 1 (so every t >= pos_max is in the last bucket)."""
-    pos = pos.long().clamp_min(0)
-    n_log = n_buckets - n_exact
-    if n_log <= 0:
-        return pos.clamp_max(n_buckets - 1)
-    safe = pos.clamp_min(max(n_exact, 1)).double()
-    log_b = n_exact + torch.floor(n_log * torch.log(safe / n_exact) / math.log(pos_max / n_exact)).long()
-    return torch.where(pos < n_exact, pos, log_b.clamp_max(n_buckets - 1))
-
-
-def bucket_bounds(n_exact: int, n_buckets: int, pos_max: int) -> list[tuple[int, int]]:
-    """[first, last] position of each bucket (last = -1 for the open-ended final bucket; a bucket that no
-    integer position reaches gets (-1, -1))."""
-    pos = torch.arange(pos_max + 1)
-    b = position_buckets(pos, n_exact, n_buckets, pos_max)
-    out = []
-    for i in range(n_buckets):
-        hit = (b == i).nonzero().squeeze(1)
-        if hit.numel() == 0:
-            out.append((-1, -1))
-        else:
-            out.append((int(hit[0]), -1 if i == n_buckets - 1 else int(hit[-1])))
-    return out
-
-
-# --------------------------------------------------------------------------------------------- attention
-
-
-def windowed_linear_attention(q_BTK: Tensor, k_BTK: Tensor, v_BTV: Tensor, window: int,
-                              mask_BT: Tensor | None = None, causal: bool = True) -> Tensor:
-    """``c_t = sum_s (q_t . k_s) v_s / sum_s (q_t . k_s)`` over valid s in t-w .. t-1 (causal) or
-    t-w .. t+w minus t (look-ahead), in O(T) time and O(T K V) memory from prefix sums; 0 where no valid key.
-
-    q and k must be non-negative (already feature-mapped). Masked tokens are no keys. The window sum is a
-    difference of prefix sums: relative float error ~ eps * t / w, fine for T in the thousands.
-    """
-    B, T, V = v_BTV.shape
-    if window <= 0 or T == 0:
-        return v_BTV.new_zeros(B, T, V)
-    if mask_BT is not None:
-        k_BTK = k_BTK * mask_BT[..., None].to(k_BTK.dtype)
-    v1_BTW = torch.cat([v_BTV, v_BTV.new_ones(B, T, 1)], dim=-1)           # W = V + 1: values and a 1
-    kv_BTKW = k_BTK[..., :, None] * v1_BTW[..., None, :]
-    cs_BTKW = tnf.pad(kv_BTKW.cumsum(1), (0, 0, 0, 0, 1, 0))                # cs[t] = sum_{s < t}, [B, T+1, K, W]
-    w = min(window, T)
-    if causal:  # sum over s in [max(t - w, 0), t): cs[t] - cs[max(t - w, 0)], cs[0] = 0
-        win_BTKW = torch.cat([cs_BTKW[:, :w], cs_BTKW[:, w:T] - cs_BTKW[:, :T - w]], dim=1)
-    else:       # plus s in [t + 1, min(t + w + 1, T))
-        t = torch.arange(T, device=v_BTV.device)
-        left = cs_BTKW[:, t] - cs_BTKW[:, (t - w).clamp_min(0)]
-        right = cs_BTKW[:, (t + w + 1).clamp_max(T)] - cs_BTKW[:, t + 1]
-        win_BTKW = left + right
-    out_BTW = torch.einsum("btk,btkw->btw", q_BTK, win_BTKW)
-    num_BTV, den_BT1 = out_BTW[..., :V], out_BTW[..., V:]
-    empty_BT1 = den_BT1 <= 0  # no valid key: num is 0 too; divide by 1 so that gradients stay finite
-    return num_BTV / torch.where(empty_BT1, torch.ones_like(den_BT1), den_BT1)
-
-
-def naive_window_attention(q_BTK: Tensor, k_BTK: Tensor, v_BTV: Tensor, window: int,
-                           mask_BT: Tensor | None = None, causal: bool = True) -> Tensor:
-    """Reference for `windowed_linear_attention`: an explicit loop over t with a masked window."""
-    B, T, V = v_BTV.shape
-    out = v_BTV.new_zeros(B, T, V)
-    valid_BT = torch.ones(B, T, dtype=torch.bool, device=v_BTV.device) if mask_BT is None else mask_BT.bool()
-    for t in range(T):
-        if causal:
-            idx = list(range(max(t - window, 0), t))
-        else:
-            idx = [s for s in range(max(t - window, 0), min(t + window + 1, T)) if s != t]
-        if window <= 0 or not idx:
-            continue
-        s_idx = torch.tensor(idx, device=v_BTV.device)
-        for b in range(B):
-            keep = s_idx[valid_BT[b, s_idx]]
-            if keep.numel() == 0:
-                continue
-            scores_S = k_BTK[b, keep] @ q_BTK[b, t]
-            out[b, t] = (scores_S[:, None] * v_BTV[b, keep]).sum(0) / scores_S.sum()
-    return out
-
-
-def feature_map(x: Tensor) -> Tensor:
-    """Positive feature map of linear attention: elu(x) + 1."""
-    return tnf.elu(x) + 1
-
-
-# --------------------------------------------------------------------------------------------- the model
-
-
-@register_sae("trsae")
-class TRSAE(SAE):
-    """Temporal-relational SAE (see the module docstring). Inputs must be whole windows of consecutive
-    tokens ``[B, T, d]``; the attention window runs along T, positions come from `pos_BT` (default arange)."""
-
-    config_class = TRSAEConfig
-    cfg: TRSAEConfig
-
-    def _init_extra(self, gen: torch.Generator) -> None:
-        c = self.cfg
-        F, D = c.width, c.d_in
+    def __init__(self, cfg: TRSAEEncoderConfig, d_in: int, width: int, W_dec_FD: Tensor, gen: torch.Generator):
+        super().__init__(cfg, d_in, width, W_dec_FD, gen)
+        c, F, D = cfg, width, d_in
         self.register_buffer("window_cur", torch.tensor(c.window, dtype=torch.long))
         if c.use_pos:
             self.P = nn.Parameter(torch.zeros(F, c.n_buckets))
@@ -261,11 +148,8 @@ class TRSAE(SAE):
                 if c.per_token_gates:
                     self.G = nn.Parameter(torch.zeros(F, c.d_k))
 
-    def optim_groups(self, lr: float) -> list[dict]:
-        temporal = {"P", "W_qkv", "W_o", "U", "gate_logit", "G"}
-        named = list(self.named_parameters())
-        return [{"params": [p for n, p in named if n not in temporal], "lr": lr},
-                {"params": [p for n, p in named if n in temporal], "lr": lr * self.cfg.temporal_lr_mult}]
+    def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [([p for n, p in self.named_parameters() if n in self._CONTEXT], self.cfg.temporal_lr_mult)]
 
     # ----------------------------------------------------------------- window / curriculum
     @property
@@ -274,7 +158,7 @@ class TRSAE(SAE):
         return int(self.window_cur)
 
     def set_window(self, w: int) -> None:
-        _check_int("window", w, lo=0)
+        check_int("window", w, lo=0)
         self.window_cur.fill_(w)
 
     def window_at(self, step: int, total_steps: int) -> int:
@@ -286,11 +170,17 @@ class TRSAE(SAE):
         frac = min(max(step / (c.curriculum_frac * total_steps), 0.0), 1.0)
         return c.w_start + int(math.floor(frac * (c.window - c.w_start) + 1e-9))
 
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.set_window(self.window_at(step, total_steps))
+
+    def log_stats(self) -> dict[str, float]:
+        return {"window": self.window}
+
     @property
     def _attn_on(self) -> bool:
         return self.cfg.use_attn and self.window > 0
 
-    # ----------------------------------------------------------------- encoder
+    # ----------------------------------------------------------------- what the encoder uses
     def context(self, x_BTD: Tensor, mask_BT: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(ctx_BTC RMS-normalised attention context, q_BTK raw queries)."""
         c = self.cfg
@@ -307,13 +197,13 @@ class TRSAE(SAE):
         this is the token-independent part)."""
         if self.cfg.use_attn and self.cfg.use_gates:
             return torch.sigmoid(self.gate_logit)
-        return torch.ones(self.cfg.width, device=self.W_dec.device)
+        return torch.ones(self.b_enc.shape[0], device=self.W_enc.device)
 
     def context_strength(self) -> Tensor:
         """``g_f ||U_f||`` [F]: std of feature f's context shift for isotropic unit-RMS context (0 if no attn).
         g alone is not identifiable (g and U trade scale), so this is what says whether f uses context."""
         if not self.cfg.use_attn:
-            return torch.zeros(self.cfg.width, device=self.W_dec.device)
+            return torch.zeros(self.b_enc.shape[0], device=self.W_enc.device)
         return self.gates() * self.U.norm(dim=1)
 
     def token_strength(self) -> Tensor:
@@ -342,8 +232,9 @@ class TRSAE(SAE):
         feats = feats[strong_F[feats].argsort(descending=True)]
         return [(int(f), (P_rel[f] > threshold).nonzero().squeeze(1).tolist()) for f in feats]
 
-    def _enc_state(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None) -> _EncState:
-        st = super()._enc_state(x_BTD, pos_BT, mask_BT)
+    # ----------------------------------------------------------------- encoder interface
+    def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor) -> EncState:
+        st = super().prepare(x_BTD, pos_BT, mask_BT, b_dec_D)
         c = self.cfg
         B, T = st.B, st.T
         if c.use_pos:
@@ -364,8 +255,8 @@ class TRSAE(SAE):
         """``g_NF = sigmoid(gate_logit + q G^T)``."""
         return torch.addmm(self.gate_logit, q_NK, self.G.T).sigmoid_()
 
-    def _dense_preacts(self, st: _EncState) -> Tensor:
-        z_NF = super()._dense_preacts(st)
+    def dense(self, st: EncState) -> Tensor:
+        z_NF = super().dense(st)
         ex = st.extra
         ins, outs = [], []  # low-rank terms added in one in-place pass over z: [ctx, onehot] @ [gU, P]^T
         if "U_eff_FC" in ex:
@@ -382,14 +273,14 @@ class TRSAE(SAE):
             z_NF = z_NF.addmm_(in_NA, w_FA.T)
         return z_NF
 
-    def _pair_terms(self, st: _EncState):
+    def pair_terms(self, st: EncState):
         ex = st.extra
         P_FB = self.P if "bucket_N" in ex else None
         return ex.get("ctx_NC") if "U_eff_FC" in ex else None, ex.get("U_eff_FC"), P_FB, ex.get("bucket_N")
 
-    def _preacts_at(self, st: _EncState, z_NF: Tensor, rows_M: Tensor, cols_M: Tensor,
-                    segs: tuple[int, ...]) -> Tensor:
-        vals_M = super()._preacts_at(st, z_NF, rows_M, cols_M, segs)
+    def at_pairs(self, st: EncState, z_NF: Tensor, rows_M: Tensor, cols_M: Tensor,
+                 segs: tuple[int, ...]) -> Tensor:
+        vals_M = super().at_pairs(st, z_NF, rows_M, cols_M, segs)
         if "q_NK" not in st.extra:
             return vals_M
         # per-token gates: plain autograd on the pairs, added with value 0 (z already holds it)
@@ -398,7 +289,7 @@ class TRSAE(SAE):
         ctx_M = g_M * (st.extra["ctx_NC"][rows_M] * self.U[cols_M]).sum(1)
         return vals_M + (ctx_M - ctx_M.detach())
 
-    def _extra_losses(self, st: _EncState) -> dict[str, Tensor]:
+    def losses(self, st: EncState, W_dec_FD: Tensor) -> dict[str, Tensor]:
         """pos_l1 and gate terms. Both are weighted by the decoder row norms ``||W_dec[f]||`` (as the ReLU L1 is),
         so they measure a latent's shift in output units and the total loss is invariant under
         `normalize_decoder_` (which rescales P and U with the encoder)."""
@@ -407,7 +298,7 @@ class TRSAE(SAE):
         maskf_N = st.mask_N.to(st.x_ND.dtype)
         n_valid = maskf_N.sum().clamp_min(1.0)
         out: dict[str, Tensor] = {}
-        dec_norm_F = self.W_dec.norm(dim=1)
+        dec_norm_F = W_dec_FD.norm(dim=1)
         if c.use_pos:
             freq_B = torch.zeros(c.n_buckets, dtype=maskf_N.dtype, device=maskf_N.device)
             freq_B = freq_B.index_add(0, ex["bucket_N"], maskf_N) / n_valid
@@ -423,8 +314,8 @@ class TRSAE(SAE):
                 out["gate"] = c.gate_l1 * (gbar_F * self.U.norm(dim=1) * dec_norm_F).sum()
         return out
 
-    def _scale_latents_(self, scale_F: Tensor) -> None:
-        super()._scale_latents_(scale_F)
+    def scale_latents_(self, scale_F: Tensor) -> None:
+        super().scale_latents_(scale_F)
         if self.cfg.use_pos:
             self.P.mul_(scale_F[:, None])
         if self.cfg.use_attn:

@@ -1,7 +1,7 @@
-"""Notebook 04's steps: syntax and discourse with each SAE spliced in, k-sparse probing, and automated
-interpretability without an API model — each over named SAEs (``None`` = the clean model / raw activations),
-returned in the nested ``{section: {key: value}}`` shape that `trsae.metrics.aggregate_seeds` and
-`trsae.report` take, so that seeds aggregate to mean ± standard error like the core metrics.
+"""Notebook 04's measures of one source (``sae=None``: the clean model and its raw activations): syntax and
+discourse with the SAE spliced in, k-sparse probing, and automated interpretability without an API model,
+returned in the nested ``{section: {key: value}}`` shape that `trsae.metrics.aggregate_seeds` and `trsae.report`
+take, so that seeds aggregate to mean ± standard error like the core metrics.
 
 The headline syntax number is ``blimp_kept`` = spliced BLiMP accuracy / clean accuracy: the share of the clean
 model's accuracy an SAE keeps when its reconstruction replaces the layer's output.
@@ -9,17 +9,10 @@ model's accuracy an SAE keeps when its reconstruction replaces the layer's outpu
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from trsae.evals import autointerp, discourse, probing, syntax, ud
+from trsae.evals import autointerp, discourse, probing, syntax, syntaxgym, ud
 from trsae.lm import LoadedModel
 from trsae.saes import SAE
 
-ALIGNMENT = "the last sub-token of each word"
 PROBE_LABELS = ("upos", "deprel", "head_dist", "abs_pos", "word_pos", "connective", "clause_start")
 
 
@@ -28,7 +21,7 @@ def syntax_scores(model: LoadedModel, layer: int, sae: SAE | None, blimp_items: 
     """BLiMP, SyntaxGym and Linzen agreement accuracy with ``sae`` spliced in at ``layer`` (clean if None)."""
     kw = {"layer": layer, "sae": sae} if sae is not None else {}
     b = syntax.score_blimp(model, blimp_paradigms, max_items=blimp_items, **kw)
-    s = syntax.score_syntaxgym(model, suites, max_items=suite_items, **kw)
+    s = syntaxgym.score_syntaxgym(model, suites, max_items=suite_items, **kw)
     li = syntax.score_linzen(model, "linzen", max_items=linzen_items, **kw)
     return {"blimp": b["overall"], "blimp_macro": b["macro"], "syntaxgym": s["overall"], "linzen": li["accuracy"],
             "n_blimp": b["n"], "per_paradigm": b["per_paradigm"],
@@ -85,55 +78,6 @@ def interp_scores(test_feats: "ud.UDFeatures", model: LoadedModel, f1_threshold:
     return out, res
 
 
-def top_contexts_figure(contexts: list[dict], path: str | Path, n_features: int = 4) -> Path:
-    """For each of the first ``n_features`` features, its top-activating context as a bar chart of the
-    activation over the window's tokens (the top token in red)."""
-    entries = [c for c in contexts if c["examples"]][:n_features]
-    fig = Figure(figsize=(9, 1.9 * max(len(entries), 1)))
-    FigureCanvasAgg(fig)
-    for i, entry in enumerate(entries):
-        ax = fig.add_subplot(len(entries), 1, i + 1)
-        ex = entry["examples"][0]
-        colors = ["#C44E52" if j == ex["center"] else "#4C72B0" for j in range(len(ex["tokens"]))]
-        ax.bar(range(len(ex["acts"])), ex["acts"], color=colors)
-        ax.set_xticks(range(len(ex["tokens"])))
-        ax.set_xticklabels([t.replace("\n", "\\n") for t in ex["tokens"]], rotation=60, fontsize=7)
-        ax.set_ylabel(f"f{entry['feature']}", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    return path
-
-
-def probing_figure(results: dict[str, dict], labels, ks, path: str | Path) -> Path:
-    """Probe test accuracy against k (log axis), one panel per label, one line per source."""
-    fig = Figure(figsize=(3.2 * len(labels), 3.0))
-    FigureCanvasAgg(fig)
-    for i, label in enumerate(labels):
-        ax = fig.add_subplot(1, len(labels), i + 1)
-        for name, res in results.items():
-            p = res["probing"]
-            ys = [_mean(p.get(f"{label}_k{k}")) for k in ks]
-            ax.plot(ks, ys, marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("k latents")
-        if i == 0:
-            ax.set_ylabel("test accuracy")
-    fig.axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    return path
-
-
-def _mean(v):
-    if isinstance(v, dict):
-        return v.get("mean", np.nan)
-    return np.nan if v is None else v
-
-
 def evaluate_source(model: LoadedModel, layer: int, sae: SAE | None, p: dict, clean: dict | None) -> dict:
     """Every notebook-04 measure for one SAE (``None``: the clean model and its raw activations).
 
@@ -160,25 +104,3 @@ def evaluate_source(model: LoadedModel, layer: int, sae: SAE | None, p: dict, cl
 def public(result: dict) -> dict:
     """The JSON-able part of an `evaluate_source` result (drops the ``_``-prefixed working objects)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-def macros(summary: dict, clean: dict, probe_ks, f1_threshold: float, sizes: dict,
-           names=("TRSAE", "TopK")) -> dict:
-    """Paper macros of notebook 04 (``\\interp...``): setup and sample sizes (``sizes`` as `evaluate_source`
-    takes them), the clean BLiMP accuracy, and per SAE the BLiMP accuracy kept, position and relation probes at
-    k nearest 5, and the share of labelled features."""
-    k = min(probe_ks, key=lambda v: abs(v - 5))
-    ud = sizes["ud_sentences"]
-    out = {"interpAlignment": ALIGNMENT, "interpProbeK": k, "interpFOneThreshold": f1_threshold,
-           "interpCleanBlimpAcc": clean["syntax"]["blimp"], "interpBlimpPairs": int(clean["syntax"]["n_blimp"]),
-           "interpBlimpParadigms": len(sizes["blimp_paradigms"]), "interpSuites": len(sizes["suites"]),
-           "interpSuiteItems": sizes["suite_items"], "interpLinzenItems": sizes["linzen_items"],
-           "interpUdTrain": ud["train"], "interpUdDev": ud["dev"], "interpUdTest": ud["test"],
-           "interpGapTest": sizes["gap_items"]["test"]}
-    for name in names:
-        s = summary[name]
-        for key, leaf in (("BlimpKept", s["syntax"]["blimp_kept"]), ("PositionProbe", s["probing"][f"word_pos_k{k}"]),
-                          ("DeprelProbe", s["probing"][f"deprel_k{k}"]),
-                          ("LabelledFrac", s["autointerp"]["labelled_frac"])):
-            out[f"interp{name}{key}"], out[f"interp{name}{key}Se"] = leaf["mean"], leaf["se"]
-    return out

@@ -1,0 +1,204 @@
+"""Cached steps the notebooks call: a store, a trained SAE, an evaluation, each reused when everything it depends
+on is unchanged and recomputed otherwise. A cache key is a hash of the configuration *and* of the code
+(`code_version`: every ``trsae/**/*.py``), so changed code never reuses results that the current code would
+not produce.
+
+    work/stores/<model>-L<layer>-<hash>/     activation store
+    work/runs/<label>-<hash>/                run folder (checkpoint, log, sae/); label e.g. topk, trsae-topk
+    work/runs/<label>-<hash>/eval-<split>-<hash>.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from trsae.analysis import summarize
+from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
+from trsae.evaluate import evaluate_saes, train_mean
+from trsae.io import write_json_atomic
+from trsae.lm import LoadedModel, load_model
+from trsae.saes import SAE, SAEConfig
+from trsae.store import ActivationStore, harvest, store_identity
+from trsae.train import read_log, train_sae
+
+PACKAGE = Path(__file__).resolve().parent
+"""The ``trsae/`` folder whose source `code_version` hashes."""
+
+
+def source_hash(root: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) over the relative path and the content of every ``*.py`` below ``root``, sorted."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def code_version() -> str:
+    """`source_hash` of the ``trsae/`` package this process imported, computed once per process; part of every
+    cache key."""
+    return source_hash(PACKAGE)
+
+
+def environment() -> dict:
+    """Versions and device, for the first cell of every notebook."""
+    import nnsight
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "nnsight": nnsight.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(), "data_dir": os.environ.get("TRSAE_DATA_DIR")}
+
+
+def store_dir(cfg: HarvestConfig, work: str | os.PathLike) -> Path:
+    """Where the store of ``cfg`` is cached under the current code."""
+    key = config_hash({"store": store_identity(cfg), "code": code_version()})
+    return Path(work) / "stores" / f"{cfg.model}-L{cfg.layer}-{key}"
+
+
+def ensure_store(cfg: HarvestConfig, work: str | os.PathLike, model: LoadedModel | None = None,
+                 progress: bool = True) -> ActivationStore:
+    """The store of ``cfg``: harvested into `store_dir`, or reopened (resumed) there."""
+    return harvest(cfg, store_dir(cfg, work), model=model, progress=progress)
+
+
+def run_dir(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
+            work: str | os.PathLike) -> Path:
+    """The run folder of an SAE config trained with ``train_cfg`` on ``store`` under the current code."""
+    key = config_hash({"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                       "store": store.manifest["config_hash"], "code": code_version()})
+    return Path(work) / "runs" / f"{sae_cfg.label}-{key}"  # named by content, so equal configs share a run
+
+
+def ensure_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
+               work: str | os.PathLike, progress: bool = True) -> tuple[SAE, Path]:
+    out = run_dir(sae_cfg, train_cfg, store, work)
+    return train_sae(sae_cfg, train_cfg, store, out, progress=progress), out
+
+
+_MODELS: dict[str, LoadedModel] = {}
+
+
+def shared_model(name: str) -> LoadedModel:
+    """The model ``name``, loaded once per process, so that every `Evaluator` of a notebook shares it."""
+    if name not in _MODELS:
+        _MODELS[name] = load_model(name)
+    return _MODELS[name]
+
+
+class Evaluator:
+    """Evaluates SAEs of one store against one model; results are cached in each run folder."""
+
+    def __init__(self, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
+                 max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True):
+        self.store, self.split, self.max_seqs, self.batch_size = store, split, max_seqs, batch_size
+        self.with_logits = with_logits
+        self._model = model
+        self._mean = None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            self._model = shared_model(self.store.manifest["model"])
+        return self._model
+
+    def path(self, run: Path) -> Path:
+        key = config_hash({"split": self.split, "max_seqs": self.max_seqs, "logits": self.with_logits,
+                           "code": code_version()})
+        return Path(run) / f"eval-{self.split}-{key}.json"
+
+    def __call__(self, runs: dict[Path, SAE]) -> dict[Path, dict]:
+        """Results for each run folder; only the uncached ones are evaluated (together, sharing passes)."""
+        todo = {str(r): s for r, s in runs.items() if not self.path(r).exists()}
+        if todo:
+            if self.with_logits and self._mean is None:
+                self._mean = train_mean(self.store)
+            res = evaluate_saes(todo, self.store, self.model if self.with_logits else None, split=self.split,
+                                max_seqs=self.max_seqs, batch_size=self.batch_size, mean_D=self._mean,
+                                with_logits=self.with_logits)
+            for r, v in res.items():
+                write_json_atomic(self.path(Path(r)), v)
+        return {r: json.loads(self.path(r).read_text()) for r in runs}
+
+
+def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig,
+                       store: ActivationStore, evaluate: Evaluator, work: str | os.PathLike,
+                       progress: bool = True) -> dict[str, list[dict]]:
+    """Train every named SAE config with every seed (cached), then evaluate them; per-seed results by name.
+
+    Each result also carries ``training``: steps, tokens, the last logged training loss terms and tokens/s.
+    """
+    runs: dict[str, list[tuple[Path, SAE]]] = {}
+    for name, sae_cfg in specs.items():
+        runs[name] = []
+        for seed in seeds:
+            sae, run = ensure_sae(sae_cfg, dataclasses.replace(train_cfg, seed=seed), store, work, progress)
+            runs[name].append((run, sae))
+    results = evaluate({run: sae for rs in runs.values() for run, sae in rs})
+    out: dict[str, list[dict]] = {}
+    for name, rs in runs.items():
+        out[name] = []
+        for run, _ in rs:
+            res = dict(results[run])
+            log = read_log(run)
+            res["training"] = {k: log[-1][k] for k in ("step", "tokens", "loss", "fvu", "l0", "dead_frac",
+                                                       "tok_per_s") if k in log[-1]}
+            res["run"] = str(run)
+            out[name].append(res)
+    return out
+
+
+def compare(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,
+            work: str | os.PathLike, eval_seqs: int, model: LoadedModel | None = None,
+            progress: bool = True) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """`train_and_evaluate` on the first ``eval_seqs`` test sequences, and the means ± standard errors over seeds
+    (`trsae.analysis.summarize`): ``(per_seed, summary)``."""
+    per_seed = train_and_evaluate(specs, seeds, train_cfg, store, Evaluator(store, model, max_seqs=eval_seqs), work,
+                                  progress)
+    return per_seed, summarize(per_seed)
+
+
+def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: ActivationStore,
+             evaluate: Evaluator, work: str | os.PathLike, metric: tuple[str, str],
+             progress: bool = True) -> dict[str, list[tuple[float, float, float]]]:
+    """``{name: [(l0, metric mean, metric se), ...]}`` over sparsity settings (one seed), for a frontier plot."""
+    out = {}
+    for name, cfgs in specs.items():
+        per = train_and_evaluate({f"{name}-{i}": c for i, c in enumerate(cfgs)}, [train_cfg.seed], train_cfg,
+                                 store, evaluate, work, progress)
+        pts = []
+        for rs in per.values():
+            v = rs[0][metric[0]][metric[1]]
+            pts.append((rs[0]["sparsity"]["l0"], v, 0.0))
+        out[name] = sorted(pts)
+    return out
+
+
+def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:
+    """The work folder (``$TRSAE_WORK_DIR`` overrides it) and `figures_path`, both created."""
+    work = Path(os.environ.get("TRSAE_WORK_DIR", work_dir))
+    work.mkdir(parents=True, exist_ok=True)
+    return work, figures_path(figures_dir)
+
+
+def open_store(work_dir: str, figures_dir: str, cfg: HarvestConfig,
+               progress: bool = True) -> tuple[Path, Path, ActivationStore]:
+    """A notebook's start: its work and figures folders (`output_dirs`) and the store of ``cfg`` (`ensure_store`)."""
+    work, figures = output_dirs(work_dir, figures_dir)
+    return work, figures, ensure_store(cfg, work, progress=progress)
+
+
+def train_all(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,
+              work: str | os.PathLike, progress: bool = True) -> dict[str, list[tuple[Path, SAE]]]:
+    """Train (or reload) every named config with every seed: ``{name: [(run folder, sae), ...]}``."""
+    return {name: [ensure_sae(cfg, dataclasses.replace(train_cfg, seed=s), store, work, progress)[::-1]
+                   for s in seeds] for name, cfg in specs.items()}

@@ -1,0 +1,212 @@
+"""Parameters and FLOPs of the SAEs, computed from their configs (no timing).
+
+Shapes: B sequences of T tokens, N = B T, D = d_in, F = width, k active latents per token, K = d_k, V = d_v,
+C = d_ctx, Bk = n_buckets.
+
+**FLOP model** (`flop_breakdown`). A FLOP is a multiply or an add: a matrix product of m multiply-adds counts
+2m. What is counted is what `trsae.saes` actually runs, per token:
+
+- encoder ``x @ W_enc``: 2DF (dense for every arch; TopK selection, ReLU, the scatter of the codes into a
+  dense ``[N, F]`` tensor, index_adds and other O(F) or O(k) elementwise work are not counted);
+- decoder: TopK / BatchTopK decode with an ``embedding_bag`` over the k active pairs, 2kD (BatchTopK: k on
+  average); ReLU multiplies the dense codes, 2FD, plus the L1 read-out ``codes @ ||W_dec||``, 2F;
+- TRSAE context: ``x @ W_qkv`` 2D(2K+V); the prefix-sum state ``k_s ⊗ [v_s, 1]``, its cumulative sum and the
+  window difference, 3K(V+1) (elementwise, counted) and the query contraction 2K(V+1), all independent of
+  the window w; ``W_o`` 2VC when d_v != d_ctx; ``ctx @ (g U)^T`` 2CF and the position term, which the
+  implementation computes as a one-hot product ``onehot(bucket) @ P^T``, 2 Bk F (both fused in one addmm);
+  per-token gates add ``q @ G^T``, 2KF;
+- backward (train), from the actual structure, not "3x forward": the TopK-style path is sparse (see
+  `trsae.saes.sparse_ops.PairPreacts`): decoder 4kD (dW_dec rows and d(codes)), encoder 2kD (dW_enc; dL/dx is never
+  formed), U 4kC; the context path gets a dense backward 2D(2K+V) (dW_qkv only) + 9K(V+1) + 4VC.
+  ReLU is dense: decoder 4FD, L1 4F, encoder 2DF; a ReLU-sparsity TRSAE adds 4(C+Bk)F (2 Bk F without
+  attention). So a TopK train step is ~1x its forward in FLOPs and a ReLU step ~2.5x.
+
+Per step (not per token) come the bias fold ``b_enc - b_dec @ W_enc`` (2DF forward, 6DF train), ``g * U``
+(FC, 4FC train) and, in training, Adam (`ADAM_FLOPS_PER_PARAM` per parameter) and the decoder-norm work of
+``remove_parallel_grad_`` + ``normalize_decoder_`` of the unit-norm (TopK-style) parts, ~11FD, and the
+norm-weighted penalties, ~5FD: these two are approximate elementwise counts. `flops_per_token(..., n_tokens=N)` spreads them over the N tokens.
+
+Everything that reads SAE config fields for the overhead study lives here (`make_config`, `config_from_dict`,
+`param_count`, `flop_breakdown`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from trsae.saes import SAEConfig
+from trsae.saes.config import part_classes
+
+ARCH_NAMES = ("topk", "batchtopk", "relu", "trsae")
+"""Architectures of the grid; "trsae" is a TopK-sparsity TRSAE (matched to the TopK baseline)."""
+REFERENCE = "topk"
+"""What the ratios are taken against."""
+WIDTHS_MULT = (2, 4, 8, 16)
+ADAM_FLOPS_PER_PARAM = 13
+"""torch Adam per parameter: lerp (3) + mul/addcmul (4) + sqrt/div/add (3) + addcdiv (3), elementwise."""
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def make_config(arch: str, d_in: int, width: int, k: int = 32, window: int = 16, seed: int = 0,
+                **trsae_kw: Any) -> SAEConfig:
+    """Config of one grid architecture: a per-token baseline (`window` ignored) or a TopK TRSAE with
+    `trsae_kw`."""
+    if arch == "trsae":
+        trsae_kw.setdefault("w_start", min(1, window))
+        return SAEConfig.build(d_in, width, "topk", "trsae", k=k, window=window, seed=seed, **trsae_kw)
+    return SAEConfig.build(d_in, width, arch, seed=seed, **({} if arch == "relu" else {"k": k}))
+
+
+def _is_trsae(cfg: SAEConfig) -> bool:
+    return cfg.encoder.name == "trsae"
+
+
+def _attn_on(cfg: SAEConfig) -> bool:
+    return _is_trsae(cfg) and cfg.encoder.use_attn and cfg.encoder.window > 0
+
+
+def _dense(cfg: SAEConfig) -> bool:
+    """The sparsity computes dense codes (ReLU, JumpReLU) rather than selected pairs (TopK-style)."""
+    return not part_classes("sparsity", cfg.sparsity.name)[1].unit_norm or cfg.sparsity.name == "jumprelu"
+
+
+def config_from_dict(d: dict[str, Any]) -> SAEConfig:
+    """The config a `make_config` config's ``to_dict()`` came from."""
+    return SAEConfig.from_dict(d)
+
+
+def param_count(cfg: SAEConfig) -> dict[str, int]:
+    """Trainable parameters by component (as `make_sae(cfg)` creates them) and their "total"."""
+    D, F = cfg.d_in, cfg.width
+    out = {"encoder": D * F, "decoder": F * D, "biases": F + D}
+    if _is_trsae(cfg):
+        e = cfg.encoder
+        K, V, C = e.d_k, e.d_v, e.d_ctx
+        if e.use_pos:
+            out["P"] = F * e.n_buckets
+        if e.use_attn:
+            out["attn_qkv"] = D * (2 * K + V)
+            if V != C:
+                out["attn_out"] = V * C
+            out["U"] = F * C
+            if e.use_gates:
+                out["gates"] = F + (F * K if e.per_token_gates else 0)
+    if cfg.sparsity.name == "jumprelu":
+        out["threshold"] = F
+    out["total"] = sum(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def flop_breakdown(cfg: SAEConfig, mode: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(per-token FLOPs, per-step FLOPs) by component for `mode` "encode" (eval `encode`, what inference
+    timings measure), "forward" (encode + decode + losses) or "train" (forward + backward + optimiser).
+    See the module docstring for the model."""
+    if mode not in ("encode", "forward", "train"):
+        raise ValueError(f"mode must be 'encode', 'forward' or 'train', got {mode!r}")
+    D, F = cfg.d_in, cfg.width
+    k = getattr(cfg.sparsity, "k", F)
+    dense = _dense(cfg)
+    tok: dict[str, float] = {"encoder": 2 * D * F}
+    step: dict[str, float] = {"bias_fold": 2 * D * F}
+    trsae, attn = _is_trsae(cfg), _attn_on(cfg)
+    e = cfg.encoder
+    K, V, C = (e.d_k, e.d_v, e.d_ctx) if trsae else (0, 0, 0)
+    pos = trsae and e.use_pos
+    tok_gates = attn and e.use_gates and e.per_token_gates
+    if attn:
+        tok["context_qkv"] = 2 * D * (2 * K + V)
+        tok["context_state"] = 3 * K * (V + 1)
+        tok["context_query"] = 2 * K * (V + 1)
+        if V != C:
+            tok["context_out"] = 2 * V * C
+        tok["context_U"] = 2 * C * F
+        if tok_gates:
+            tok["gates"] = 2 * K * F
+        elif e.use_gates:
+            step["gate_fold"] = F * C
+    if pos:
+        tok["position"] = 2 * e.n_buckets * F
+    if mode == "encode":
+        return tok, step
+    tok["decoder"] = 2 * F * D if dense else 2 * k * D
+    if dense:
+        tok["l1"] = 2 * F
+    if mode == "forward":
+        return tok, step
+    # backward
+    step["bias_fold"] = 6 * D * F
+    if "gate_fold" in step:
+        step["gate_fold"] = 4 * F * C
+    if dense:
+        tok["decoder_bwd"] = 4 * F * D
+        tok["l1_bwd"] = 4 * F
+        tok["encoder_bwd"] = 2 * D * F
+        if attn or pos:
+            tok["context_U_bwd"] = 4 * ((C if attn else 0) + (e.n_buckets if pos else 0)) * F
+            if not attn:
+                tok["context_U_bwd"] //= 2  # one-hot input: only dP
+            if tok_gates:
+                tok["gates_bwd"] = 4 * K * F
+    else:
+        tok["decoder_bwd"] = 4 * k * D
+        tok["encoder_bwd"] = 2 * k * D
+        if attn:
+            tok["context_U_bwd"] = 4 * k * C
+            if tok_gates:
+                tok["gates_bwd"] = 4 * k * (K + C)
+    if attn:
+        tok["context_qkv_bwd"] = 2 * D * (2 * K + V)
+        tok["context_state_bwd"] = 9 * K * (V + 1)
+        if V != C:
+            tok["context_out_bwd"] = 4 * V * C
+    step["optimizer"] = ADAM_FLOPS_PER_PARAM * param_count(cfg)["total"]
+    penalties = dense or (trsae and (pos or (e.use_attn and e.use_gates)))
+    unit_norm = part_classes("sparsity", cfg.sparsity.name)[1].unit_norm  # the step renormalises the rows
+    step["decoder_norm"] = ((11 if unit_norm else 0) + (5 if penalties else 0)) * F * D
+    return tok, step
+
+
+def flops_per_token(cfg: SAEConfig, train: bool, n_tokens: int | None = None) -> float:
+    """FLOPs per token of a training step (`train`) or of inference `encode`; with `n_tokens` (tokens per
+    step) the per-step work (bias fold, Adam, decoder norms) is spread over them, else it is left out."""
+    tok, step = flop_breakdown(cfg, "train" if train else "encode")
+    return float(sum(tok.values()) + (sum(step.values()) / n_tokens if n_tokens else 0.0))
+
+
+def flop_table(cfg: SAEConfig, n_tokens: int | None = None) -> str:
+    """Text table of `flop_breakdown` per token (encode and train), with the per-step work per token
+    when `n_tokens` is given."""
+    lines = [f"{'component':18s}{'encode':>12s}{'train':>12s}   (FLOPs per token)"]
+    enc, enc_step = flop_breakdown(cfg, "encode")
+    tr, tr_step = flop_breakdown(cfg, "train")
+    for key in tr:
+        lines.append(f"{key:18s}{enc.get(key, 0):12,.0f}{tr[key]:12,.0f}")
+    for key in tr_step if n_tokens else ():
+        lines.append(f"{key + ' (step)':18s}{enc_step.get(key, 0) / n_tokens:12,.0f}{tr_step[key] / n_tokens:12,.0f}")
+    total_enc, total_tr = flops_per_token(cfg, False, n_tokens), flops_per_token(cfg, True, n_tokens)
+    lines.append(f"{'total':18s}{total_enc:12,.0f}{total_tr:12,.0f}")
+    return "\n".join(lines)
+
+
+def static_rows(archs: Sequence[str] = ARCH_NAMES, widths_mult: Sequence[int] = WIDTHS_MULT, d_in: int = 640,
+                k: int = 32, window: int = 16, tokens: int | None = None,
+                trsae_kw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Deterministic rows (no timing): parameters and FLOPs per token for each arch and width, with ratios
+    to TopK. FLOPs do not depend on w (O(T) attention) nor on T; `tokens` spreads the per-step work."""
+    rows = []
+    for m in widths_mult:
+        ref = make_config(REFERENCE, d_in, m * d_in, k)
+        for a in archs:
+            cfg = make_config(a, d_in, m * d_in, k, window, **(trsae_kw or {}))
+            row = {"arch": a, "width_mult": m, "width": m * d_in, "params": param_count(cfg)["total"]}
+            for mode, train in (("train", True), ("encode", False)):
+                row[f"mflops_{mode}"] = flops_per_token(cfg, train, tokens) / 1e6
+                row[f"flops_{mode}_ratio"] = flops_per_token(cfg, train, tokens) / flops_per_token(ref, train, tokens)
+            row["params_ratio"] = row["params"] / param_count(ref)["total"]
+            rows.append(row)
+    return rows

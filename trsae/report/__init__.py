@@ -1,0 +1,23 @@
+"""Everything the paper takes from the notebooks: figures (one palette), tables (Markdown, LaTeX, CSV) and macros.
+Pure matplotlib + the standard library: nothing here imports torch, the model or the SAEs.
+
+    values.py   reading a results value (mean ± se) and printing a number
+    figures.py  bar, frontier, probing, top-context and overhead figures; `PALETTE`, `save_figure`
+    tables.py   results tables (mean ± se per SAE) and tables of measured rows
+    macros.py   macro names and files; what each notebook writes (`MacroFile`, its prefix, its macros)
+
+Every file is written atomically (`trsae.io`), so an interrupted run never leaves half a figure, table or macro
+file for the paper to pick up.
+"""
+
+from trsae.report.figures import (PALETTE, PRESERVATION_PANELS, RECONSTRUCTION_PANELS, SPARSITY_PANELS,  # noqa: F401
+                                  bar_figure, color, core_figures, frontier_figure, make_bar_figure,
+                                  make_frontier_figure, overhead_figure, preservation_figure, probing_figure,
+                                  reconstruction_figure, save_figure, sparsity_figure, top_contexts_figure)
+from trsae.report.macros import (ABLATION, BASELINE, INTERP, MACRO_FILES, OVERHEAD, PREFIXES, SETUP,  # noqa: F401
+                                 TEMPORAL, MacroFile, ablation_macros, baseline_macros, interp_macros, macro_name,
+                                 overhead_macros, results_macros, setup_macros, temporal_macros, write_macro_file,
+                                 write_macros)
+from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, format_table,  # noqa: F401
+                                 results_table, text_table, write_results, write_tables)
+from trsae.report.values import Panel, format_number, metric_value  # noqa: F401

@@ -1,0 +1,308 @@
+"""Every figure of the notebooks, in one palette. Pure matplotlib.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, never through pyplot, so importing
+this module neither changes a notebook's backend nor leaks open figures. Every file is written atomically
+(`save_figure`), so an interrupted run never leaves half a PNG for the paper to pick up.
+
+    bar and frontier figures    core metrics per SAE (01, 02, 03)
+    probing, top contexts       notebook 04
+    overhead                    notebook 05: time and memory against F, w and T
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from trsae.io import atomic_write_bytes
+from trsae.report.values import Panel, format_number, metric_value
+
+PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974",
+           "#64B5CD")
+"""The colours of every figure, in order: the i-th SAE (or line, or architecture) of a figure gets ``color(i)``."""
+HIGHLIGHT = PALETTE[3]
+"""The one colour that marks something out (the top token of a context)."""
+DPI = 150
+
+RECONSTRUCTION_PANELS: list[Panel] = [
+    ("reconstruction_quality", "explained_variance", "Explained variance"),
+    ("reconstruction_quality", "mse", "MSE"),
+    ("reconstruction_quality", "cossim", "Cosine similarity"),
+]
+SPARSITY_PANELS: list[Panel] = [("sparsity", "l0", "L0"), ("sparsity", "l1", "L1")]
+PRESERVATION_PANELS: list[Panel] = [
+    ("model_behavior_preservation", "kl_div_score", "KL-divergence score"),
+    ("model_performance_preservation", "ce_loss_score", "CE-loss score"),
+    ("model_performance_preservation", "ce_loss_score_mean_ablation", "CE-loss score (mean abl.)"),
+]
+
+
+def color(i: int) -> str:
+    """The i-th colour of `PALETTE` (cycling)."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    """Save ``fig`` atomically in the format of ``path``'s suffix (PNG without one); returns the path."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bar figures
+
+
+def make_bar_figure(
+    results: dict[str, dict[str, Any]],
+    panels: Sequence[Panel],
+    title: str | None = None,
+    skip_empty: bool = False,
+) -> Figure:
+    """One subplot per metric, one bar per SAE (in ``results`` order) with ±se error bars and its value.
+
+    An SAE without a value for a panel gets no bar there (its tick reads "n/a"). With ``skip_empty`` a panel
+    no SAE has a value for is dropped; if nothing is left a ``ValueError`` is raised.
+    """
+    names = list(results)
+    if not names:
+        raise ValueError("no results to plot")
+    panels = list(panels)
+    if skip_empty:
+        panels = [p for p in panels if any(metric_value(results[n], p[0], p[1]) for n in names)]
+    if not panels:
+        raise ValueError("no panel has a value for any SAE")
+    fig = Figure(figsize=(max(3.2, 0.6 * len(names) + 1.6) * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (section, key, label) in zip(axes, panels):
+        xs, means, ses, colors, texts = [], [], [], [], []
+        for i, name in enumerate(names):
+            mv = metric_value(results[name], section, key)
+            if mv is None:
+                continue
+            xs.append(i)
+            means.append(mv[0])
+            ses.append(mv[1])
+            colors.append(color(i))
+            texts.append(format_number(mv[0], 3))
+        if xs:
+            ax.bar(xs, means, yerr=ses, color=colors, ecolor="black", capsize=3, edgecolor="black", linewidth=0.5)
+            for x, m, s, text in zip(xs, means, ses, texts):  # value label just beyond the error bar
+                ax.annotate(text, (x, m + s if m >= 0 else m - s), xytext=(0, 2 if m >= 0 else -2),
+                            textcoords="offset points", ha="center", va="bottom" if m >= 0 else "top",
+                            fontsize=7)
+            ax.margins(y=0.15)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n if i in xs else f"{n}\n(n/a)" for i, n in enumerate(names)],
+                           rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
+                           fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def bar_figure(
+    results: dict[str, dict[str, Any]],
+    panels: Sequence[Panel],
+    path: str | os.PathLike,
+    title: str | None = None,
+    skip_empty: bool = False,
+) -> Path:
+    """``make_bar_figure`` saved atomically as PNG (dpi 150); returns the path."""
+    return save_figure(make_bar_figure(results, panels, title, skip_empty), path)
+
+
+def reconstruction_figure(results: dict[str, dict[str, Any]], out_dir: str | os.PathLike,
+                          title: str | None = "Reconstruction") -> Path:
+    """Explained variance, MSE, cosine similarity -> ``out_dir/reconstruction_metrics.png``."""
+    return bar_figure(results, RECONSTRUCTION_PANELS, Path(out_dir) / "reconstruction_metrics.png", title)
+
+
+def sparsity_figure(results: dict[str, dict[str, Any]], out_dir: str | os.PathLike,
+                    title: str | None = "Sparsity") -> Path:
+    """L0, L1 -> ``out_dir/sparsity_metrics.png``."""
+    return bar_figure(results, SPARSITY_PANELS, Path(out_dir) / "sparsity_metrics.png", title)
+
+
+def preservation_figure(results: dict[str, dict[str, Any]], out_dir: str | os.PathLike,
+                        title: str | None = "Model preservation") -> Path:
+    """KL-divergence score, CE-loss score (zero and mean ablation) -> ``out_dir/model_preservation.png``.
+
+    The mean-ablation panel is dropped when no SAE has it (any panel with no values is).
+    """
+    return bar_figure(results, PRESERVATION_PANELS, Path(out_dir) / "model_preservation.png", title,
+                      skip_empty=True)
+
+
+def core_figures(results: dict[str, dict[str, Any]], out_dir: str | os.PathLike, title: str) -> list[Path]:
+    """`reconstruction_figure`, `sparsity_figure` and `preservation_figure` of ``results`` in ``out_dir``, titled
+    ``"<title>: reconstruction"``, ``"<title>: sparsity"`` and ``"<title>: model preservation"``."""
+    return [reconstruction_figure(results, out_dir, f"{title}: reconstruction"),
+            sparsity_figure(results, out_dir, f"{title}: sparsity"),
+            preservation_figure(results, out_dir, f"{title}: model preservation")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# frontier
+
+
+def make_frontier_figure(
+    points: dict[str, Iterable[tuple[float, float, float]]],
+    ylabel: str,
+    title: str | None = None,
+    xlabel: str = "L0",
+) -> Figure:
+    """Metric against L0 (log x), one line per architecture; points ``(l0, value, se)`` sorted by L0."""
+    fig = Figure(figsize=(5.0, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    n_lines = 0
+    for i, (name, pts) in enumerate(points.items()):
+        pts = sorted((float(a), float(b), float(c or 0.0)) for a, b, c in pts)
+        if not pts:
+            continue
+        if any(p[0] <= 0 for p in pts):
+            raise ValueError(f"{name}: L0 must be positive on a log axis")
+        l0s, vals, ses = zip(*pts)
+        ax.errorbar(l0s, vals, yerr=ses, label=name, color=color(i), marker="o", markersize=4, capsize=3)
+        n_lines += 1
+    if n_lines == 0:
+        raise ValueError("no points to plot")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def frontier_figure(
+    points: dict[str, Iterable[tuple[float, float, float]]],
+    ylabel: str,
+    path: str | os.PathLike,
+    title: str | None = None,
+    xlabel: str = "L0",
+) -> Path:
+    """``make_frontier_figure`` saved atomically; returns the path."""
+    return save_figure(make_frontier_figure(points, ylabel, title, xlabel), path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# notebook 04
+
+
+def top_contexts_figure(contexts: list[dict], path: str | os.PathLike, n_features: int = 4) -> Path:
+    """For each of the first ``n_features`` features, its top-activating context as a bar chart of the
+    activation over the window's tokens (the top token in `HIGHLIGHT`)."""
+    entries = [c for c in contexts if c["examples"]][:n_features]
+    fig = Figure(figsize=(9, 1.9 * max(len(entries), 1)))
+    FigureCanvasAgg(fig)
+    for i, entry in enumerate(entries):
+        ax = fig.add_subplot(len(entries), 1, i + 1)
+        ex = entry["examples"][0]
+        colors = [HIGHLIGHT if j == ex["center"] else color(0) for j in range(len(ex["tokens"]))]
+        ax.bar(range(len(ex["acts"])), ex["acts"], color=colors)
+        ax.set_xticks(range(len(ex["tokens"])))
+        ax.set_xticklabels([t.replace("\n", "\\n") for t in ex["tokens"]], rotation=60, fontsize=7)
+        ax.set_ylabel(f"f{entry['feature']}", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=130)
+
+
+def probing_figure(results: dict[str, dict], labels: Sequence[str], ks: Sequence[int],
+                   path: str | os.PathLike) -> Path:
+    """Probe test accuracy against k (log axis), one panel per label, one line per source."""
+    fig = Figure(figsize=(3.2 * len(labels), 3.0))
+    FigureCanvasAgg(fig)
+    for i, label in enumerate(labels):
+        ax = fig.add_subplot(1, len(labels), i + 1)
+        for j, (name, res) in enumerate(results.items()):
+            ys = [(metric_value(res, "probing", f"{label}_k{k}") or (float("nan"),))[0] for k in ks]
+            ax.plot(ks, ys, marker="o", label=name, color=color(j))
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("k latents")
+        if i == 0:
+            ax.set_ylabel("test accuracy")
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# notebook 05
+
+
+def _row(rows: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+
+
+def overhead_figure(rows: list[dict[str, Any]], centre: tuple[int, int, int], path: str | os.PathLike) -> Path:
+    """Log-log panels: train step time, encode time and peak train memory (rows) against F, w and T (columns)
+    through `centre`, one colour per architecture (in the order the rows name them). Dashed: time predicted
+    from the FLOP count, scaled to pass through each arch's measurement at the centre (so the gap shows where
+    time does not follow FLOPs). An arch without a window (``window`` None) is a horizontal line in the w
+    column. Rows as `trsae.overhead.overhead_grid` returns them. Saved as PNG."""
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    F0, w0, T0 = centre
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    windowed = {a for a in archs if any(r["arch"] == a and r["window"] is not None for r in rows)}
+    have_mem = "peak_train_mib" in rows[0]
+    quantities = [("train_s", "flops_train", "train step (s)"), ("encode_s", "flops_encode", "encode (s)")]
+    if have_mem:
+        quantities.append(("peak_train_mib", None, "peak train memory (MiB)"))
+    fig = Figure(figsize=(12, 3.2 * len(quantities)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(quantities), 3, squeeze=False)
+    axes_spec = [("width_mult", "F / d", {"ctx_len": T0}),
+                 ("window", "window w", {"width_mult": F0, "ctx_len": T0}),
+                 ("ctx_len", "context length T", {"width_mult": F0})]
+    for i, (qkey, fkey, qlabel) in enumerate(quantities):
+        for j, (xkey, xlabel, fixed) in enumerate(axes_spec):
+            ax = axes[i][j]
+            for c, arch in enumerate(archs):
+                pts = sorted((r[xkey], r) for r in rows if r["arch"] == arch
+                             and all(r[k] == v for k, v in fixed.items())
+                             and (xkey == "window" or r["window"] in (None, w0)))
+                if not pts:
+                    continue
+                centre_row = _row(rows, arch=arch, width_mult=F0, ctx_len=T0,
+                                  window=w0 if arch in windowed else None)
+                if xkey == "window" and arch not in windowed:
+                    ax.axhline(pts[0][1][qkey], color=color(c), lw=1, alpha=0.7, label=arch)
+                    continue
+                xs, ys = [x for x, _ in pts], [r[qkey] for _, r in pts]
+                ax.plot(xs, ys, "o-", color=color(c), label=arch, ms=4)
+                if fkey and centre_row is not None:
+                    scale = centre_row[qkey] / (centre_row[fkey] * centre_row["tokens"])
+                    ax.plot(xs, [r[fkey] * r["tokens"] * scale for _, r in pts], "--", color=color(c), lw=1,
+                            alpha=0.7)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(plain)
+            ax.yaxis.set_major_formatter(plain)
+            lo, hi = ax.get_ylim()  # label minor ticks only where no decade tick is in view
+            ax.yaxis.set_minor_formatter(plain if hi / lo < 20 else FuncFormatter(lambda v, _: ""))
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(qlabel)
+            ax.grid(alpha=0.3, which="both")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, title="solid: measured\ndashed: ∝ FLOPs", title_fontsize=7)
+    fig.suptitle(f"Overhead (d={rows[0]['width'] // rows[0]['width_mult']}, B={rows[0]['batch']}; "
+                 f"sweeps through F={F0}d, w={w0}, T={T0})", fontsize=10)
+    return save_figure(fig, path, dpi=110)

@@ -1,0 +1,176 @@
+"""Every table of the notebooks, as Markdown, LaTeX (a plain ``tabular`` with ``\\hline``) and CSV, written
+atomically, or as text for printing in a notebook.
+
+    results_table, text_table    one row per metric, one column per SAE: mean ± se (01-04)
+    write_results                a notebook's results JSON and results table
+    format_table, write_tables   one row per measured case, columns chosen from `OVERHEAD_COLUMNS` (05)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from trsae.io import atomic_write_text, write_json_atomic
+from trsae.report.values import Panel, format_number, metric_value
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_escape(s: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(s))
+
+
+def _cell(mv: tuple[float, float] | None, digits: int, latex: bool) -> str:
+    if mv is None:
+        return "n/a" if not latex else "--"
+    mean, se = mv
+    m, s = format_number(mean, digits, latex), format_number(se, max(digits - 1, 1), latex)
+    return f"${m} \\pm {s}$" if latex else f"{m} ± {s}"
+
+
+def results_table(
+    results: dict[str, dict[str, Any]],
+    rows: Sequence[Panel],
+    path_md: str | os.PathLike | None = None,
+    path_tex: str | os.PathLike | None = None,
+    path_csv: str | os.PathLike | None = None,
+    digits: int = 3,
+) -> dict[str, Path]:
+    """Table with one row per metric ``(section, key, label)`` and one column per SAE: mean ± se.
+
+    Markdown and LaTeX (a plain ``tabular`` with ``\\hline``, no booktabs) show formatted cells; the CSV has
+    ``metric, section, key`` then ``<sae> mean``, ``<sae> se`` and ``<sae> n`` per SAE at full precision
+    (empty where not available). Returns the paths written.
+    """
+    names = list(results)
+    if not names:
+        raise ValueError("no results to tabulate")
+    written: dict[str, Path] = {}
+    vals = {(r[0], r[1]): [metric_value(results[n], r[0], r[1]) for n in names] for r in rows}
+
+    if path_md is not None:
+        lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for section, key, label in rows:
+            lines.append(f"| {label} | " + " | ".join(_cell(v, digits, False) for v in vals[(section, key)])
+                         + " |")
+        written["md"] = atomic_write_text(path_md, "\n".join(lines) + "\n")
+
+    if path_tex is not None:
+        lines = ["\\begin{tabular}{l" + "r" * len(names) + "}", "\\hline",
+                 "Metric & " + " & ".join(_tex_escape(n) for n in names) + " \\\\", "\\hline"]
+        for section, key, label in rows:
+            lines.append(_tex_escape(label) + " & "
+                         + " & ".join(_cell(v, digits, True) for v in vals[(section, key)]) + " \\\\")
+        lines += ["\\hline", "\\end{tabular}"]
+        written["tex"] = atomic_write_text(path_tex, "\n".join(lines) + "\n")
+
+    if path_csv is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["metric", "section", "key"] + [f"{n} {c}" for n in names for c in ("mean", "se", "n")])
+        for section, key, label in rows:
+            row: list[Any] = [label, section, key]
+            for name, v in zip(names, vals[(section, key)]):
+                raw = (results[name].get(section) or {}).get(key)
+                count = raw.get("n", "") if isinstance(raw, dict) else (1 if v is not None else "")
+                row += ["", "", ""] if v is None else [repr(v[0]), repr(v[1]), count]
+            w.writerow(row)
+        written["csv"] = atomic_write_text(path_csv, buf.getvalue())
+    return written
+
+
+def write_results(summary: dict[str, dict[str, Any]], rows: Sequence[Panel], out_dir: str | os.PathLike, stem: str,
+                  per_seed: dict[str, list[dict]], **extra: Any) -> dict[str, Path]:
+    """A notebook's results: ``<stem>_results.json`` (``per_seed``, ``summary`` and ``extra``, `write_json_atomic`)
+    and ``<stem>_table.{md,tex,csv}`` (`results_table` of ``rows``). Returns the paths written."""
+    out = Path(out_dir)
+    json_path = write_json_atomic(out / f"{stem}_results.json", {"per_seed": per_seed, "summary": summary, **extra})
+    return {"json": json_path, **results_table(summary, rows, out / f"{stem}_table.md", out / f"{stem}_table.tex",
+                                               out / f"{stem}_table.csv")}
+
+
+def text_table(results: dict[str, dict[str, Any]], rows: Sequence[Panel], digits: int = 3) -> str:
+    """Plain-text table (one row per metric, one column per SAE, mean ± se) for printing in a notebook."""
+    names = list(results)
+    cells = [[label] + [_cell(metric_value(results[n], s, k), digits, False) for n in names]
+             for s, k, label in rows]
+    header = ["metric"] + names
+    widths = [max(len(str(r[i])) for r in [header] + cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header)] + [fmt(r) for r in cells])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rows of measured cases (notebook 05)
+
+OVERHEAD_COLUMNS: list[tuple[str, str, str]] = [
+    ("arch", "arch", "s"), ("width_mult", "F/d", "d"), ("window", "w", "d"), ("ctx_len", "T", "d"),
+    ("params", "params", ",d"), ("flops_train", "MFLOP/tok train", ".3g"),
+    ("train_tok_s", "train tok/s", ".0f"), ("train_ratio", "train ×TopK", ".2f"),
+    ("encode_tok_s", "encode tok/s", ".0f"), ("encode_ratio", "encode ×TopK", ".2f"),
+    ("train_gflop_s", "train GFLOP/s", ".1f"), ("peak_train_mib", "peak MiB train", ".0f"),
+    ("peak_train_ratio", "mem ×TopK", ".2f"), ("peak_encode_mib", "peak MiB encode", ".0f"),
+]
+"""Columns of the overhead grid: (row key, heading, format spec)."""
+
+OVERHEAD_STATIC_COLUMNS: list[tuple[str, str, str]] = [
+    ("arch", "arch", "s"), ("width_mult", "F/d", "d"), ("width", "F", "d"), ("params", "params", ",d"),
+    ("params_ratio", "params ×TopK", ".3f"), ("mflops_train", "MFLOP/tok train", ".4g"),
+    ("flops_train_ratio", "train ×TopK", ".3f"), ("mflops_encode", "MFLOP/tok encode", ".4g"),
+    ("flops_encode_ratio", "encode ×TopK", ".3f"),
+]
+"""Columns of the computed parameter and FLOP rows (`trsae.overhead.static_rows`)."""
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "n/a"
+    return format(v, spec)
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = OVERHEAD_COLUMNS,
+                 style: str = "text") -> str:
+    """`rows` as aligned text, "md" or "tex" (columns missing from the rows are dropped).
+    MFLOP columns: values are divided by 1e6 when the key is ``flops_*``."""
+    cols = [c for c in columns if any(c[0] in r for r in rows)]
+    cells = [[_fmt(r.get(key) / 1e6 if key.startswith("flops_") and "ratio" not in key else r.get(key), spec)
+              for key, _, spec in cols] for r in rows]
+    heads = [h for _, h, _ in cols]
+    if style == "md":
+        rule = "|".join("---" if key == "arch" else "---:" for key, *_ in cols)
+        lines = ["| " + " | ".join(heads) + " |", "|" + rule + "|"]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+    if style == "tex":
+        esc = lambda s: s.replace("×", r"$\times$").replace("%", r"\%").replace("_", r"\_").replace("–", "--")
+        lines = [r"\begin{tabular}{" + "".join("l" if key == "arch" else "r" for key, *_ in cols) + "}", r"\hline",
+                 " & ".join(esc(h) for h in heads) + r" \\", r"\hline"]
+        lines += [" & ".join(esc(x) for x in c) + r" \\" for c in cells]
+        return "\n".join(lines + [r"\hline", r"\end{tabular}"]) + "\n"
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    out += ["  ".join(x.rjust(w) for x, w in zip(c, widths)) for c in cells]
+    return "\n".join(out) + "\n"
+
+
+def write_tables(rows: list[dict[str, Any]], stem: str | os.PathLike) -> dict[str, Path]:
+    """``<stem>.md`` and ``.tex`` (formatted `OVERHEAD_COLUMNS`) and ``.csv`` (every scalar field, full precision)."""
+    stem = Path(stem)
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], list)]
+    buf = io.StringIO()
+    buf.write(",".join(keys) + "\n")
+    for r in rows:
+        buf.write(",".join("" if r.get(k) is None else repr(r[k]) if isinstance(r[k], float) else str(r[k])
+                           for k in keys) + "\n")
+    return {"md": atomic_write_text(stem.with_suffix(".md"), format_table(rows, style="md")),
+            "tex": atomic_write_text(stem.with_suffix(".tex"), format_table(rows, style="tex")),
+            "csv": atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())}

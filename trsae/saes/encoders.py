@@ -1,0 +1,98 @@
+"""Encoder parts: what maps a window of activations ``x_BTD`` to pre-activations ``z_NF``.
+
+The per-token encoder ("token") is the affine map of every standard SAE, ``z = W_enc^T (x - b_dec) + b_enc``,
+computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)`` (the same function, but the backward pass never needs a
+full ``[N, F] x [F, D]`` product). A temporal encoder subclasses it and adds terms that depend on position and
+on earlier tokens (`trsae.saes.trsae`).
+
+An encoder serves two paths: `dense` gives ``z_NF`` for every token and latent with autograd; `at_pairs`
+re-attaches ``z`` at the active (token, latent) pairs a sparsity selected, with the same gradients as `dense`
+through a sparse backward (`trsae.saes.sparse_ops.PairPreacts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trsae.saes.config import PartConfig, register_part
+from trsae.saes.sparse_ops import PairPreacts
+
+
+@dataclass
+class EncState:
+    """Per-batch encoder inputs shared by the dense and the sparse paths (an encoder adds to `extra`)."""
+
+    x_ND: Tensor
+    bias_F: Tensor  # b_enc - b_dec @ W_enc
+    mask_N: Tensor
+    B: int
+    T: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenEncoderConfig(PartConfig):
+    """The per-token affine encoder: no settings."""
+
+
+@register_part("encoder", "token", TokenEncoderConfig)
+class TokenEncoder(nn.Module):
+    """``W_enc [D, F]`` (the transposed decoder at init) and ``b_enc [F]`` (zero)."""
+
+    config_class: type[PartConfig]
+
+    def __init__(self, cfg: PartConfig, d_in: int, width: int, W_dec_FD: Tensor, gen: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(width))
+
+    def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor) -> EncState:
+        B, T, D = x_BTD.shape
+        if D != self.W_enc.shape[0]:
+            raise ValueError(f"expected inputs [B, T, {self.W_enc.shape[0]}], got {tuple(x_BTD.shape)}")
+        if mask_BT is None:
+            mask_N = torch.ones(B * T, dtype=torch.bool, device=x_BTD.device)
+        else:
+            mask_N = mask_BT.reshape(B * T).bool()
+        bias_F = self.b_enc - b_dec_D @ self.W_enc
+        return EncState(x_BTD.reshape(B * T, D), bias_F, mask_N, B, T)
+
+    def dense(self, st: EncState) -> Tensor:
+        """``z_NF`` for every token and latent (autograd-capable)."""
+        return torch.addmm(st.bias_F, st.x_ND, self.W_enc)
+
+    def at_pairs(self, st: EncState, z_NF: Tensor, rows_M: Tensor, cols_M: Tensor,
+                 segs: tuple[int, ...]) -> Tensor:
+        """``z_NF[rows, cols]`` re-attached to the graph (same values, the gradients of `dense`).
+        `segs`: sizes of the consecutive row-sorted runs of pairs."""
+        return PairPreacts.apply(z_NF, rows_M, cols_M, segs, st.x_ND, self.W_enc, st.bias_F,
+                                 *self.pair_terms(st))
+
+    def pair_terms(self, st: EncState) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """(ctx_NC, U_FC, P_FB, bucket_N): the low-rank and positional terms of z (None here)."""
+        return None, None, None, None
+
+    def losses(self, st: EncState, W_dec_FD: Tensor) -> dict[str, Tensor]:
+        """The encoder's own weighted loss terms (none here)."""
+        return {}
+
+    def scale_latents_(self, scale_F: Tensor) -> None:
+        """Multiply every term of latent f by scale_F[f] (with the decoder divided by it, the SAE is unchanged)."""
+        self.W_enc.mul_(scale_F[None, :])
+        self.b_enc.mul_(scale_F)
+
+    def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """(parameters, learning-rate multiplier) of the parameters that do not train at the base rate."""
+        return []
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before each step (a curriculum hook)."""
+
+    def log_stats(self) -> dict[str, float]:
+        """Values the trainer adds to each log line."""
+        return {}

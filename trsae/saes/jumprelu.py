@@ -1,0 +1,153 @@
+"""JumpReLU sparsity (Rajamanoharan et al. 2024, "Jumping ahead"): ``f = z * H(z - theta)`` with a learned
+per-latent threshold ``theta``, trained through straight-through estimators with a rectangle kernel of width
+``bandwidth``, and an L0 penalty that pulls the mean L0 to a target (the quadratic form of Gemma Scope 2).
+
+Checked against SAELens 6.54.12 (``sae_lens/saes/jumprelu_sae.py``: ``JumpReLU``, ``Step``, ``JumpReLUSAE.encode``,
+``calculate_aux_loss`` in "quadratic" mode with ``jumprelu_ste_to_input=False``; tests/test_jumprelu.py compares
+forward values and gradients numerically):
+
+- forward ``JumpReLU(z, theta) = z * (z > theta)``; backward to z: ``(z > theta) * g``; to theta:
+  ``-sum_t (theta / bw) * rect((z - theta) / bw) * g`` (``rect(u) = 1`` for ``|u| < 1/2``).
+- ``l0_t = sum_f Step(z_tf, theta_f)`` with ``Step = H(z - theta)``, whose backward reaches theta only:
+  ``-sum_t (1 / bw) rect((z - theta) / bw) g``.
+- loss ``l0 = l0_coeff * mean_valid_t (2 / k) (l0_t - k)^2``.
+
+Differences from SAELens, chosen for short CPU runs: the threshold starts at the value that gives the first
+training batch a mean L0 of exactly k (the (k·N + 1)-th largest pre-activation; SAELens starts at 0.01, and Adam
+moves it by about lr per step, far too slowly for a few hundred steps), unless `init_threshold` is set; the MSE
+here is per dimension, so the default coefficient is SAELens's 1.0 divided by d_in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trsae.saes.config import PartConfig, check_float, check_int, register_part
+from trsae.saes.sparsity import Codes, Sparsity
+
+
+def _rect(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """``z * (z > theta)``; straight-through gradient to theta (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, z_NF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z_NF, theta_F)
+        ctx.bandwidth = bandwidth
+        return z_NF * (z_NF > theta_F)
+
+    @staticmethod
+    def backward(ctx, g_NF: Tensor):
+        z_NF, theta_F = ctx.saved_tensors
+        bw = ctx.bandwidth
+        g_theta_F = -((theta_F / bw) * _rect((z_NF - theta_F) / bw) * g_NF).sum(0)
+        return (z_NF > theta_F) * g_NF, g_theta_F, None
+
+
+class StepFn(torch.autograd.Function):
+    """``H(z - theta)``; straight-through gradient to theta only."""
+
+    @staticmethod
+    def forward(ctx, z_NF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z_NF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (z_NF > theta_F).to(z_NF)
+
+    @staticmethod
+    def backward(ctx, g_NF: Tensor):
+        z_NF, theta_F = ctx.saved_tensors
+        bw = ctx.bandwidth
+        return None, -((1.0 / bw) * _rect((z_NF - theta_F) / bw) * g_NF).sum(0), None
+
+
+@dataclass
+class JumpReLUConfig(PartConfig):
+    """JumpReLU with a quadratic penalty around a target L0."""
+
+    k: int = 32
+    """Target mean L0 (active latents per token), the matched-L0 setting."""
+    l0_coeff: float | None = None
+    """Weight of ``mean_t (2/k) (l0_t - k)^2``. None -> ``1 / d_in`` (SAELens's 1.0 in its summed-MSE units)."""
+    bandwidth: float = 0.05
+    """Width of the rectangle kernel of the straight-through estimators (SAELens default)."""
+    init_threshold: float | None = None
+    """Initial threshold of every latent. None -> set on the first training batch to give it mean L0 = k."""
+    threshold_lr_mult: float = 1.0
+    """Learning-rate multiplier of the thresholds."""
+
+    def validate(self) -> None:
+        check_int("k", self.k, lo=1)
+        for name in ("l0_coeff", "init_threshold"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), lo=0.0)
+        check_float("bandwidth", self.bandwidth)
+        check_float("threshold_lr_mult", self.threshold_lr_mult)
+        if self.bandwidth <= 0 or self.threshold_lr_mult <= 0:
+            raise ValueError("bandwidth and threshold_lr_mult must be > 0")
+
+    def resolve(self, d_in: int, width: int) -> None:
+        if self.k > width:
+            raise ValueError(f"k={self.k} must be <= width={width}")
+        if self.l0_coeff is None:
+            self.l0_coeff = 1.0 / d_in
+
+
+@register_part("sparsity", "jumprelu", JumpReLUConfig)
+class JumpReLU(Sparsity):
+    """Parameter ``threshold [F]`` (-1 until the first training batch when `init_threshold` is None)."""
+
+    cfg: JumpReLUConfig
+    unit_norm = True
+
+    def __init__(self, cfg: JumpReLUConfig, d_in: int, width: int):
+        super().__init__(cfg, d_in, width)
+        init = -1.0 if cfg.init_threshold is None else cfg.init_threshold
+        self.threshold = nn.Parameter(torch.full((width,), float(init)))
+
+    @torch.no_grad()
+    def scale_latents_(self, scale_F: Tensor) -> None:
+        if float(self.threshold[0]) >= 0:
+            self.threshold.mul_(scale_F)
+
+    def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [([self.threshold], self.cfg.threshold_lr_mult)]
+
+    @torch.no_grad()
+    def _start(self, z_NF: Tensor, mask_N: Tensor) -> None:
+        if float(self.threshold[0]) < 0:  # first training batch: mean L0 = k
+            z = z_NF[mask_N].flatten()  # z > theta keeps exactly the k N largest: theta is the (k N + 1)-th
+            n_keep = min(self.cfg.k * int(mask_N.sum()) + 1, z.numel())
+            self.threshold.fill_(float(torch.topk(z, n_keep).values[-1].clamp_min(0)))
+        self.threshold.clamp_(min=0.0)  # as SAELens: below 0 the gate would pass negative pre-activations
+
+    def codes(self, enc, st, dead_F=None, update=False) -> Codes:
+        z_NF = enc.dense(st)
+        if update and self.training:
+            self._start(z_NF.detach(), st.mask_N)
+        st.extra["z_NF"] = z_NF
+        return Codes(dense_NF=JumpReLUFn.apply(z_NF, self.threshold, self.cfg.bandwidth))
+
+    def activate(self, z_NF: Tensor, mask_N: Tensor) -> Tensor:
+        return z_NF * (z_NF > self.threshold)
+
+    def saelens(self):
+        if float(self.threshold.detach().min()) < 0:
+            raise ValueError("this JumpReLU SAE has no threshold yet (it is set on the first training batch)")
+        return {"architecture": "jumprelu"}, {"threshold": self.threshold.detach().clone()}
+
+    @torch.no_grad()
+    def load_saelens_(self, tensors: dict[str, Tensor]) -> None:
+        self.threshold.copy_(tensors["threshold"])
+
+    def losses(self, st, codes, x_hat_ND, W_dec_FD, b_dec_D) -> dict[str, Tensor]:
+        k = self.cfg.k
+        l0_N = StepFn.apply(st.extra["z_NF"], self.threshold, self.cfg.bandwidth).sum(1)
+        maskf_N = st.mask_N.to(l0_N.dtype)
+        per_token_N = 2.0 / k * (l0_N - k).pow(2)
+        return {"l0": self.cfg.l0_coeff * (per_token_N * maskf_N).sum() / maskf_N.sum().clamp_min(1.0)}

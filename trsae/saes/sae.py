@@ -1,0 +1,205 @@
+"""The SAE: an encoder part and a sparsity part around one linear dictionary.
+
+    z = encoder(x)        f = sparsity(z)        x_hat = f @ W_dec + b_dec
+
+Parameters: ``W_dec [F, D]`` (rows unit-norm at init), ``b_dec [D]`` (zero; a trainer may set it to the data
+mean), and the parts' own (``encoder.W_enc [D, F]`` = ``W_dec^T`` at init, ``encoder.b_enc [F]``, …).
+`save` writes ``config.json`` (format 2: the `SAEConfig` with both parts by name) and ``sae.safetensors``;
+`load_sae` also reads format 1 (one class per architecture, written before the parts existed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from trsae.io import atomic_path, atomic_write_text
+from trsae.saes.config import SAEConfig, part_classes
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 2
+
+
+class ForwardOutput(NamedTuple):
+    """What `SAE.forward` returns."""
+
+    x_hat_BTD: Tensor
+    """Reconstruction of the (scaled) input."""
+    codes_BTF: Tensor
+    """Sparse codes (dense tensor, zeros where inactive)."""
+    loss: Tensor
+    """Scalar total loss, equal to ``sum(losses.values())``."""
+    losses: dict[str, Tensor]
+    """Each weighted loss term by name: "mse", then the sparsity's ("l1" or "aux"), then the encoder's."""
+
+
+class SAE(nn.Module):
+    """Every SAE variant: `cfg.encoder` and `cfg.sparsity` name the parts (see `trsae.saes.config`)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        W_dec_FD = torch.randn(cfg.width, cfg.d_in, generator=gen)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.encoder = part_classes("encoder", cfg.encoder.name)[1](cfg.encoder, cfg.d_in, cfg.width, W_dec_FD, gen)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.sparsity = part_classes("sparsity", cfg.sparsity.name)[1](cfg.sparsity, cfg.d_in, cfg.width)
+
+    @property
+    def W_enc(self) -> Tensor:
+        return self.encoder.W_enc
+
+    @property
+    def b_enc(self) -> Tensor:
+        return self.encoder.b_enc
+
+    # ----------------------------------------------------------------- public API
+    def pre_acts(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None) -> Tensor:
+        """Pre-activations ``z_BTF`` (dense, differentiable)."""
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec)
+        return self.encoder.dense(st).reshape(st.B, st.T, -1)
+
+    def activate(self, z_BTF: Tensor, mask_BT: Tensor | None = None) -> Tensor:
+        """Sparsity nonlinearity on pre-activations -> ``codes_BTF`` (batchtopk follows train/eval mode;
+        masked tokens get no codes from the batch selection in training mode)."""
+        B, T, F = z_BTF.shape
+        mask_N = torch.ones(B * T, dtype=torch.bool, device=z_BTF.device) if mask_BT is None \
+            else mask_BT.reshape(-1).bool()
+        return self.sparsity.activate(z_BTF.reshape(B * T, F), mask_N).reshape(B, T, F)
+
+    def encode(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None) -> Tensor:
+        """Codes ``codes_BTF`` of (already scaled) inputs."""
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec)
+        return self.sparsity.codes(self.encoder, st).to_dense().reshape(st.B, st.T, -1)
+
+    def decode(self, codes_BTF: Tensor) -> Tensor:
+        """Reconstruction ``x_hat_BTD = codes @ W_dec + b_dec`` (dense)."""
+        return codes_BTF @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x_raw_BTD: Tensor, pos_BT: Tensor | None = None,
+                    mask_BT: Tensor | None = None) -> Tensor:
+        """Reconstruction of raw (unscaled) activations: scale by `input_scale`, encode, decode, unscale."""
+        s = self.cfg.input_scale
+        st = self.encoder.prepare(x_raw_BTD * s, pos_BT, mask_BT, self.b_dec)
+        x_hat_ND = self.sparsity.codes(self.encoder, st).decode(self.W_dec)
+        return ((x_hat_ND + self.b_dec) / s).reshape(st.B, st.T, -1)
+
+    def forward(self, x_BTD: Tensor, mask_BT: Tensor | None = None, pos_BT: Tensor | None = None,
+                dead_F: Tensor | None = None) -> ForwardOutput:
+        """Reconstruction, codes and every loss term, averaged over the tokens where `mask_BT` is True.
+
+        `dead_F` (bool ``[F]``): latents the trainer counts as dead, for the AuxK loss of TopK-style parts. In
+        training mode a sparsity may update running state (BatchTopK's threshold).
+        """
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec)
+        N, D = st.x_ND.shape
+        maskf_N = st.mask_N.to(st.x_ND.dtype)
+        n_valid = maskf_N.sum().clamp_min(1.0)
+        codes = self.sparsity.codes(self.encoder, st, dead_F=dead_F, update=True)
+        x_hat_ND = codes.decode(self.W_dec) + self.b_dec
+        losses = {"mse": ((x_hat_ND - st.x_ND).pow(2).sum(1) / D * maskf_N).sum() / n_valid}
+        losses.update(self.sparsity.losses(st, codes, x_hat_ND, self.W_dec, self.b_dec))
+        losses.update(self.encoder.losses(st, self.W_dec))
+        loss = torch.stack(list(losses.values())).sum()
+        return ForwardOutput(x_hat_ND.reshape(st.B, st.T, D), codes.to_dense().reshape(st.B, st.T, -1), loss, losses)
+
+    # ----------------------------------------------------------------- trainer helpers
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 1e-8) -> None:
+        """Rescale W_dec rows to unit norm and every per-latent encoder term by the same norm, so that a
+        ReLU SAE computes the same function (and the same norm-weighted L1) before and after."""
+        norms_F = self.W_dec.norm(dim=1).clamp_min(eps)
+        self.W_dec.div_(norms_F[:, None])
+        self.encoder.scale_latents_(norms_F)
+        self.sparsity.scale_latents_(norms_F)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from W_dec.grad the component parallel to each decoder row (call before the optimiser
+        step when rows are kept at unit norm)."""
+        if self.W_dec.grad is None:
+            return
+        unit_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        grad_FD = self.W_dec.grad
+        grad_FD.sub_((grad_FD * unit_FD).sum(1, keepdim=True) * unit_FD)
+
+    def optim_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups: the base rate, then each part's own (e.g. the TRSAE context parameters
+        at `temporal_lr_mult` × lr)."""
+        special = [(ps, mult) for ps, mult in self.encoder.lr_groups() + self.sparsity.lr_groups() if ps]
+        ids = {id(p) for ps, _ in special for p in ps}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr}]
+        return groups + [{"params": ps, "lr": lr * mult} for ps, mult in special]
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``sae.safetensors`` and ``config.json`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        meta = {"format": FORMAT_VERSION, "config": self.cfg.to_dict()}
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "SAE":
+        return load_sae(directory)
+
+
+def make_sae(cfg: SAEConfig) -> SAE:
+    return SAE(cfg)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+_V1_ENCODER_KEYS = ("W_enc", "b_enc", "window_cur", "P", "W_qkv", "W_o", "U", "gate_logit", "G")
+_V1_SPARSITY = {"relu": ("l1_coeff",), "topk": ("k", "aux_k", "aux_coeff"),
+                "batchtopk": ("k", "aux_k", "aux_coeff", "threshold_beta")}
+
+
+def upgrade_v1(config: dict[str, Any], state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A format-1 checkpoint (``arch`` relu | topk | batchtopk | trsae, flat fields; TRSAE's mechanism in
+    ``sparsity``) as a format-2 config and state dict."""
+    c = dict(config)
+    arch = c.pop("arch")
+    sparsity = c.pop("sparsity", arch) if arch == "trsae" else arch
+    sp = {"name": sparsity, **{k: c[k] for k in _V1_SPARSITY[sparsity]}}
+    for k in ("l1_coeff", "k", "aux_k", "aux_coeff", "threshold_beta"):
+        c.pop(k, None)
+    top = {k: c.pop(k) for k in ("d_in", "width", "input_scale", "seed")}
+    encoder = {"name": "trsae", **c} if arch == "trsae" else {"name": "token"}
+    new_state = {}
+    for k, t in state.items():
+        prefix = "encoder." if k in _V1_ENCODER_KEYS else "sparsity." if k == "threshold" else ""
+        new_state[prefix + k] = t
+    return {**top, "sparsity": sp, "encoder": encoder}, new_state
+
+
+def load_sae(directory: str | os.PathLike) -> SAE:
+    """Load an SAE written by `SAE.save` (format 2, or format 1 of older checkouts); returned in eval mode."""
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    state = load_file(str(directory / WEIGHTS_FILE))
+    version = meta.get("format")
+    if version == 1:
+        config, state = upgrade_v1(meta["config"], state)
+    elif version == FORMAT_VERSION:
+        config = meta["config"]
+    else:
+        raise ValueError(f"{directory / CONFIG_FILE}: SAE format {version!r} is not one this code reads "
+                         f"(1 or {FORMAT_VERSION}); it was written by another version of trsae")
+    sae = SAE(SAEConfig.from_dict(config))
+    sae.load_state_dict(state)
+    return sae.eval()
