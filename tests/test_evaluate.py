@@ -1,6 +1,8 @@
-"""`evaluate_saes` against a plain-torch reference: the SAE's reconstruction (or zeros, or the training mean)
-written into tiny-gpt2's layer output with a forward hook at ordinary tokens, and CE / KL computed by
-`torch.nn.functional` over the full logits; several SAEs evaluated together give what each gives alone."""
+"""`evaluate_saes` against a plain-torch reference: the SAE's reconstruction written into tiny-gpt2's layer
+output with a forward hook at ordinary tokens, zeros or the training mean written at EVERY position (BOS
+included, as SAELens' ``standard_zero_ablate_hook``), and CE / KL computed by `torch.nn.functional` over the full
+logits; several SAEs evaluated together give what each gives alone. The mean comes from an independent loop
+over the train split."""
 
 import pytest
 import torch
@@ -41,8 +43,8 @@ def _reference(model, store, sae, mean_D, max_seqs):
         m = b.mask_BT[..., None]
         fills = {"clean": None,
                  "sae": lambda h: torch.where(m, sae.reconstruct(h, pos_BT=b.pos_BT, mask_BT=b.mask_BT), h),
-                 "zero": lambda h: torch.where(m, torch.zeros_like(h), h),
-                 "mean": lambda h: torch.where(m, mean_D.expand_as(h), h)}
+                 "zero": lambda h: torch.zeros_like(h),
+                 "mean": lambda h: mean_D.to(h.dtype).expand_as(h).clone()}
         targets, tmask = next_token_targets(b.ids_BT, b.mask_BT)
         logits = {}
         for v, fill in fills.items():
@@ -62,10 +64,18 @@ def _reference(model, store, sae, mean_D, max_seqs):
     return {v: (ce / n, kl / n) for v, (ce, kl) in sums.items()}
 
 
+def _split_mean(store, split):
+    """Mean raw activation over the ordinary tokens of ``split``, written independently of `train_mean`."""
+    rows = [b.acts_BTD[b.mask_BT].double() / store.norm_scale
+            for b in store.batches(split, batch_size=1, shuffle=None, epochs=1, drop_last=False)]
+    return torch.cat(rows).mean(0).float()
+
+
 def test_spliced_ce_and_kl_match_a_forward_hook_reference(tiny_model, tiny_store):
     saes = _saes(tiny_store.d_model)
-    mean_D = train_mean(tiny_store)
-    together = evaluate_saes(saes, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)
+    mean_D = _split_mean(tiny_store, "train")
+    assert torch.allclose(train_mean(tiny_store), mean_D, rtol=1e-5, atol=1e-6)
+    together = evaluate_saes(saes, tiny_store, tiny_model, max_seqs=8)  # the mean-ablation mean: its own
     for name, sae in saes.items():
         ref = _reference(tiny_model, tiny_store, sae, mean_D, max_seqs=8)
         ce = together[name]["model_performance_preservation"]
@@ -75,10 +85,25 @@ def test_spliced_ce_and_kl_match_a_forward_hook_reference(tiny_model, tiny_store
         assert ce["ce_loss_with_ablation"] == pytest.approx(ref["zero"][0], rel=1e-4)
         assert kl["kl_div_with_sae"] == pytest.approx(ref["sae"][1], rel=1e-3, abs=1e-5)
         assert kl["kl_div_with_ablation"] == pytest.approx(ref["zero"][1], rel=1e-3, abs=1e-5)
+        assert ce["ce_loss_with_mean_ablation"] == pytest.approx(ref["mean"][0], rel=1e-4)
+        assert kl["kl_div_with_mean_ablation"] == pytest.approx(ref["mean"][1], rel=1e-3, abs=1e-5)
         assert kl["kl_div_score_mean_ablation"] == pytest.approx(
             (ref["mean"][1] - ref["sae"][1]) / ref["mean"][1], rel=1e-3)
         assert ref["sae"][1] > 1e-3  # a random SAE does change the model: the comparison is not vacuous
 
-        alone = evaluate_sae(sae, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)
+        alone = evaluate_sae(sae, tiny_store, tiny_model, max_seqs=8, mean_D=train_mean(tiny_store))
         assert alone["model_performance_preservation"] == pytest.approx(ce, rel=1e-6)
         assert alone["reconstruction_quality"] == pytest.approx(together[name]["reconstruction_quality"], rel=1e-6)
+
+
+def test_ablations_replace_bos_and_the_mean_comes_from_train(tiny_model, tiny_store):
+    """Keeping BOS clean in the ablations, or taking the mean from the evaluated split, would move CE by more
+    than the tolerance of the reference comparison above (so that comparison can tell them apart)."""
+    sae = _saes(tiny_store.d_model)["topk"]
+    mean_train, mean_test = _split_mean(tiny_store, "train"), _split_mean(tiny_store, "test")
+    ref = _reference(tiny_model, tiny_store, sae, mean_train, max_seqs=8)
+    wrong_mean = _reference(tiny_model, tiny_store, sae, mean_test, max_seqs=8)
+    assert abs(wrong_mean["mean"][0] - ref["mean"][0]) > 3e-4 * ref["mean"][0]  # 3x the rel=1e-4 tolerance
+    res = evaluate_sae(sae, tiny_store, tiny_model, max_seqs=8)["model_performance_preservation"]
+    assert res["ce_loss_with_mean_ablation"] == pytest.approx(ref["mean"][0], rel=1e-4)
+    assert res["ce_loss_with_mean_ablation"] != pytest.approx(wrong_mean["mean"][0], rel=1e-4)

@@ -353,13 +353,17 @@ def test_core_results_shape():
             "ce_loss_score_mean_ablation", "ce_loss_with_mean_ablation"} <= set(r["model_performance_preservation"])
     assert {"explained_variance", "explained_variance_legacy", "mse", "cossim", "fvu"} <= set(r["reconstruction_quality"])
     assert set(r["shrinkage"]) == {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"}
-    assert set(r["sparsity"]) == {"l0", "l1", "dead_frac", "dense_frac"}
+    assert set(r["sparsity"]) == {"l0", "l1", "dead_frac", "dense_frac", "n_tokens_density"}
     q = r["reconstruction_quality"]
     assert q["fvu"] == pytest.approx(1 - q["explained_variance"])
     assert r["token_stats"]["total_tokens_eval_sparsity_variance"] == 8
     assert r["config"] == {"arch": "topk", "seed": 0}
     no_logits = M.core_results({**_recon_dict()}, None, None)
     assert "model_behavior_preservation" not in no_logits and "dead_frac" not in no_logits["sparsity"]
+    assert "l0_train_mode" not in r["sparsity"]
+    tm = M.core_results(_recon_dict(), None, None, train_mode={"l0": 32.0, "explained_variance": 0.5})
+    assert tm["sparsity"]["l0_train_mode"] == 32.0
+    assert tm["reconstruction_quality"]["explained_variance_train_mode"] == 0.5
 
 
 def _recon_dict():

@@ -205,26 +205,31 @@ class _Store:
 
 class _Train:
     tokens = 40000
+    dead_window_frac = 0.1
 
 
 def test_notebook_macros_carry_their_files_prefix(tmp_path):
     summary = {"TopK": {"sparsity": {"l0": _leaf(32.0)}}, "TRSAE": {"sparsity": {"l0": _leaf(31.0)}}}
     rows = [("sparsity", "l0", "L0")]
     usage = {"per_seed": [{"open_gate_frac": 0.25, "positional_frac": 0.5}]}
+    twins = {"TRSAE": {"paired": {"fvu_ratio": _leaf(0.95), "ce_gap_ratio": _leaf(0.9)}}}
     made = {
-        R.SETUP: R.setup_macros("smoke", _Store(), _Train(), 8, 32, [0, 1], 4),
+        R.SETUP: R.setup_macros("smoke", _Store(), _Train(), 8, 32, [0, 1], 4, 100_000),
         R.BASELINE: R.baseline_macros(summary, rows),
-        R.TEMPORAL: R.temporal_macros(summary, rows, usage, 0.1, 10.0, 16),
+        R.TEMPORAL: R.temporal_macros(summary, rows, usage, 0.1, 10.0, 16, twins,
+                                      {"best": "TopK", "second": "TRSAE", "lead": _leaf(0.02), "separated": False}),
         R.OVERHEAD: R.overhead_macros({"trsae_train_ratio": 1.5, "relu_train_ratio": float("nan")}, (8, 16, 128),
                                       640, 32),
     }
     assert set(made[R.SETUP]) == {"setupProfile", "setupModel", "setupLayer", "setupData", "setupHarvestTokens",
                                   "setupCtxLen", "setupTrainTokens", "setupDModel", "setupWidthMult", "setupWidth",
-                                  "setupK", "setupSeeds", "setupEvalSeqs", "setupTestSeqs"}
+                                  "setupK", "setupSeeds", "setupEvalSeqs", "setupTestSeqs", "setupDensityTokens",
+                                  "setupDeadWindowFrac"}
     assert made[R.SETUP]["setupData"] == "brown + sotu" and made[R.SETUP]["setupTestSeqs"] == 12
     assert made[R.BASELINE] == {"baseTopKLZero": 32.0, "baseTopKLZeroSe": 0.01, "baseTRSAELZero": 31.0,
                                 "baseTRSAELZeroSe": 0.01}
     assert made[R.TEMPORAL]["tmpOpenGateFrac"] == 0.25 and made[R.TEMPORAL]["tmpWindow"] == 16
+    assert made[R.TEMPORAL]["tmpTRSAEFvuRatio"] == 0.95 and made[R.TEMPORAL]["tmpStrongestSeparated"] == "not more"
     assert made[R.OVERHEAD] == {"overheadDIn": 640, "overheadK": 32, "overheadWidthMult": 8, "overheadWindow": 16,
                                 "overheadCtxLen": 128, "overheadTrainRatio": 1.5}
     for which, macros in made.items():

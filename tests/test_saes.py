@@ -254,6 +254,9 @@ def test_reconstruct_applies_and_undoes_input_scale(variant):
     x_BTD, mask_BT = batch()
     sae_scaled = build(variant, input_scale=scale).eval()
     sae_unit = build(variant).eval()
+    with torch.no_grad():  # a non-zero b_dec, which reconstruct must take back to raw units with the rest
+        for sae in (sae_scaled, sae_unit):
+            sae.b_dec.copy_(torch.linspace(-1, 1, D))
     x_raw_BTD = x_BTD / scale  # raw activations are large; s * raw has E||.||^2 ~ d
     got = sae_scaled.reconstruct(x_raw_BTD, mask_BT=mask_BT)
     expected = sae_unit.decode(sae_unit.encode(x_BTD, mask_BT=mask_BT)) / scale

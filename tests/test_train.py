@@ -8,7 +8,7 @@ from trsae.saes import SAEConfig, load_sae
 from trsae.train import RunError, lr_lambda, read_log, train_sae
 
 TCFG = TrainConfig(tokens=16 * 8 * 30, batch_size=8, crop_len=16, lr=1e-3, seed=0, checkpoint_every=7,
-                   log_every=5, dead_tokens=100)
+                   log_every=5, dead_window_frac=0.2)
 
 
 def _cfg(store, arch="topk"):
@@ -60,12 +60,35 @@ def test_store_width_mismatch_is_refused(tmp_path, tiny_store):
         train_sae(SAEConfig.build(tiny_store.d_model + 1, 96, "topk", k=4), TCFG, tiny_store, tmp_path)
 
 
-def test_dead_latents_are_tracked(tmp_path, tiny_store):
-    """A latent whose encoder can never fire is counted dead once dead_tokens have passed."""
-    train_sae(_cfg(tiny_store), TCFG, tiny_store, tmp_path, progress=False)
-    assert 0.0 <= read_log(tmp_path)[-1]["dead_frac"] < 1.0
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["since_fired"].shape == (96,) and ckpt["step"] == 30
+def test_auxk_revives_latents_that_cannot_fire(tmp_path, tiny_store, monkeypatch):
+    """Eight latents start with an encoder 1000x too small to ever reach the top k. The trainer counts them dead
+    after its window (in steps), logs it, and the AuxK loss gives them gradient until they fire; with the
+    auxiliary loss switched off they never fire."""
+    import trsae.train as T
+
+    real = T.make_sae
+
+    def crippled(cfg):
+        sae = real(cfg)
+        with torch.no_grad():
+            sae.W_enc[:, :8] *= 1e-3
+        return sae
+
+    monkeypatch.setattr(T, "make_sae", crippled)
+    cfg = TrainConfig(tokens=16 * 8 * 90, batch_size=8, crop_len=16, lr=3e-3, log_every=5, checkpoint_every=100,
+                      dead_window_frac=0.05)
+    fired = {}
+    for name, aux_coeff in (("aux", 1 / 32), ("no-aux", 0.0)):
+        sae = train_sae(_cfg(tiny_store).replace(aux_coeff=aux_coeff), cfg, tiny_store, tmp_path / name,
+                        progress=False)
+        log = read_log(tmp_path / name)
+        assert log[0]["n_dead"] >= 8 and log[0]["dead_frac"] == pytest.approx(log[0]["n_dead"] / 96)  # after 4 steps
+        assert (max(r["aux"] for r in log) > 0) == (aux_coeff > 0)
+        counts_F = torch.zeros(96)
+        for b in tiny_store.batches("train", batch_size=8, crop_len=16, shuffle=None, epochs=1):
+            counts_F += (sae.encode(b.acts_BTD, mask_BT=b.mask_BT)[b.mask_BT] > 0).sum(0)
+        fired[name] = int((counts_F[:8] > 0).sum())
+    assert fired == {"aux": 8, "no-aux": 0}, fired
 
 
 def test_batchtopk_threshold_gives_l0_k_on_training_data(tmp_path, tiny_store):

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sae", required=True)
     e.add_argument("--split", default="test", choices=["val", "test"])
     e.add_argument("--max-seqs", type=int, default=64)
+    e.add_argument("--density-tokens", type=int, default=100_000,
+                   help="training tokens over which dead / dense latents are counted")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--out", default=None, help="results JSON (default: print)")
     e.set_defaults(fn=_eval)

@@ -42,11 +42,84 @@ def _bucket_counts(pos: list[tuple[int, list[int]]], n_buckets: int) -> list[int
     return counts
 
 
-def window_curve(summary: dict[str, dict], windows: list[int],
+def window_name(w: int, full_window: int) -> str:
+    """The `trsae.experiments.ablation_specs` name of the sweep's point at window w."""
+    return "full" if w == full_window else f"w={w}"
+
+
+def window_curve(summary: dict[str, dict], windows: list[int], full_window: int,
                  metric: tuple[str, str] = ("reconstruction_quality", "explained_variance")) -> dict:
     """``{"TRSAE": [(w, mean, se), ...]}`` over the window sweep (w = 0 placed at 0.5 for a log axis)."""
     pts = []
     for w in windows:
-        leaf = summary[f"w={w}"][metric[0]][metric[1]]
+        leaf = summary[window_name(w, full_window)][metric[0]][metric[1]]
         pts.append((max(w, 0.5), leaf["mean"], leaf["se"]))
     return {"TRSAE": pts}
+
+
+# --------------------------------------------------------------------------------------------- seed-paired comparisons
+
+EV = ("reconstruction_quality", "explained_variance")
+CE = ("model_performance_preservation", "ce_loss_score")
+
+
+def _leaf(res: dict, path: tuple[str, str]) -> float:
+    return res[path[0]][path[1]]
+
+
+def paired(per_seed: dict[str, list[dict]], a: str, b: str) -> dict:
+    """SAE `a` against SAE `b`, seed by seed (the same seed gives both the same data order; per-token twins also
+    share the initial dictionary): ``{"paired": {key: {"mean", "se", "n", "values"}}}`` over seeds, with
+    ``fvu_ratio`` = (1 - EV_a) / (1 - EV_b), ``ce_gap_ratio`` = (1 - CE_a) / (1 - CE_b) (pooled EV; CE-loss score
+    against zero-ablation), and the differences ``d_ev`` = EV_a - EV_b and ``d_ce`` = CE_a - CE_b."""
+    rows = []
+    for ra, rb in zip(per_seed[a], per_seed[b], strict=True):
+        ev_a, ev_b, ce_a, ce_b = _leaf(ra, EV), _leaf(rb, EV), _leaf(ra, CE), _leaf(rb, CE)
+        rows.append({"paired": {"fvu_ratio": (1 - ev_a) / (1 - ev_b), "ce_gap_ratio": (1 - ce_a) / (1 - ce_b),
+                                "d_ev": ev_a - ev_b, "d_ce": ce_a - ce_b}})
+    return aggregate_seeds(rows)
+
+
+def separated(x: dict, y: dict | None = None, z: float = 2.0) -> bool:
+    """Whether mean ± z·se of `x` excludes `y`'s interval (or 0 when `y` is None); never with one seed (se 0)."""
+    if x["n"] < 2 or (y is not None and y["n"] < 2):
+        return False
+    lo_x, hi_x = x["mean"] - z * x["se"], x["mean"] + z * x["se"]
+    lo_y, hi_y = (0.0, 0.0) if y is None else (y["mean"] - z * y["se"], y["mean"] + z * y["se"])
+    return hi_x < lo_y or lo_x > hi_y
+
+
+def ablation_effects(per_seed: dict[str, list[dict]], components: tuple[str, ...]) -> dict[str, dict]:
+    """``{component: paired("full", component)}``: the seed-paired effect of removing each component that was run
+    (positive ``d_ev``: the full model explains more)."""
+    return {c: paired(per_seed, "full", c) for c in components if c in per_seed}
+
+
+def ablation_claims(per_seed: dict[str, list[dict]], effects: dict[str, dict], windows: list[int],
+                    full_window: int) -> dict:
+    """What the ablation study may claim: ``d_ev`` (each removal's paired EV effect), ``largest`` = (component
+    with the largest |effect|, the runner-up, whether their two-standard-error intervals are disjoint),
+    ``separated_from_zero`` (components whose effect excludes 0 at two standard errors, largest first) and
+    ``best_window`` = (window with the highest mean EV, the runner-up, whether their seed-paired difference
+    exceeds two standard errors)."""
+    d_ev = {c: e["paired"]["d_ev"] for c, e in effects.items()}
+    ranked = sorted(d_ev, key=lambda c: -abs(d_ev[c]["mean"]))
+    top, runner = ranked[0], ranked[1]
+    gap = {"mean": abs(d_ev[top]["mean"]) - abs(d_ev[runner]["mean"]), "n": min(d_ev[top]["n"], d_ev[runner]["n"]),
+           "se": (d_ev[top]["se"] ** 2 + d_ev[runner]["se"] ** 2) ** 0.5}
+    names = {w: window_name(w, full_window) for w in windows}
+    mean_ev = {w: sum(_leaf(r, EV) for r in per_seed[n]) / len(per_seed[n]) for w, n in names.items()}
+    best, second = sorted(windows, key=lambda w: -mean_ev[w])[:2]
+    lead = paired(per_seed, names[best], names[second])["paired"]["d_ev"]
+    return {"d_ev": d_ev, "largest": (top, runner, separated(gap)),
+            "separated_from_zero": [c for c in ranked if separated(d_ev[c])],
+            "best_window": (best, second, separated(lead))}
+
+
+def strongest(per_seed: dict[str, list[dict]], names: list[str]) -> dict:
+    """The per-token baseline with the highest mean pooled explained variance among `names`, the runner-up, and
+    whether the lead (seed-paired EV difference) is larger than two standard errors."""
+    ranked = sorted(names, key=lambda n: -sum(_leaf(r, EV) for r in per_seed[n]) / len(per_seed[n]))
+    best, second = ranked[0], ranked[1]
+    lead = paired(per_seed, best, second)["paired"]["d_ev"]
+    return {"best": best, "second": second, "lead": lead, "separated": separated(lead)}

@@ -99,9 +99,9 @@ class Evaluator:
     """Evaluates SAEs of one store against one model; results are cached in each run folder."""
 
     def __init__(self, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
-                 max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True):
+                 max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True, density_tokens: int = 100_000):
         self.store, self.split, self.max_seqs, self.batch_size = store, split, max_seqs, batch_size
-        self.with_logits = with_logits
+        self.with_logits, self.density_tokens = with_logits, density_tokens
         self._model = model
         self._mean = None
 
@@ -113,6 +113,7 @@ class Evaluator:
 
     def path(self, run: Path) -> Path:
         key = config_hash({"split": self.split, "max_seqs": self.max_seqs, "logits": self.with_logits,
+                           "batch_size": self.batch_size, "density_tokens": self.density_tokens,
                            "code": code_version()})
         return Path(run) / f"eval-{self.split}-{key}.json"
 
@@ -124,7 +125,7 @@ class Evaluator:
                 self._mean = train_mean(self.store)
             res = evaluate_saes(todo, self.store, self.model if self.with_logits else None, split=self.split,
                                 max_seqs=self.max_seqs, batch_size=self.batch_size, mean_D=self._mean,
-                                with_logits=self.with_logits)
+                                with_logits=self.with_logits, density_tokens=self.density_tokens)
             for r, v in res.items():
                 write_json_atomic(self.path(Path(r)), v)
         return {r: json.loads(self.path(r).read_text()) for r in runs}
@@ -158,12 +159,13 @@ def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg:
 
 
 def compare(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,
-            work: str | os.PathLike, eval_seqs: int, model: LoadedModel | None = None,
-            progress: bool = True) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """`train_and_evaluate` on the first ``eval_seqs`` test sequences, and the means ± standard errors over seeds
-    (`trsae.analysis.summarize`): ``(per_seed, summary)``."""
-    per_seed = train_and_evaluate(specs, seeds, train_cfg, store, Evaluator(store, model, max_seqs=eval_seqs), work,
-                                  progress)
+            work: str | os.PathLike, eval_seqs: int, model: LoadedModel | None = None, progress: bool = True,
+            density_tokens: int = 100_000) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """`train_and_evaluate` on the first ``eval_seqs`` test sequences (dead / dense latents over ``density_tokens``
+    training tokens), and the means ± standard errors over seeds (`trsae.analysis.summarize`):
+    ``(per_seed, summary)``."""
+    evaluate = Evaluator(store, model, max_seqs=eval_seqs, density_tokens=density_tokens)
+    per_seed = train_and_evaluate(specs, seeds, train_cfg, store, evaluate, work, progress)
     return per_seed, summarize(per_seed)
 
 

@@ -119,15 +119,19 @@ class TrainConfig:
     decay_frac: float = 0.2
     """Linear decay to zero over the last ``decay_frac`` of training."""
     seed: int = 0
-    dead_tokens: int = 200_000
-    """A latent that has not fired for this many tokens is dead (feeds the TopK auxiliary loss)."""
+    dead_window_frac: float = 0.1
+    """A latent that has not fired in the last ``max(1, round(dead_window_frac * steps))`` training steps is dead
+    and feeds the AuxK loss: SAELens's ``dead_feature_window`` (in steps), scaled with the run so that it acts
+    in short runs too (a fixed 200k-token window never opened in a 300-step run)."""
     checkpoint_every: int = 200
     """Steps between checkpoints."""
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "batch_size", "crop_len", "lr", "dead_tokens", "checkpoint_every", "log_every"):
+        for name in ("tokens", "batch_size", "crop_len", "lr", "checkpoint_every", "log_every"):
             _positive(name, getattr(self, name))
+        if not 0 < self.dead_window_frac <= 1:
+            raise ValueError(f"dead_window_frac must be in (0, 1], got {self.dead_window_frac}")
         if self.shuffle not in ("crop", "sequence"):
             raise ValueError(f"shuffle must be 'crop' or 'sequence', got {self.shuffle!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1 and self.warmup_frac + self.decay_frac <= 1):

@@ -1,9 +1,29 @@
 """Evaluate a trained SAE on a store's held-out split: reconstruction, sparsity, and the model's behaviour
 with the reconstruction spliced in at the layer (through nnsight), against zero- and mean-ablation.
 
-Splicing (`trsae.lm.splice`) replaces the layer output only at ordinary tokens; BOS and other special tokens
-keep their clean activation in every variant (SAE, zero, mean), and cross-entropy / KL are scored at positions
-that read an ordinary token and predict one (`trsae.metrics.next_token_targets`).
+Positions, as SAEBench / SAELens (checked against sae-lens 6.54.12, ``sae_lens/evals.py``: ``get_recons_loss``,
+its ``standard_replacement_hook`` and ``standard_zero_ablate_hook``; SAEBench ``sae_bench/evals/core/main.py``,
+its zero-ablation hook):
+
+- the SAE splice (`trsae.lm.splice`) replaces the layer output only at ordinary tokens; BOS and other special
+  tokens keep their clean activation (SAELens' ``standard_replacement_hook`` with its ``mask``);
+- zero- and mean-ablation replace the layer output at EVERY position, BOS and special tokens included
+  (SAELens' ``standard_zero_ablate_hook`` returns ``zeros_like`` of the whole activation); mean ablation writes
+  the training-split mean (`train_mean`) at every position;
+- cross-entropy / KL are scored at positions that read an ordinary token and predict one
+  (`trsae.metrics.next_token_targets`), the same positions for every variant;
+- reconstruction metrics are in model units (the store's ``norm_scale`` undone) over ordinary tokens only.
+
+Dead / dense latents come from a separate encode-only pass over the first ``density_tokens`` ordinary tokens
+of the store's TRAIN split, in order (default 100,000; all of them if the split holds fewer): dead = never
+fired on those tokens, dense = fired on more than 10% of them (``FeatureStatsAccumulator``'s
+``dense_threshold`` 0.1, SAEBench's ``freq_over_10_percent``). ``sparsity.n_tokens_density`` records how many
+tokens that was. L0 / L1 stay those of the evaluated split.
+
+For SAEs whose sparsity is ``calibrated`` (BatchTopK, Matryoshka BatchTopK: a global threshold at inference,
+a batch top-k in training) the evaluated batches are also encoded with the training selection, giving
+``sparsity.l0_train_mode`` and ``reconstruction_quality.explained_variance_train_mode`` (pooled, as
+``explained_variance``); the batch top-k depends on the batch, i.e. on ``batch_size``.
 """
 
 from __future__ import annotations
@@ -33,18 +53,67 @@ def train_mean(store: ActivationStore, max_seqs: int = 256) -> torch.Tensor:
     return (total / max(n, 1)).float()
 
 
-def _fill(value_D: torch.Tensor | None, mask_BT: torch.Tensor):
+def _fill(value_D: torch.Tensor | None):
+    """Zero- (``value_D`` None) or mean-ablation of the layer output at every position, BOS included (SAELens'
+    ``standard_zero_ablate_hook``)."""
     def replace(h_BTD: torch.Tensor) -> torch.Tensor:
-        v = torch.zeros_like(h_BTD) if value_D is None else value_D.to(h_BTD.dtype).expand_as(h_BTD)
-        return torch.where(mask_BT[..., None], v, h_BTD)
+        if value_D is None:
+            return torch.zeros_like(h_BTD)
+        return value_D.to(device=h_BTD.device, dtype=h_BTD.dtype).expand_as(h_BTD).clone()
     return replace
+
+
+def _is_calibrated(sae: SAE) -> bool:
+    return bool(getattr(sae.sparsity, "calibrated", False))
+
+
+@torch.no_grad()
+def _train_mode_codes(sae: SAE, acts_BTD: torch.Tensor, pos_BT: torch.Tensor, mask_BT: torch.Tensor):
+    """Codes with the training selection (BatchTopK's batch top-k); ``encode`` never updates running state, and
+    this is checked: every buffer must be unchanged afterwards."""
+    before = {k: v.clone() for k, v in sae.named_buffers()}
+    sae.train()
+    try:
+        codes_BTF = sae.encode(acts_BTD, pos_BT=pos_BT, mask_BT=mask_BT)
+    finally:
+        sae.eval()
+    for k, v in sae.named_buffers():
+        if k in before and not torch.equal(before[k], v):
+            raise RuntimeError(f"encoding in training mode changed the SAE's buffer {k}")
+    return codes_BTF
+
+
+@torch.no_grad()
+def density_stats(saes: dict[str, SAE], store: ActivationStore, density_tokens: int = 100_000,
+                  batch_size: int = 32) -> dict[str, dict]:
+    """Encode-only pass over the first ``density_tokens`` ordinary tokens of the store's train split, in order:
+    each SAE's `FeatureStatsAccumulator.compute()` (``n_tokens`` = tokens counted, fewer if the split is
+    smaller). The last batch is encoded whole and counted only up to ``density_tokens``."""
+    if density_tokens <= 0:
+        raise ValueError(f"density_tokens must be positive, got {density_tokens}")
+    feats = {n: FeatureStatsAccumulator(s.cfg.width) for n, s in saes.items()}
+    n = 0
+    for b in store.batches("train", batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
+        if n >= density_tokens:
+            break
+        count_BT = b.mask_BT.clone()
+        need = density_tokens - n
+        flat = count_BT.reshape(-1)
+        if int(flat.sum()) > need:
+            flat[torch.nonzero(flat).squeeze(1)[need:]] = False
+        for name, sae in saes.items():
+            codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
+            feats[name].update(codes_BTF, count_BT)
+        n += int(count_BT.sum())
+    return {name: f.compute() for name, f in feats.items()}
 
 
 @torch.no_grad()
 def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedModel | None = None,
                   split: str = "test", max_seqs: int = 64, batch_size: int = 4, mean_D: torch.Tensor | None = None,
-                  with_logits: bool = True) -> dict[str, dict]:
-    """Core metrics of each SAE on the first ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped).
+                  with_logits: bool = True, density_tokens: int = 100_000) -> dict[str, dict]:
+    """Core metrics of each SAE on the first ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped); dead /
+    dense latents from `density_stats` over ``density_tokens`` train tokens (see the module docstring).
 
     The clean, zero- and mean-ablated forward passes, and their softmaxes over the vocabulary, are shared by all
     SAEs; each SAE adds one spliced pass and one log-normaliser (`trsae.metrics.CleanLogits`).
@@ -55,7 +124,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                              f"layer {store.manifest['layer']}) has d_model {store.d_model}")
         sae.eval()
     recon = {n: ReconstructionAccumulator() for n in saes}
-    feats = {n: FeatureStatsAccumulator(s.cfg.width) for n, s in saes.items()}
+    recon_train = {n: ReconstructionAccumulator() for n, s in saes.items() if _is_calibrated(s)}
     logit = {n: LogitAccumulator() for n in saes}
     if with_logits:
         if model is None:
@@ -72,13 +141,16 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         if with_logits:
             targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
             ref = CleanLogits(logits_with_replacement(model, layer, b.ids_BT), targets_BT, tmask_BT)
-            ablated = {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill, b.mask_BT)), v)
+            ablated = {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill)), v)
                        for v, fill in (("zero", None), ("mean", mean_D))}
         for name, sae in saes.items():
             codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
             x_hat_BTD = sae.decode(codes_BTF)
             recon[name].update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)  # model units
-            feats[name].update(codes_BTF, b.mask_BT)
+            if name in recon_train:
+                codes_tr_BTF = _train_mode_codes(sae, b.acts_BTD, b.pos_BT, b.mask_BT)
+                recon_train[name].update(b.acts_BTD / scale, sae.decode(codes_tr_BTF) / scale, codes_tr_BTF,
+                                         b.mask_BT)
             if with_logits:
                 spliced = logits_with_replacement(model, layer, b.ids_BT, splice(sae, b.mask_BT, b.pos_BT))
                 logit[name].add_clean(ref)
@@ -87,14 +159,20 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                 logit[name].add("mean", ablated["mean"])
                 del spliced
         n_seqs += len(b.seq_B)
+    dens = density_stats(saes, store, density_tokens, batch_size=max(batch_size, 32))
     out = {}
     for name, sae in saes.items():
         r = recon[name].compute()
         token_stats = {"n_seqs": n_seqs, "n_tokens_eval": r["n_tokens"], "split": split}
         cfg = {"sae": sae.cfg.to_dict(),
                "store": {k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len", "config_hash")}}
-        out[name] = core_results(r, logit[name].compute() if with_logits else None, feats[name].compute(),
-                                 config=cfg, token_stats=token_stats)
+        token_stats["n_tokens_density"] = dens[name]["n_tokens"]
+        train_mode = None
+        if name in recon_train:
+            rt = recon_train[name].compute()
+            train_mode = {"l0": rt["l0"], "explained_variance": rt["explained_variance"]}
+        out[name] = core_results(r, logit[name].compute() if with_logits else None, dens[name],
+                                 config=cfg, token_stats=token_stats, train_mode=train_mode)
     return out
 
 
@@ -125,7 +203,7 @@ def eval_from_args(a) -> None:
     sae_dir = Path(a.sae) / "sae" if (Path(a.sae) / "sae").is_dir() else Path(a.sae)
     sae = load_sae(sae_dir)
     check_sae_matches_store(sae_dir, sae, store)
-    res = evaluate_sae(sae, store, split=a.split, max_seqs=a.max_seqs)
+    res = evaluate_sae(sae, store, split=a.split, max_seqs=a.max_seqs, density_tokens=a.density_tokens)
     if a.out:
         write_json_atomic(a.out, res)
         print(f"wrote {a.out}")

@@ -14,20 +14,41 @@ CORE_ROWS = [
     ("model_behavior_preservation", "kl_div_score", "KL-divergence score"),
     ("model_performance_preservation", "ce_loss_score", "CE-loss score (zero abl.)"),
     ("model_performance_preservation", "ce_loss_score_mean_ablation", "CE-loss score (mean abl.)"),
-    ("sparsity", "dead_frac", "dead latents (eval)"),
+    ("sparsity", "l0_train_mode", "L0 (training selection)"),
+    ("reconstruction_quality", "explained_variance_train_mode", "explained variance (training selection)"),
+    ("sparsity", "dead_frac", "dead latents"),
+    ("sparsity", "dense_frac", "dense latents"),
 ]
+"""The core table. The "training selection" rows exist for BatchTopK-style SAEs only: their codes under the batch
+top-k used in training, beside the inference threshold's; dead / dense fractions are counted over the density
+pass's training tokens (`trsae.evaluate.density_stats`)."""
 
 
 ABLATION_ROWS = [row for row in CORE_ROWS if row[1] in
-                 ("explained_variance", "kl_div_score", "ce_loss_score", "ce_loss_score_mean_ablation", "dead_frac")]
+                 ("explained_variance", "kl_div_score", "ce_loss_score", "ce_loss_score_mean_ablation")]
+
+
+PER_TOKEN = ("TopK", "BatchTopK", "JumpReLU", "Matryoshka")
+"""The per-token baselines at matched L0 (k), among which the strongest is named."""
+TWINS = {"TRSAE": "TopK", "TRSAE-BatchTopK": "BatchTopK", "TRSAE-JumpReLU": "JumpReLU"}
+"""Each TRSAE and the per-token SAE of the same sparsity it is compared with (same width, k, seed)."""
+INTERP_SAES = ("TopK", "TRSAE")
+"""The SAEs notebook 04 evaluates: its syntax, probing and GAP passes cost minutes per SAE and seed, so it takes
+the TopK TRSAE and its twin only."""
+PAIRED_ROWS = [("paired", "fvu_ratio", "FVU ratio"), ("paired", "ce_gap_ratio", "CE-gap ratio"),
+               ("paired", "d_ev", "EV difference"), ("paired", "d_ce", "CE-loss score difference")]
+"""Rows of the seed-paired comparisons (`trsae.analysis.paired`)."""
 
 
 def baseline_specs(d_in: int, width: int, k: int, l1_coeff: float | None = None) -> dict[str, SAEConfig]:
-    """The three baselines at one width: ReLU + L1 (its L0 follows from ``l1_coeff``), TopK and BatchTopK."""
+    """The per-token baselines at one width: ReLU + L1 (its L0 follows from ``l1_coeff``), and at L0 = k TopK,
+    BatchTopK, JumpReLU (k its target mean L0) and Matryoshka BatchTopK."""
     relu_kw = {} if l1_coeff is None else {"l1_coeff": l1_coeff}
     return {"ReLU-L1": SAEConfig.build(d_in, width, "relu", **relu_kw),
             "TopK": SAEConfig.build(d_in, width, "topk", k=k),
-            "BatchTopK": SAEConfig.build(d_in, width, "batchtopk", k=k)}
+            "BatchTopK": SAEConfig.build(d_in, width, "batchtopk", k=k),
+            "JumpReLU": SAEConfig.build(d_in, width, "jumprelu", k=k),
+            "Matryoshka": SAEConfig.build(d_in, width, "matryoshka", k=k)}
 
 
 def k_sweep(cfg: SAEConfig, ks: list[int]) -> list[SAEConfig]:
@@ -42,31 +63,40 @@ def l1_sweep(cfg: SAEConfig, mults: list[float]) -> list[SAEConfig]:
 
 def temporal_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: float = 0.3,
                    **trsae_kw) -> dict[str, SAEConfig]:
-    """TRSAE and the baselines it is compared with at matched L0 (k): TopK and BatchTopK at the same width,
-    and "TopK-wide", a TopK whose wider dictionary holds as many parameters as the TRSAE."""
-    tr = SAEConfig.build(d_in, width, "topk", "trsae", k=k, window=window, curriculum_frac=curriculum_frac,
-                         **trsae_kw)
-    n_tr = make_sae(tr).n_params()
+    """The matched-L0 comparison (k): the per-token baselines of `PER_TOKEN`, a TRSAE encoder on each sparsity of
+    `TWINS` ("TRSAE" is the TopK one), and "TopK-wide", a TopK whose wider dictionary holds as many parameters as
+    the TopK TRSAE."""
+    base = baseline_specs(d_in, width, k)
+    specs = {name: base[name] for name in PER_TOKEN}
+    for name, twin in TWINS.items():
+        specs[name] = base[twin].replace(encoder="trsae", window=window, curriculum_frac=curriculum_frac, **trsae_kw)
+    n_tr = make_sae(specs["TRSAE"]).n_params()
     per_latent = 2 * d_in + 1  # W_enc column, W_dec row, b_enc entry; b_dec is d_in once
-    wide = round((n_tr - d_in) / per_latent)
-    return {"TopK": SAEConfig.build(d_in, width, "topk", k=k),
-            "BatchTopK": SAEConfig.build(d_in, width, "batchtopk", k=k),
-            "TopK-wide": SAEConfig.build(d_in, wide, "topk", k=k),
-            "TRSAE": tr}
+    specs["TopK-wide"] = SAEConfig.build(d_in, round((n_tr - d_in) / per_latent), "topk", k=k)
+    return specs
 
 
 def ablation_specs(d_in: int, width: int, k: int, window: int, windows: list[int],
                    curriculum_frac: float = 0.3, **trsae_kw) -> dict[str, SAEConfig]:
     """The full TRSAE, each temporal component removed in turn, a sweep of the window w, and the look-ahead
-    (acausal) variant, clearly labelled as a reference: codes there see future tokens."""
+    (acausal) variant, clearly labelled as a reference: codes there see future tokens. One entry per distinct
+    model: removing the attention is the window w = 0 (bitwise the same training), so it appears once, as "w=0";
+    "gates fixed open" removes the gates and with them the gate penalty (a TRSAE's gates only re-parametrise U,
+    so what this removes is the penalty's pressure to close them)."""
     full = SAEConfig.build(d_in, width, "topk", "trsae", k=k, window=window, curriculum_frac=curriculum_frac,
                            **trsae_kw)
     specs = {"full": full,
              "no position emb.": full.replace(use_pos=False),
-             "no attention": full.replace(use_attn=False),
-             "gates always on": full.replace(use_gates=False),
+             "gates fixed open": full.replace(use_gates=False),
              "no curriculum": full.replace(curriculum_frac=0.0),
              "look-ahead (reference)": full.replace(causal=False)}
     for w in windows:
-        specs[f"w={w}"] = full.replace(window=w, w_start=min(full.encoder.w_start, w))
+        if w != window:  # the full model is the sweep's point at its own window
+            specs[f"w={w}"] = full.replace(window=w, w_start=min(full.encoder.w_start, w))
     return specs
+
+
+ABLATION_COMPONENTS = ("no position emb.", "w=0", "gates fixed open", "no curriculum")
+"""The ablations that each remove one temporal component ("w=0": the attention), by their `ablation_specs` names."""
+ABLATION_EFFECT_ROWS = [("paired", "d_ev", "EV, full minus ablated"),
+                        ("paired", "d_ce", "CE-loss score, full minus ablated")]

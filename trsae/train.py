@@ -3,7 +3,8 @@ and atomic checkpoints from which a killed run resumes to the same weights.
 
 A run folder holds::
 
-    checkpoint.pt      model, optimiser, scheduler, RNG states, data cursor (step), dead-latent counters
+    checkpoint.pt      model, optimiser, scheduler, RNG states, data cursor (step), dead-latent counters (steps
+                       since each latent last fired)
     metrics.jsonl      one line per logged step
     sae/               the finished SAE (config.json + sae.safetensors), written last
     run.json           the run's configs and the store it trained on
@@ -160,6 +161,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     sae = make_sae(sae_cfg)
     tokens_per_step = cfg.batch_size * cfg.crop_len
     total = max(1, cfg.tokens // tokens_per_step)
+    dead_steps = max(1, round(cfg.dead_window_frac * total))
     opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
@@ -203,12 +205,12 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
             batch = ranks.shard(next(batches))
             sae.encoder.on_step(step, total)
             out_ = train_step(sae, opt, batch.acts_BTD, batch.mask_BT, batch.pos_BT,
-                              dead_F=since_fired_F > cfg.dead_tokens, ranks=ranks)
+                              dead_F=since_fired_F >= dead_steps, ranks=ranks)
             sched.step()
             with torch.no_grad():
                 codes = out_.codes_BTF[batch.mask_BT]
                 fired = ranks.sum_((codes > 0).any(0).long()) > 0
-                since_fired_F += int(ranks.sum_(batch.mask_BT.sum()))
+                since_fired_F += 1
                 since_fired_F[fired] = 0
                 if ranks.world > 1:
                     for buf in sae.sparsity.buffers():
@@ -224,7 +226,8 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                 rec = {"step": step, "tokens": step * tokens_per_step, "lr": sched.get_last_lr()[0],
                        "loss": out_.loss.item(), **{k: v.item() for k, v in out_.losses.items()},
                        "l0": (codes > 0).sum(-1).float().mean().item(), "fvu": fvu,
-                       "dead_frac": (since_fired_F > cfg.dead_tokens).float().mean().item(),
+                       "n_dead": int((since_fired_F >= dead_steps).sum()),
+                       "dead_frac": (since_fired_F >= dead_steps).float().mean().item(),
                        "tok_per_s": tok0 / (time.perf_counter() - t0)}
                 rec.update(sae.encoder.log_stats())
                 log.write(json.dumps(rec) + "\n")

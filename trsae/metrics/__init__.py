@@ -5,7 +5,8 @@ Pure torch + numpy: nothing here imports the model, data or SAE layers. The call
 float64 sums, so memory is bounded by one batch (logits are processed in row chunks; only the current batch's
 clean softmax is kept, while its variants are scored).
 
-Definitions (checked against SAELens ``sae_lens/evals.py`` at decoderesearch/SAELens 191d44e and SAEBench
+Definitions (checked against SAELens ``sae_lens/evals.py`` at decoderesearch/SAELens 191d44e, the ablation
+positions again against sae-lens 6.54.12 as installed, and SAEBench
 ``sae_bench/evals/core/main.py`` at adamkarvonen/SAEBench 10e0728). N = valid tokens, x, x̂ ∈ R^D per token:
 
 - ``explained_variance`` (pooled, SAELens' current ``ExplainedVarianceCalculator``):
@@ -31,10 +32,18 @@ Definitions (checked against SAELens ``sae_lens/evals.py`` at decoderesearch/SAE
 - Feature density: fraction of valid tokens on which a latent is non-zero. ``dead_frac``: share of latents
   that never fired; ``dense_frac``: share with density > ``dense_threshold`` (default 0.1, i.e. SAEBench's
   ``freq_over_10_percent``); ``frac_alive``, ``freq_over_1_percent`` and ``freq_over_10_percent`` as SAEBench.
+  `trsae.evaluate` accumulates these on a separate encode-only pass over ≥ 100k train tokens
+  (``sparsity.n_tokens_density``), not on the few thousand evaluation tokens.
+- ``l0_train_mode`` / ``explained_variance_train_mode`` (calibrated sparsities only, e.g. BatchTopK): ``l0``
+  and pooled ``explained_variance`` of the codes chosen by the training rule (batch top-k) on the same batches.
 - CE: mean next-token cross-entropy (nats) over valid positions; KL(clean ‖ other) = Σ_v p_clean
   (log p_clean − log p_other), mean over valid positions. ``ce_loss_score`` = (CE_abl − CE_sae) /
   (CE_abl − CE_clean) and ``kl_div_score`` = (KL_abl − KL_sae) / KL_abl (SAEBench), with zero ablation;
-  the ``*_mean_ablation`` variants use the mean-ablated run in place of the zero-ablated one.
+  the ``*_mean_ablation`` variants use the mean-ablated run in place of the zero-ablated one. As in SAELens
+  (sae-lens 6.54.12 ``get_recons_loss``: ``standard_zero_ablate_hook`` zeroes the whole activation, while
+  ``standard_replacement_hook`` splices the SAE only where its ``mask`` is true) and SAEBench's core eval, the
+  ablated runs replace the layer output at every position, BOS included (mean ablation: the train-split mean
+  everywhere); only the SAE splice keeps special tokens clean; scored positions exclude special tokens.
 
 An undefined value (nothing accumulated, or a zero denominator in a score) is ``None``, which JSON stores
 as ``null``; ``aggregate_seeds`` skips it and reports how many seeds had a value.

@@ -16,11 +16,17 @@ def core_results(
     *,
     config: dict[str, Any] | None = None,
     token_stats: dict[str, Any] | None = None,
+    train_mode: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the seed / SAEBench-shaped results dict from the accumulators' ``compute()`` outputs.
 
     Sections whose source is missing (``logits`` or ``feats`` None) are left out, as SAEBench drops empty
     metric groups. ``token_stats`` defaults to the token counts the accumulators saw; ``config`` is copied in.
+
+    ``feats`` may come from other tokens than ``recon`` (`trsae.evaluate` counts dead / dense latents on a long
+    pass over the train split): its token count is ``sparsity.n_tokens_density``. ``train_mode`` (``{"l0",
+    "explained_variance"}`` of the codes with the training selection, for calibrated sparsities such as
+    BatchTopK) adds ``sparsity.l0_train_mode`` and ``reconstruction_quality.explained_variance_train_mode``.
     """
     out: dict[str, Any] = {}
     if logits is not None:
@@ -41,9 +47,13 @@ def core_results(
                                               "relative_reconstruction_bias")}
     out["sparsity"] = {"l0": recon["l0"], "l1": recon["l1"]}
     if feats is not None:
-        out["sparsity"].update(dead_frac=feats["dead_frac"], dense_frac=feats["dense_frac"])
+        out["sparsity"].update(dead_frac=feats["dead_frac"], dense_frac=feats["dense_frac"],
+                               n_tokens_density=feats["n_tokens"])
         out["misc_metrics"] = {k: feats[k] for k in ("frac_alive", "freq_over_1_percent",
                                                      "freq_over_10_percent", "dense_threshold")}
+    if train_mode is not None:
+        out["sparsity"]["l0_train_mode"] = train_mode["l0"]
+        out["reconstruction_quality"]["explained_variance_train_mode"] = train_mode["explained_variance"]
     if token_stats is None:
         token_stats = {"total_tokens_eval_sparsity_variance": recon["n_tokens"]}
         if logits is not None:

@@ -123,16 +123,17 @@ def results_macros(summary: dict[str, dict], which: MacroFile, rows: Sequence[Pa
 
 
 def setup_macros(profile: str, store, train_cfg, width_mult: int, k: int, seeds: list[int],
-                 eval_seqs: int) -> dict:
+                 eval_seqs: int, density_tokens: int) -> dict:
     """01's experimental setup (`SETUP`), read from the store (``manifest``, ``d_model``, ``splits``) and the
-    training config (``tokens``) used."""
+    training config (``tokens``) used; ``density_tokens``: the training tokens the dead / dense counts saw."""
     m = store.manifest
     return _prefixed(SETUP, {
         "Profile": profile, "Model": m["model"], "Layer": m["layer"],
         "Data": m["data"].replace("+", " + ").replace("_", "\\_"), "HarvestTokens": m["token_count"],
         "CtxLen": m["ctx_len"], "TrainTokens": train_cfg.tokens, "DModel": store.d_model,
         "WidthMult": width_mult, "Width": width_mult * store.d_model, "K": k,
-        "Seeds": len(seeds), "EvalSeqs": eval_seqs, "TestSeqs": len(store.splits["test"])})
+        "Seeds": len(seeds), "EvalSeqs": eval_seqs, "TestSeqs": len(store.splits["test"]),
+        "DensityTokens": density_tokens, "DeadWindowFrac": train_cfg.dead_window_frac})
 
 
 def baseline_macros(summary: dict[str, dict], rows: Sequence[Panel]) -> dict[str, float]:
@@ -141,30 +142,56 @@ def baseline_macros(summary: dict[str, dict], rows: Sequence[Panel]) -> dict[str
 
 
 def temporal_macros(summary: dict[str, dict], rows: Sequence[Panel], usage: dict, usage_threshold: float,
-                    temporal_lr_mult: float, window: int) -> dict[str, float]:
-    """02's core metrics per SAE, and what the TRSAE uses of its context (`trsae.analysis.temporal_usage`),
-    as means over seeds (`TEMPORAL`)."""
+                    temporal_lr_mult: float, window: int, twins: dict[str, dict], strongest: dict) -> dict[str, float]:
+    """02's core metrics per SAE; what the TRSAE uses of its context (`trsae.analysis.temporal_usage`) as means over
+    seeds; each TRSAE against its per-token twin (``twins``: `trsae.analysis.paired` by TRSAE name: FVU and CE-gap
+    ratios ± se); and the strongest per-token baseline (`trsae.analysis.strongest`) with its lead over the
+    runner-up and whether that lead exceeds two standard errors (`TEMPORAL`)."""
     u0 = usage["per_seed"]
-    return {**results_macros(summary, TEMPORAL, rows), **_prefixed(TEMPORAL, {
+    out = {**results_macros(summary, TEMPORAL, rows), **_prefixed(TEMPORAL, {
         "OpenGateFrac": sum(u["open_gate_frac"] for u in u0) / len(u0),
         "PositionalFrac": sum(u["positional_frac"] for u in u0) / len(u0),
-        "UsageThreshold": usage_threshold, "TemporalLrMult": temporal_lr_mult, "Window": window})}
+        "UsageThreshold": usage_threshold, "TemporalLrMult": temporal_lr_mult, "Window": window,
+        "Strongest": strongest["best"], "StrongestSecond": strongest["second"],
+        "StrongestLead": strongest["lead"]["mean"], "StrongestLeadSe": strongest["lead"]["se"],
+        "StrongestSeparated": "more" if strongest["separated"] else "not more"})}
+    for name, res in twins.items():
+        for key in ("fvu_ratio", "ce_gap_ratio"):
+            leaf = res["paired"][key]
+            out[macro_name(TEMPORAL.prefix, name, key)] = leaf["mean"]
+            out[macro_name(TEMPORAL.prefix, name, key, "se")] = leaf["se"]
+    return out
 
 
-def ablation_macros(summary: dict[str, dict], windows: list[int], n_seeds: int, train_tokens: int,
+def ablation_macros(summary: dict[str, dict], claims: dict, windows: list[int], n_seeds: int, train_tokens: int,
                     eval_seqs: int) -> dict:
-    """03's ablation study (`ABLATION`): the component whose removal moves explained variance the most (and by
-    how much, full minus ablated), the best window, the seeds, windows, training tokens and evaluated test
-    sequences used. Names as `trsae.experiments.ablation_specs` gives them."""
-    ev = {n: r["reconstruction_quality"]["explained_variance"]["mean"] for n, r in summary.items()}
-    removed = {n: ev["full"] - ev[n] for n in ("no position emb.", "no attention", "gates always on", "no curriculum")}
-    largest = max(removed, key=lambda n: abs(removed[n]))
-    best_w = max(windows, key=lambda w: ev[f"w={w}"])
-    return _prefixed(ABLATION, {
-        "Seeds": n_seeds, "Windows": ", ".join(map(str, windows)), "BestWindow": best_w,
-        "TrainTokens": train_tokens, "EvalSeqs": eval_seqs,
-        "LargestEffect": largest, "LargestEffectDelta": removed[largest],
-        "FullEV": ev["full"], "LookAheadEV": ev["look-ahead (reference)"]})
+    """03's ablation study (`ABLATION`): per removed component the seed-paired effect on explained variance (full
+    minus ablated, ``…DeltaEv`` ± ``…Se``), and what `trsae.analysis.ablation_claims` found: the component that
+    matters most and the best window, each named only when two-standard-error intervals separate it from the
+    runner-up (else a sentence saying so); and the seeds, windows, training tokens and test sequences used."""
+    d_ev = claims["d_ev"]
+    top, runner, top_separated = claims["largest"]
+    best, second, best_separated = claims["best_window"]
+    out = _prefixed(ABLATION, {
+        "Seeds": n_seeds, "Windows": ", ".join(map(str, windows)), "TrainTokens": train_tokens, "EvalSeqs": eval_seqs,
+        "FullEV": summary["full"]["reconstruction_quality"]["explained_variance"]["mean"],
+        "LookAheadEV": summary["look-ahead (reference)"]["reconstruction_quality"]["explained_variance"]["mean"],
+        "LargestEffect": (f"removing {_tex(top)} ({format_number(d_ev[top]['mean'], 2, True)} explained variance)"
+                          if top_separated else
+                          f"none singled out: the largest mean effect, of removing {_tex(top)}, is within two "
+                          f"standard errors of the next, {_tex(runner)}"),
+        "SeparatedFromZero": ", ".join(_tex(c) for c in claims["separated_from_zero"]) or "none",
+        "BestWindow": (f"$w={best}$" if best_separated else
+                       f"no window beats the next best by more than two standard errors (highest mean at "
+                       f"$w={best}$, then $w={second}$)")})
+    for c, leaf in d_ev.items():
+        out[macro_name(ABLATION.prefix, "delta", "ev", c)] = leaf["mean"]
+        out[macro_name(ABLATION.prefix, "delta", "ev", c, "se")] = leaf["se"]
+    return out
+
+
+def _tex(name: str) -> str:
+    return name.replace("=", " = ").replace("_", "\\_")
 
 
 def interp_macros(summary: dict, clean: dict, probe_ks: Sequence[int], f1_threshold: float, sizes: dict,

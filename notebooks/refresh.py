@@ -1,0 +1,38 @@
+"""Re-execute the notebooks in place with their smoke-sized defaults (what nbval checks in CI) and strip what must
+not be committed: the stderr streams (tqdm progress bars, warnings) of cells marked ``# NBVAL_IGNORE_OUTPUT``.
+
+    python notebooks/refresh.py [notebooks/02_temporal.ipynb ...]     # default: every notebooks/[0-9][0-9]_*.ipynb
+
+Figures go to ``outputs/smoke-figures`` (as in ``./run_all.sh --tests``), never to the paper's ``figures/``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strip(path: Path) -> None:
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and "".join(cell["source"]).startswith("# NBVAL_IGNORE_OUTPUT"):
+            cell["outputs"] = [o for o in cell.get("outputs", [])
+                               if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def main(paths: list[str]) -> None:
+    nbs = [Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    env = {**os.environ, "TRSAE_FIGURES_DIR": str(ROOT / "outputs" / "smoke-figures")}
+    for nb in nbs:
+        subprocess.run([sys.executable, "-m", "papermill", "--cwd", str(nb.parent), str(nb), str(nb)], env=env,
+                       check=True)
+        strip(nb)
+        print(f"refreshed {nb.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,51 @@
+"""Seed-paired comparisons and the claims built on them: a ratio computed seed by seed, and no winner named where
+two-standard-error intervals overlap."""
+
+import pytest
+
+from trsae import analysis, report
+
+
+def _res(ev, ce):
+    return {"reconstruction_quality": {"explained_variance": ev}, "model_performance_preservation": {"ce_loss_score": ce}}
+
+
+def test_paired_ratios_are_taken_seed_by_seed():
+    per_seed = {"a": [_res(0.9, 0.95), _res(0.8, 0.90)], "b": [_res(0.8, 0.90), _res(0.6, 0.80)]}
+    p = analysis.paired(per_seed, "a", "b")["paired"]
+    assert p["fvu_ratio"]["values"] == pytest.approx([0.5, 0.5]) and p["fvu_ratio"]["se"] == pytest.approx(0)
+    assert p["ce_gap_ratio"]["mean"] == pytest.approx(0.5)  # (0.05/0.1 + 0.1/0.2) / 2
+    assert p["d_ev"]["mean"] == pytest.approx(0.15) and p["d_ev"]["n"] == 2
+    with pytest.raises(ValueError):  # seeds must pair up
+        analysis.paired({"a": per_seed["a"], "b": per_seed["b"][:1]}, "a", "b")
+
+
+def test_separated_needs_two_seeds_and_disjoint_intervals():
+    leaf = lambda m, se, n=3: {"mean": m, "se": se, "n": n}  # noqa: E731
+    assert analysis.separated(leaf(1.0, 0.1)) and not analysis.separated(leaf(1.0, 0.6))
+    assert not analysis.separated(leaf(1.0, 0.0, n=1))  # one seed: no error bar, no claim
+    assert analysis.separated(leaf(1.0, 0.1), leaf(0.0, 0.1)) and not analysis.separated(leaf(1.0, 0.3), leaf(0.0, 0.3))
+
+
+def _ablation_run(ev_by_name):
+    per_seed = {n: [_res(ev, 0.9) for ev in evs] for n, evs in ev_by_name.items()}
+    summary = analysis.summarize(per_seed)
+    effects = analysis.ablation_effects(per_seed, ("no position emb.", "w=0", "gates fixed open", "no curriculum"))
+    claims = analysis.ablation_claims(per_seed, effects, [0, 4, 16], 16)
+    return report.ablation_macros(summary, claims, [0, 4, 16], 3, 1000, 4)
+
+
+def test_ablation_claims_a_largest_effect_only_when_it_is_separated():
+    full = [0.80, 0.81, 0.82]
+    base = {"full": full, "look-ahead (reference)": [0.9, 0.9, 0.9], "w=4": [0.79, 0.80, 0.81]}
+    clear = _ablation_run({**base, "no position emb.": [0.80, 0.81, 0.82], "w=0": [0.70, 0.71, 0.72],
+                           "gates fixed open": [0.795, 0.805, 0.815], "no curriculum": [0.80, 0.81, 0.819]})
+    assert clear["ablLargestEffect"].startswith("removing w = 0") and clear["ablDeltaEvWZero"] == pytest.approx(0.1)
+    assert clear["ablSeparatedFromZero"] == "w = 0, gates fixed open"
+    assert clear["ablBestWindow"] == "$w=16$"  # the full model's window beats w = 4 on every seed
+    noisy = _ablation_run({**base, "no position emb.": [0.70, 0.85, 0.80], "w=0": [0.72, 0.80, 0.83],
+                           "gates fixed open": full, "no curriculum": full})
+    assert noisy["ablLargestEffect"].startswith("none singled out")
+    tied = _ablation_run({**base, "w=4": [0.82, 0.80, 0.815], "no position emb.": full, "w=0": full,
+                          "gates fixed open": full, "no curriculum": full})
+    assert tied["ablBestWindow"].startswith("no window beats the next best")
