@@ -67,9 +67,14 @@ case "$mode" in
     python -m trsae check-params "$params" $notebooks
     mkdir -p notebooks/executed figures
     start=$(date +%s)
+    views=$(mktemp -d)
+    trap 'rm -rf "$views"' EXIT
     for nb in $notebooks; do
       t0=$(date +%s)
-      python -m papermill --log-output -f "$params" "$nb" "notebooks/executed/$(basename "$nb")" --cwd notebooks
+      # papermill takes one flat mapping: the shared keys this notebook declares plus its own section
+      python -m trsae params "$params" "$nb" > "$views/$(basename "$nb" .ipynb).yaml"
+      python -m papermill --log-output -f "$views/$(basename "$nb" .ipynb).yaml" "$nb" \
+        "notebooks/executed/$(basename "$nb")" --cwd notebooks
       echo "$(basename "$nb"): $(( $(date +%s) - t0 )) s" | tee -a "figures/timings_$profile.txt"
     done
     echo "all notebooks: $(( $(date +%s) - start )) s"

@@ -1,52 +1,82 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from trsae.config import HarvestConfig, TrainConfig, check_params_file, notebook_parameters
+from trsae.config import HarvestConfig, TrainConfig
+from trsae.params import check_params_file, load_params, notebook_defaults, notebook_parameters, notebook_view
 
 
-def _notebook(tmp_path, source):
+def _notebook(tmp_path, source, name="nb"):
     nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": source, "outputs": []},
                     {"cell_type": "code", "metadata": {}, "source": "other = 1", "outputs": []}],
           "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    p = tmp_path / "nb.ipynb"
+    p = tmp_path / f"{name}.ipynb"
     p.write_text(json.dumps(nb))
     return p
 
 
 def test_notebook_parameters_are_read_from_the_tagged_cell(tmp_path):
-    nb = _notebook(tmp_path, "a = 1\nb: int = 2\n# comment\nc = [1, 2]\n")
-    assert notebook_parameters(nb) == {"a", "b", "c"}
+    nb = _notebook(tmp_path, "a = 1\nb: int = 2\n# comment\nc = [1, 2]\nd = {'x': 1}\ne = f(1)\n")
+    assert notebook_parameters(nb) == {"a", "b", "c", "d", "e"}
+    assert notebook_defaults(nb) == {"a": 1, "b": 2, "c": [1, 2], "d": {"x": 1}, "e": None}
 
 
 def test_unknown_parameter_key_is_refused(tmp_path):
     nb = _notebook(tmp_path, "a = 1\nb = 2\n")
-    (tmp_path / "ok.yaml").write_text("a: 3\n")
-    assert check_params_file(tmp_path / "ok.yaml", [nb]) == {"a": 3}
-    (tmp_path / "bad.yaml").write_text("a: 3\nlayr: 6\n")
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['layr'\]"):
+    (tmp_path / "ok.yaml").write_text("nb:\n  a: 3\n")
+    assert check_params_file(tmp_path / "ok.yaml", [nb]) == {"nb": {"a": 3}}
+    (tmp_path / "bad.yaml").write_text("nb:\n  a: 3\n  layr: 6\n")
+    with pytest.raises(ValueError, match=r"section 'nb' sets \['layr'\], which nb.ipynb does not declare"):
         check_params_file(tmp_path / "bad.yaml", [nb])
+    (tmp_path / "shared.yaml").write_text("shared:\n  zz: 1\n")
+    with pytest.raises(ValueError, match=r"shared parameter\(s\) \['zz'\] are declared by no notebook"):
+        check_params_file(tmp_path / "shared.yaml", [nb])
+    (tmp_path / "stray.yaml").write_text("02_nb:\n  a: 1\n")
+    with pytest.raises(ValueError, match=r"section\(s\) \['02_nb'\] name no notebook"):
+        check_params_file(tmp_path / "stray.yaml", [nb])
+    (tmp_path / "flat.yaml").write_text("a: 3\n")
+    with pytest.raises(ValueError, match=r"not a section: \['a'\]"):
+        check_params_file(tmp_path / "flat.yaml", [nb])
+
+
+def test_notebook_view_merges_shared_and_own_sections(tmp_path):
+    one = _notebook(tmp_path, "a = 1\nh = {'x': 1, 'y': 2}\nonly_one = 0\n", "one")
+    two = _notebook(tmp_path, "a = 1\nh = {'x': 1, 'y': 2}\n", "two")
+    params = {"shared": {"a": 5, "h": {"x": 10, "y": 20}, "only_one": 7}, "two": {"h": {"y": 30}, "a": 6}}
+    # each notebook takes only the shared keys it declares; a mapping in its own section merges key by key
+    assert notebook_view(params, one) == {"a": 5, "h": {"x": 10, "y": 20}, "only_one": 7}
+    assert notebook_view(params, two) == {"a": 6, "h": {"x": 10, "y": 30}}
+    # a half-given mapping (no shared part to merge with) or a misspelt key inside one is refused
+    with pytest.raises(ValueError, match=r"'h' for two.ipynb must be a mapping with the keys \['x', 'y'\]"):
+        notebook_view({"two": {"h": {"y": 30}}}, two)
+    with pytest.raises(ValueError, match="must be a mapping"):
+        notebook_view({"shared": {"h": {"x": 1, "yy": 2}}}, two)
 
 
 def test_cli_reports_one_error_line_and_exit_2(tmp_path):
     nb = _notebook(tmp_path, "a = 1\n")
-    (tmp_path / "bad.yaml").write_text("zzz: 1\n")
+    (tmp_path / "bad.yaml").write_text("nb:\n  zzz: 1\n")
     r = subprocess.run([sys.executable, "-m", "trsae", "check-params", str(tmp_path / "bad.yaml"), str(nb)],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and "zzz" in r.stderr
 
 
-def test_every_profile_file_uses_only_known_parameters():
-    from pathlib import Path
-
+def test_every_profile_file_gives_each_notebook_a_valid_view():
     root = Path(__file__).resolve().parents[1]
     notebooks = sorted(root.glob("notebooks/[0-9][0-9]_*.ipynb"))
     assert notebooks
     for params in sorted(root.glob("params/*.yaml")):
         check_params_file(params, notebooks)
+    # the cpu profile's view of 03 is the shared set-up with 03's own training budget merged in
+    cpu = load_params(root / "params" / "cpu.yaml")
+    view = notebook_view(cpu, root / "notebooks" / "03_ablations.ipynb")
+    assert view["train"]["tokens"] < cpu["shared"]["train"]["tokens"]
+    assert view["train"]["batch_size"] == cpu["shared"]["train"]["batch_size"]
+    assert view["harvest"] == cpu["shared"]["harvest"]
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -33,10 +33,19 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _check_params(a: argparse.Namespace) -> None:
-    from trsae.config import check_params_file
+    from trsae.params import check_params_file
 
     params = check_params_file(a.params, a.notebooks)
-    print(f"{a.params}: {len(params)} parameter(s), all known to the notebooks")
+    print(f"{a.params}: {len(params)} section(s), every key known to its notebooks")
+
+
+def _params(a: argparse.Namespace) -> None:
+    import yaml
+
+    from trsae.params import load_params, notebook_view
+
+    view = notebook_view(load_params(a.params), a.notebook, a.params)
+    print(yaml.safe_dump(view, sort_keys=False), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("params")
     c.add_argument("notebooks", nargs="+")
     c.set_defaults(fn=_check_params)
+    v = sub.add_parser("params", help="print the flat parameters papermill gives one notebook (YAML)")
+    v.add_argument("params")
+    v.add_argument("notebook")
+    v.set_defaults(fn=_params)
     return p
 
 

@@ -192,11 +192,14 @@ def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:
     return work, figures_path(figures_dir)
 
 
-def open_store(work_dir: str, figures_dir: str, cfg: HarvestConfig,
-               progress: bool = True) -> tuple[Path, Path, ActivationStore]:
-    """A notebook's start: its work and figures folders (`output_dirs`) and the store of ``cfg`` (`ensure_store`)."""
+def open_store(work_dir: str, figures_dir: str, harvest: dict, train: dict,
+               progress: bool = True) -> tuple[Path, Path, ActivationStore, TrainConfig]:
+    """A notebook's start, from its ``harvest`` and ``train`` parameters (fields of `HarvestConfig` and
+    `TrainConfig`): its work and figures folders (`output_dirs`), the store (`ensure_store`, harvested if missing)
+    and the training config, whose crops are the store's whole contexts."""
     work, figures = output_dirs(work_dir, figures_dir)
-    return work, figures, ensure_store(cfg, work, progress=progress)
+    store = ensure_store(HarvestConfig(**harvest), work, progress=progress)
+    return work, figures, store, TrainConfig(crop_len=harvest["ctx_len"], **train)
 
 
 def train_all(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,

@@ -1,4 +1,4 @@
-"""Typed, self-checking configurations for each stage, and parameter files.
+"""Typed, self-checking configurations for each stage (parameter files: `trsae.params`).
 
 Imports nothing of trsae. Every dataclass validates itself in ``__post_init__`` and raises a ``ValueError``
 that says what is wrong and what to do.
@@ -84,23 +84,6 @@ class HarvestConfig:
         return -(-self.tokens // self.ctx_len)
 
 
-def load_params(path: str | os.PathLike, allowed: set[str] | None = None) -> dict[str, Any]:
-    """Read a papermill parameter file (YAML) and reject keys not in ``allowed``."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"parameter file {p} not found")
-    params = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{p}: expected a mapping of parameter names to values")
-    if allowed is not None:
-        unknown = sorted(set(params) - allowed)
-        if unknown:
-            raise ValueError(f"{p}: unknown parameter(s) {unknown}; known: {sorted(allowed)}")
-    return params
-
-
 @dataclass
 class TrainConfig:
     """How to train one SAE on a store (the SAE's own config lives with the SAE in `trsae.saes`)."""
@@ -136,29 +119,6 @@ class TrainConfig:
             raise ValueError(f"shuffle must be 'crop' or 'sequence', got {self.shuffle!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1 and self.warmup_frac + self.decay_frac <= 1):
             raise ValueError("warmup_frac and decay_frac must be fractions that sum to at most 1")
-
-
-def notebook_parameters(path: str | os.PathLike) -> set[str]:
-    """Names assigned in a notebook's cell tagged ``parameters`` (what papermill can set)."""
-    import ast
-
-    nb = json.loads(Path(path).read_text())
-    names: set[str] = set()
-    for cell in nb["cells"]:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-            for node in ast.parse(src).body:
-                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-                names |= {t.id for t in targets if isinstance(t, ast.Name)}
-    return names
-
-
-def check_params_file(params: str | os.PathLike, notebooks: list[str | os.PathLike]) -> dict[str, Any]:
-    """Load a parameter file and reject any key that no notebook declares in its ``parameters`` cell."""
-    allowed: set[str] = set()
-    for nb in notebooks:
-        allowed |= notebook_parameters(nb)
-    return load_params(params, allowed)
 
 
 # --------------------------------------------------------------------------------------------- command line
