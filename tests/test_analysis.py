@@ -49,3 +49,20 @@ def test_ablation_claims_a_largest_effect_only_when_it_is_separated():
     tied = _ablation_run({**base, "w=4": [0.82, 0.80, 0.815], "no position emb.": full, "w=0": full,
                           "gates fixed open": full, "no curriculum": full})
     assert tied["ablBestWindow"].startswith("no window beats the next best")
+
+
+def test_amortisation_gap_closed_is_paired_by_seed():
+    from trsae.analysis import amortisation
+
+    def r(enc, pur):
+        return {"fvu_encoder": enc, "fvu_pursuit": pur, "pursuit_ratio": pur / enc}
+    ceil = {"TopK": [r(0.20, 0.10), r(0.30, 0.20)], "TRSAE": [r(0.15, 0.08), r(0.28, 0.15)],
+            "BatchTopK": [r(0.25, 0.2)]}
+    per_sae, closed = amortisation(ceil, {"TRSAE": "TopK", "TRSAE-BatchTopK": "BatchTopK"})
+    assert set(closed) == {"TRSAE"}  # a twin without its TRSAE is left out
+    c = closed["TRSAE"]["ceiling"]
+    # seed 0: gain 0.05 of a 0.10 gap; seed 1: gain 0.02 of a 0.10 gap
+    assert c["gap_closed"]["values"] == pytest.approx([0.5, 0.2])
+    assert c["gap_closed"]["mean"] == pytest.approx(0.35) and c["gap_closed"]["se"] == pytest.approx(0.15)
+    assert c["amortisation_gap"]["mean"] == pytest.approx(0.10)
+    assert per_sae["TopK"]["ceiling"]["pursuit_ratio"]["mean"] == pytest.approx((0.5 + 2 / 3) / 2)

@@ -123,3 +123,22 @@ def strongest(per_seed: dict[str, list[dict]], names: list[str]) -> dict:
     best, second = ranked[0], ranked[1]
     lead = paired(per_seed, best, second)["paired"]["d_ev"]
     return {"best": best, "second": second, "lead": lead, "separated": separated(lead)}
+
+
+def amortisation(ceil: dict[str, list[dict]], twins: dict[str, str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The amortisation ceiling (`trsae.cache.ceilings` per seed) summarised: ``(per_sae, closed)``.
+
+    ``per_sae[name]["ceiling"]``: each SAE's encoder FVU, the pursuit's FVU on its dictionary and their ratio
+    (means ± se over seeds). ``closed[temporal]["ceiling"]``, seed by seed against its per-token twin: the twin's
+    amortisation gap (its encoder's FVU minus the pursuit's on its dictionary), the FVU the temporal encoder gains
+    over the twin, and ``gap_closed``, the share of the gap that gain closes (1: as good as the pursuit)."""
+    per_sae = {name: aggregate_seeds([{"ceiling": r} for r in rs]) for name, rs in ceil.items()}
+    closed = {}
+    for tr, base in twins.items():
+        if tr in ceil and base in ceil:
+            rows = []
+            for rt, rb in zip(ceil[tr], ceil[base], strict=True):
+                gap, gain = rb["fvu_encoder"] - rb["fvu_pursuit"], rb["fvu_encoder"] - rt["fvu_encoder"]
+                rows.append({"ceiling": {"amortisation_gap": gap, "temporal_gain": gain, "gap_closed": gain / gap}})
+            closed[tr] = aggregate_seeds(rows)
+    return per_sae, closed

@@ -25,6 +25,7 @@ from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
 from trsae.evaluate import evaluate_saes, train_mean
 from trsae.io import write_json_atomic
 from trsae.lm import LoadedModel, load_model
+from trsae.pursuit import ceiling
 from trsae.saes import SAE, SAEConfig
 from trsae.store import ActivationStore, harvest, store_identity
 from trsae.train import read_log, train_sae
@@ -182,6 +183,22 @@ def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: A
             v = rs[0][metric[0]][metric[1]]
             pts.append((rs[0]["sparsity"]["l0"], v, 0.0))
         out[name] = sorted(pts)
+    return out
+
+
+def ceilings(runs: dict[str, list[tuple[Path, SAE]]], store: ActivationStore,
+             max_seqs: int) -> dict[str, list[dict]]:
+    """`trsae.pursuit.ceiling` of every trained SAE (`train_all`'s output) on the first ``max_seqs`` test
+    sequences, cached in its run folder: ``{name: [per-seed result, ...]}``."""
+    key = config_hash({"split": "test", "max_seqs": max_seqs, "code": code_version()})
+    out: dict[str, list[dict]] = {}
+    for name, rs in runs.items():
+        out[name] = []
+        for run, sae in rs:
+            path = Path(run) / f"ceiling-test-{key}.json"
+            if not path.exists():
+                write_json_atomic(path, ceiling(sae, store, max_seqs=max_seqs))
+            out[name].append(json.loads(path.read_text()))
     return out
 
 

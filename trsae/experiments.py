@@ -35,6 +35,14 @@ TWINS = {"TRSAE": "TopK", "TRSAE-BatchTopK": "BatchTopK", "TRSAE-JumpReLU": "Jum
 INTERP_SAES = ("TopK", "TRSAE")
 """The SAEs notebook 04 evaluates: its syntax, probing and GAP passes cost minutes per SAE and seed, so it takes
 the TopK TRSAE and its twin only."""
+CEILING_SAES = (*TWINS.values(), *TWINS)
+"""The SAEs whose dictionaries get the amortisation ceiling (`trsae.pursuit`): each TRSAE and its twin."""
+CEILING_ROWS = [("ceiling", "fvu_encoder", "FVU, own encoder"), ("ceiling", "fvu_pursuit", "FVU, pursuit (ceiling)"),
+                ("ceiling", "pursuit_ratio", "pursuit / encoder FVU"), ("ceiling", "l0_pursuit", "L0, pursuit")]
+GAP_ROWS = [("ceiling", "amortisation_gap", "twin's amortisation gap (FVU)"),
+            ("ceiling", "temporal_gain", "FVU the temporal encoder gains"),
+            ("ceiling", "gap_closed", "share of the gap closed")]
+"""Rows of `trsae.analysis.amortisation`: per dictionary, and per TRSAE against its twin's dictionary."""
 PAIRED_ROWS = [("paired", "fvu_ratio", "FVU ratio"), ("paired", "ce_gap_ratio", "CE-gap ratio"),
                ("paired", "d_ev", "EV difference"), ("paired", "d_ce", "CE-loss score difference")]
 """Rows of the seed-paired comparisons (`trsae.analysis.paired`)."""
