@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The one entry point. Sets up the environment (a .venv when no virtual environment is active), then:
 #   ./run_all.sh [--profile cpu|smoke|gpu]   run every notebook in order with papermill, then build the paper
+#                                            (installs LaTeX first where it can: as root with apt; else it stops
+#                                            at once with the command to run; --no-paper skips the paper)
 #   ./run_all.sh --tests                     run the test suite (unit tests + nbval over the notebooks)
+#   ./run_all.sh --lab                       JupyterLab on this checkout, with the project's environment as kernel
 #   ./run_all.sh --setup                     only set up the environment
 set -euo pipefail
 cd "$(dirname "$0")"
 
 profile=cpu
 mode=run
+paper=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --profile=*) profile="${1#*=}"; shift ;;
     --tests) mode=tests; shift ;;
     --setup) mode=setup; shift ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    --lab) mode=lab; shift ;;
+    --no-paper) paper=0; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,6 +54,18 @@ fi
 
 notebooks=$(ls notebooks/[0-9][0-9]_*.ipynb 2>/dev/null || true)
 
+# --- LaTeX, for paper/paper.pdf -------------------------------------------------------------------------
+latex_packages="latexmk texlive-latex-recommended texlive-latex-extra"
+ensure_latex() {  # 0 when latexmk is (now) present
+  command -v latexmk >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing LaTeX for the paper: apt-get install $latex_packages"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+       $latex_packages >/dev/null) || true
+  fi
+  command -v latexmk >/dev/null
+}
+
 case "$mode" in
   setup) exit 0 ;;
   tests)
@@ -61,10 +79,22 @@ case "$mode" in
     # the paper against what the notebooks just wrote (builds the PDF where a LaTeX toolchain is present)
     python -m pytest -m paper tests/test_paper.py
     ;;
+  lab)
+    # every notebook, wherever it is opened (notebooks/ or notebooks/executed/), reads and writes this checkout's
+    # outputs/ and figures/, so rerunning an executed notebook finds its cached stores, SAEs and evaluations
+    export TRSAE_WORK_DIR="$PWD/outputs" TRSAE_FIGURES_DIR="$PWD/figures"
+    exec python -m jupyterlab --notebook-dir="$PWD"
+    ;;
   run)
     params="params/$profile.yaml"
     [ -f "$params" ] || { echo "error: no parameter file $params (profiles: $(ls params | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2; }
     python -m trsae check-params "$params" $notebooks
+    if [ "$paper" = 1 ] && [ -f paper/paper.tex ] && ! ensure_latex; then
+      echo "error: no LaTeX toolchain to build paper/paper.pdf, and it cannot be installed here (needs root and" \
+           "apt-get). Install it (Debian/Ubuntu: sudo apt-get install $latex_packages; elsewhere TeX Live" \
+           "with latexmk) and rerun, or rerun with --no-paper to skip the paper" >&2
+      exit 2
+    fi
     mkdir -p notebooks/executed figures
     start=$(date +%s)
     views=$(mktemp -d)
@@ -78,12 +108,9 @@ case "$mode" in
       echo "$(basename "$nb"): $(( $(date +%s) - t0 )) s" | tee -a "figures/timings_$profile.txt"
     done
     echo "all notebooks: $(( $(date +%s) - start )) s"
-    if [ -f paper/paper.tex ]; then
-      if command -v latexmk >/dev/null; then
-        (cd paper && latexmk -pdf -interaction=nonstopmode -quiet paper.tex)
-      else
-        echo "no LaTeX toolchain: install one (Debian: apt-get install latexmk texlive-latex-recommended) to build paper/paper.pdf"
-      fi
+    if [ "$paper" = 1 ] && [ -f paper/paper.tex ]; then
+      (cd paper && latexmk -pdf -interaction=nonstopmode -quiet paper.tex)
+      echo "wrote paper/paper.pdf"
     fi
     ;;
 esac
