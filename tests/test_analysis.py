@@ -66,3 +66,14 @@ def test_amortisation_gap_closed_is_paired_by_seed():
     assert c["gap_closed"]["mean"] == pytest.approx(0.35) and c["gap_closed"]["se"] == pytest.approx(0.15)
     assert c["amortisation_gap"]["mean"] == pytest.approx(0.10)
     assert per_sae["TopK"]["ceiling"]["pursuit_ratio"]["mean"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_by_position_reads_each_bucket_in_order():
+    from trsae.analysis import by_position
+
+    leaf = lambda m: {"mean": m, "se": 0.01, "n": 2}  # noqa: E731
+    summary = {"TopK": {"temporal_codes": {"by_position": {"4-7": {"persistence": leaf(0.3)},
+                                                           "1": {"persistence": leaf(0.1)},
+                                                           "2-3": {"persistence": leaf(0.2)}}}},
+               "ReLU": {"sparsity": {}}}
+    assert by_position(summary, "persistence") == {"TopK": [(1.0, 0.1, 0.01), (2.0, 0.2, 0.01), (4.0, 0.3, 0.01)]}

@@ -142,3 +142,16 @@ def amortisation(ceil: dict[str, list[dict]], twins: dict[str, str]) -> tuple[di
                 rows.append({"ceiling": {"amortisation_gap": gap, "temporal_gain": gain, "gap_closed": gain / gap}})
             closed[tr] = aggregate_seeds(rows)
     return per_sae, closed
+
+
+def by_position(summary: dict[str, dict], key: str) -> dict[str, list[tuple[float, float, float]]]:
+    """``{name: [(first position of the bucket, mean, se), ...]}`` of ``temporal_codes.by_position[*][key]``
+    (`trsae.metrics.persistence`) for every SAE of a summary, for a line plot against position."""
+    out = {}
+    for name, res in summary.items():
+        rows = (res.get("temporal_codes") or {}).get("by_position") or {}
+        pts = [(float(bucket.split("-")[0]), leaf["mean"], leaf["se"]) for bucket, r in rows.items()
+               if isinstance(leaf := r.get(key), dict) and leaf.get("mean") is not None]
+        if pts:
+            out[name] = sorted(pts)
+    return out

@@ -14,6 +14,9 @@ its zero-ablation hook):
   (`trsae.metrics.next_token_targets`), the same positions for every variant;
 - reconstruction metrics are in model units (the store's ``norm_scale`` undone) over ordinary tokens only.
 
+``temporal_codes`` (`trsae.metrics.persistence`): the share of a token's active codes that were active at the
+previous token, the novel L0, and both by position, on the evaluated tokens.
+
 Dead / dense latents come from a separate encode-only pass over the first ``density_tokens`` ordinary tokens
 of the store's TRAIN split, in order (default 100,000; all of them if the split holds fewer): dead = never
 fired on those tokens, dense = fired on more than 10% of them (``FeatureStatsAccumulator``'s
@@ -35,8 +38,8 @@ import torch
 
 from trsae.io import write_json_atomic
 from trsae.lm import LoadedModel, load_model, logits_with_replacement, splice
-from trsae.metrics import (CleanLogits, FeatureStatsAccumulator, LogitAccumulator, ReconstructionAccumulator,
-                           core_results, next_token_targets)
+from trsae.metrics import (CleanLogits, FeatureStatsAccumulator, LogitAccumulator, PersistenceAccumulator,
+                           ReconstructionAccumulator, core_results, next_token_targets)
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
 
@@ -126,6 +129,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     recon = {n: ReconstructionAccumulator() for n in saes}
     recon_train = {n: ReconstructionAccumulator() for n, s in saes.items() if _is_calibrated(s)}
     logit = {n: LogitAccumulator() for n in saes}
+    persist = {n: PersistenceAccumulator() for n in saes}
     if with_logits:
         if model is None:
             model = load_model(store.manifest["model"])
@@ -147,6 +151,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
             x_hat_BTD = sae.decode(codes_BTF)
             recon[name].update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)  # model units
+            persist[name].update(codes_BTF, b.mask_BT, b.pos_BT)
             if name in recon_train:
                 codes_tr_BTF = _train_mode_codes(sae, b.acts_BTD, b.pos_BT, b.mask_BT)
                 recon_train[name].update(b.acts_BTD / scale, sae.decode(codes_tr_BTF) / scale, codes_tr_BTF,
@@ -173,6 +178,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             train_mode = {"l0": rt["l0"], "explained_variance": rt["explained_variance"]}
         out[name] = core_results(r, logit[name].compute() if with_logits else None, dens[name],
                                  config=cfg, token_stats=token_stats, train_mode=train_mode)
+        out[name]["temporal_codes"] = persist[name].compute()
     return out
 
 

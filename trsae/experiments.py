@@ -46,6 +46,9 @@ GAP_ROWS = [("ceiling", "amortisation_gap", "twin's amortisation gap (FVU)"),
             ("ceiling", "temporal_gain", "FVU the temporal encoder gains"),
             ("ceiling", "gap_closed", "share of the gap closed")]
 """Rows of `trsae.analysis.amortisation`: per dictionary, and per TRSAE against its twin's dictionary."""
+CODE_ROWS = [("temporal_codes", "persistence", "codes also active at t-1 (share)"),
+             ("temporal_codes", "novel_l0", "novel L0 (codes switching on)")]
+"""Temporal structure of the codes (`trsae.metrics.persistence`), for every SAE."""
 PAIRED_ROWS = [("paired", "fvu_ratio", "FVU ratio"), ("paired", "ce_gap_ratio", "CE-gap ratio"),
                ("paired", "d_ev", "EV difference"), ("paired", "d_ce", "CE-loss score difference")]
 """Rows of the seed-paired comparisons (`trsae.analysis.paired`)."""

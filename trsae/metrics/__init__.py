@@ -51,16 +51,19 @@ as ``null``; ``aggregate_seeds`` skips it and reports how many seeds had a value
     reconstruction.py  ReconstructionAccumulator, FeatureStatsAccumulator, log10_density_histogram
     logits.py          next_token_targets, CleanLogits, LogitAccumulator (CE and KL)
     results.py         core_results (the SAEBench-shaped dict), aggregate_seeds (mean ± se over seeds)
+    persistence.py     PersistenceAccumulator: codes shared with the previous token, novel L0, by position
     common.py          flatten, token masks, guarded ratios
 """
 
 from trsae.metrics.logits import CleanLogits, LogitAccumulator, next_token_targets
+from trsae.metrics.persistence import PersistenceAccumulator
 from trsae.metrics.reconstruction import FeatureStatsAccumulator, ReconstructionAccumulator, log10_density_histogram
 from trsae.metrics.results import aggregate_seeds, core_results
 
 __all__ = [
     "ReconstructionAccumulator",
     "FeatureStatsAccumulator",
+    "PersistenceAccumulator",
     "CleanLogits",
     "LogitAccumulator",
     "log10_density_histogram",
