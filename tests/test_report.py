@@ -2,11 +2,13 @@
 
 import ast
 import csv
+import json
 import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
@@ -37,8 +39,8 @@ def _results(with_mean_abl=True):
     return out
 
 
-def _bars_per_axis(fig):
-    return [sum(len(c) for c in ax.containers if isinstance(c, BarContainer)) for ax in fig.axes]
+def _points_per_axis(fig):
+    return [sum(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in fig.axes]
 
 
 def test_package_is_pure():
@@ -57,20 +59,32 @@ def test_package_is_pure():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_bar_figure_counts_values_and_errors():
+def test_comparison_figure_draws_points_with_errors():
     res = _results()
     fig = R.make_bar_figure(res, R.RECONSTRUCTION_PANELS, title="t")
     assert len(fig.axes) == 3
-    assert _bars_per_axis(fig) == [4, 4, 4]
+    assert _points_per_axis(fig) == [4, 4, 4]
     ax = fig.axes[0]
-    heights = [p.get_height() for c in ax.containers if isinstance(c, BarContainer) for p in c]
-    assert heights == pytest.approx([0.6, 0.7, 0.8, 0.9])
-    assert [t.get_text() for t in ax.texts] == ["0.600", "0.700", "0.800", "0.900"]
-    # a missing value drops that SAE's bar only
+    assert not [c for c in ax.containers if isinstance(c, BarContainer)]  # points, not bars
+    ys = [c.lines[0].get_ydata()[0] for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert ys == pytest.approx([0.6, 0.7, 0.8, 0.9])
+    assert [t.get_text() for t in ax.texts] == ["0.600", "0.700", "0.800", "0.900"]  # rounded to se = 0.010
+    # a missing value drops that SAE's point only
     del res["TopK"]["reconstruction_quality"]["mse"]
     res["TRSAE"]["reconstruction_quality"]["cossim"] = 0.97  # a plain number works too
     fig = R.make_bar_figure(res, R.RECONSTRUCTION_PANELS)
-    assert _bars_per_axis(fig) == [4, 3, 4]
+    assert _points_per_axis(fig) == [4, 3, 4]
+
+
+def test_comparison_figure_zooms_to_the_differences():
+    """EV 0.867 and 0.873 must not look equal: the axis spans the points and their error bars, not 0 to 1."""
+    res = {"TopK": {"reconstruction_quality": {"explained_variance": _leaf(0.867, 0.002)}},
+           "TRSAE": {"reconstruction_quality": {"explained_variance": _leaf(0.873, 0.002)}},
+           "one seed": {"reconstruction_quality": {"explained_variance": _leaf(0.880, 0.0, n=1)}}}
+    ax = R.make_bar_figure(res, R.RECONSTRUCTION_PANELS[:1]).axes[0]
+    lo, hi = ax.get_ylim()
+    assert 0.8 < lo < 0.865 and 0.88 < hi < 0.9, (lo, hi)
+    assert [t.get_text() for t in ax.texts] == ["0.867", "0.873", "0.880†"]
 
 
 def test_named_figures_are_written(tmp_path):
@@ -83,9 +97,9 @@ def test_named_figures_are_written(tmp_path):
         assert p.read_bytes()[:8] == PNG_MAGIC
     assert sorted(q.name for q in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files
     fig = R.make_bar_figure(res, R.SPARSITY_PANELS)
-    assert _bars_per_axis(fig) == [4, 4]
+    assert _points_per_axis(fig) == [4, 4]
     fig = R.make_bar_figure(_results(with_mean_abl=False), R.PRESERVATION_PANELS, skip_empty=True)
-    assert _bars_per_axis(fig) == [4, 4]
+    assert _points_per_axis(fig) == [4, 4]
     with pytest.raises(ValueError):
         R.make_bar_figure({"a": {}}, R.PRESERVATION_PANELS, skip_empty=True)
 
@@ -123,6 +137,86 @@ def test_results_table(tmp_path):
     l1 = table[4]
     assert l1["TopK mean"] == "" and float(l1["TRSAE mean"]) == 43.0
     assert table[5]["TRSAE mean"] == ""  # l2_ratio absent everywhere
+    assert "†" not in md and "single seed" not in tex  # every cell has three seeds
+
+
+def test_table_cells_are_rounded_to_their_standard_error(tmp_path):
+    res = {"TRSAE": {"r": {"ev": _leaf(0.91123, 0.000472), "tokens": _leaf(300000.0, 0.0)}},
+           "TopK": {"r": {"ev": _leaf(0.902, 0.00100), "tokens": _leaf(300000.0, 0.0)}},
+           "one seed": {"r": {"ev": _leaf(0.88888, 0.0, n=1), "tokens": _leaf(300000.0, 0.0, n=1)}}}
+    rows = [("r", "ev", "EV"), ("r", "tokens", "tokens")]
+    out = R.results_table(res, rows, tmp_path / "t.md", tmp_path / "t.tex")
+    md, tex = out["md"].read_text(), out["tex"].read_text()
+    assert "| EV | 0.9112 ± 0.0005 | 0.9020 ± 0.0010 | 0.889† |" in md
+    assert "| tokens | 300,000 | 300,000 | 300,000† |" in md
+    assert r"$0.9112 \pm 0.0005$ & $0.9020 \pm 0.0010$ & $0.889^{\dagger}$" in tex
+    assert r"$300{,}000$ & $300{,}000$ & $300{,}000^{\dagger}$" in tex
+    assert "± 0 " not in md and "± 0 |" not in md and r"\pm 0$" not in tex
+    assert md.rstrip().endswith("† single seed: no standard error")
+    assert r"\multicolumn{4}{l}{\footnotesize $^{\dagger}$\,single seed: no standard error} \\" in tex
+    assert tex.rstrip().endswith(r"\end{tabular}")
+    text = R.text_table(res, rows)
+    assert "0.9112 ± 0.0005" in text and "0.889†" in text and text.endswith("no standard error")
+
+
+@pytest.mark.parametrize("mean, se, n, text, tex", [
+    (0.91123, 0.000472, 3, "0.9112 ± 0.0005", r"0.9112 \pm 0.0005"),
+    (0.902, 0.00100, 3, "0.9020 ± 0.0010", r"0.9020 \pm 0.0010"),
+    (0.5, 0.0096, 3, "0.500 ± 0.010", r"0.500 \pm 0.010"),  # se rounds up to a leading 1: two digits
+    (0.5, 0.0151, 3, "0.50 ± 0.02", r"0.50 \pm 0.02"),
+    (12345.6, 23.0, 3, "12,350 ± 20", r"12{,}350 \pm 20"),
+    (-0.0001, 0.02, 3, "0.00 ± 0.02", r"0.00 \pm 0.02"),  # no "-0.00"
+    (1.234e-5, 3.1e-7, 3, "(1.23 ± 0.03)e-5", r"(1.23 \pm 0.03)\times10^{-5}"),  # scientific only when tiny
+    (-9.1e-5, 3.2e-5, 3, "-0.00009 ± 0.00003", r"-0.00009 \pm 0.00003"),  # small, yet fixed
+    (0.911, 0.0, 1, "0.911†", r"0.911^{\dagger}"),  # one seed: marked, never "± 0"
+    (32.0, 0.0, 3, "32.0", "32.0"),  # every seed equal
+    (None, 0.1, 3, "n/a", "n/a"),
+])
+def test_format_mean_se(mean, se, n, text, tex):
+    assert R.format_mean_se(mean, se, n) == text
+    assert R.format_mean_se(mean, se, n, latex=True) == tex
+
+
+def test_thousands_are_grouped():
+    assert R.format_number(300000) == "300,000" and R.format_number(300000, latex=True) == "300{,}000"
+    assert R.format_number(9999) == "9999" and R.format_number(-1234567) == "-1,234,567"
+    assert R.format_table([{"arch": "TopK", "train_tok_s": 12345.0}]).splitlines()[1].split() == ["TopK", "12,345"]
+
+
+def test_rows_are_named_in_words():
+    """Every row the notebooks tabulate reads in words: no raw key (``blimp_kept``, ``clause_start k=1``)."""
+    from trsae import experiments
+
+    rows = [r for name, v in vars(experiments).items() if name.endswith("_ROWS") for r in v]
+    nb = json.loads((ROOT / "notebooks" / "04_interpretability.ipynb").read_text())
+    src = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    params = next(s for s in src if "probe_ks =" in s)
+    measures_py = ast.parse((ROOT / "trsae" / "evals" / "measures.py").read_text())  # importing it loads torch
+    probe_labels = next(ast.literal_eval(n.value) for n in measures_py.body
+                        if isinstance(n, ast.Assign) and n.targets[0].id == "PROBE_LABELS")
+    env = {"measures": SimpleNamespace(PROBE_LABELS=probe_labels)}
+    exec("\n".join(line for line in params.splitlines() if line.startswith("probe_ks")), env)
+    env["probe_ks"] = sorted(set(env["probe_ks"]) | {1, 5, 32})  # the smoke ks and those of larger profiles
+    built = [line for s in src for line in s.splitlines() if re.match(r"(rows|probe_rows|auto_rows) \+?= ", line)]
+    assert [b.split()[0] for b in built] == ["rows", "rows", "rows", "probe_rows", "auto_rows"], built
+    for line in built:
+        exec(line, env)
+    nb_rows = env["rows"] + env["probe_rows"] + env["auto_rows"]
+    assert {"blimp_kept", "clause_start_k1", "gap_probe_k1", "labelled_frac"} <= {r[1] for r in nb_rows}
+    for section, key, label in rows + nb_rows:
+        words = R.row_label(section, key, label)
+        assert "_" not in words and "k=" not in words and words != key, (key, label, words)
+    assert R.row_label("probing", "clause_start_k1", "clause_start k=1") == "clause start (k = 1 probe)"
+    assert R.row_label("syntax", "blimp_kept", "blimp_kept") == "BLiMP accuracy kept"
+    assert set(probe_labels) <= set(R.PROBE_WORDS)
+
+
+def test_paper_prints_values_through_pm_macros():
+    """paper.tex prints a value over seeds with its generated ``\\<name>Pm`` macro, never a ``\\pm`` of its own
+    around a mean and an ``...Se`` macro (which the notebooks no longer write)."""
+    tex = (ROOT / "paper" / "paper.tex").read_text()
+    assert not re.search(r"\\(setup|base|tmp|abl|interp|overhead)[A-Z][A-Za-z]*Se\b", tex)
+    assert "\\pmse" not in tex and re.search(r"\\tmp[A-Za-z]+Pm\b", tex)
 
 
 def _parse_macros(text):
@@ -135,10 +229,11 @@ def test_macros_round_trip(tmp_path):
     path = R.write_macros(macros, tmp_path / "vars.tex", digits=3)
     got = _parse_macros(path.read_text())
     assert set(got) == set(macros)
-    assert got["nTokens"] == "1234567" and got["modelName"] == r"Gemma~3 270M"
+    assert got["nTokens"] == "1{,}234{,}567" and got["modelName"] == r"Gemma~3 270M"
     assert got["trsaeEV"] == "0.912" and got["topkCE"] == "3.27" and got["negVal"] == "-0.123"
+    assert got["bigValue"] == "98{,}765"
     for k in ("trsaeEV", "topkCE", "bigValue", "negVal"):
-        assert float(got[k]) == pytest.approx(macros[k], rel=5e-3)
+        assert float(got[k].replace("{,}", "")) == pytest.approx(macros[k], rel=5e-3)
     m = re.fullmatch(r"\\ensuremath\{(-?[0-9.]+)\\times10\^\{(-?\d+)\}\}", got["tinyMse"])
     assert m and float(m.group(1)) * 10 ** int(m.group(2)) == pytest.approx(0.000123, rel=5e-3)
     assert R.write_macros({"a": 0.5}, path).read_text().count(r"\newcommand") == 1  # overwritten
@@ -164,7 +259,7 @@ def test_macro_name_and_format_number():
         R.macro_name("--")
     assert R.format_number(0.91234) == "0.912"
     assert R.format_number(923.04) == "923"
-    assert R.format_number(12345.6) == "12346"
+    assert R.format_number(12345.6) == "12,346"
     assert R.format_number(7) == "7"
     assert R.format_number(0.0) == "0"
     assert R.format_number(None) == "n/a" and R.format_number(math.nan) == "n/a"
@@ -226,17 +321,42 @@ def test_notebook_macros_carry_their_files_prefix(tmp_path):
                                   "setupK", "setupSeeds", "setupEvalSeqs", "setupTestSeqs", "setupDensityTokens",
                                   "setupDeadWindowFrac"}
     assert made[R.SETUP]["setupData"] == "brown + sotu" and made[R.SETUP]["setupTestSeqs"] == 12
-    assert made[R.BASELINE] == {"baseTopKLZero": 32.0, "baseTopKLZeroSe": 0.01, "baseTRSAELZero": 31.0,
-                                "baseTRSAELZeroSe": 0.01}
+    assert made[R.BASELINE] == {"baseTopKLZero": "32.000", "baseTopKLZeroPm": r"\ensuremath{32.000 \pm 0.010}",
+                                "baseTRSAELZero": "31.000", "baseTRSAELZeroPm": r"\ensuremath{31.000 \pm 0.010}"}
     assert made[R.TEMPORAL]["tmpOpenGateFrac"] == 0.25 and made[R.TEMPORAL]["tmpWindow"] == 16
-    assert made[R.TEMPORAL]["tmpTRSAEFvuRatio"] == 0.95 and made[R.TEMPORAL]["tmpStrongestSeparated"] == "not more"
+    assert made[R.TEMPORAL]["tmpTRSAEFvuRatio"] == "0.950" and made[R.TEMPORAL]["tmpStrongestSeparated"] == "not more"
+    assert made[R.TEMPORAL]["tmpStrongestLeadPm"] == r"\ensuremath{0.020 \pm 0.010}"
+    assert not [m for made_ in made.values() for m in made_ if m.endswith("Se")]
     assert made[R.OVERHEAD] == {"overheadDIn": 640, "overheadK": 32, "overheadWidthMult": 8, "overheadWindow": 16,
                                 "overheadCtxLen": 128, "overheadTrainRatio": 1.5}
     for which, macros in made.items():
         path = R.write_macro_file(macros, which, tmp_path)
         assert path.name == which.file and set(_parse_macros(path.read_text())) == set(macros)
+    assert _parse_macros((tmp_path / R.SETUP.file).read_text())["setupDensityTokens"] == "100{,}000"
     with pytest.raises(ValueError, match="does not start with 'tmp'"):
         R.write_macro_file({"baseTopKLZero": 1.0}, R.TEMPORAL, tmp_path)
     with pytest.raises(ValueError):
         R.write_macro_file({"tmpx": 1.0}, R.TEMPORAL, tmp_path)  # a capital letter must follow the prefix
     assert len({m.prefix for m in R.MACRO_FILES}) == len({m.file for m in R.MACRO_FILES}) == len(R.MACRO_FILES)
+
+
+def test_single_seed_macros_are_marked_and_never_plus_minus_zero():
+    one = {"TRSAE": {"reconstruction_quality": {"explained_variance": _leaf(0.91123, 0.0, n=1)}}}
+    got = R.results_macros(one, R.TEMPORAL, R.RECONSTRUCTION_PANELS[:1])
+    assert got == {"tmpTRSAEExplainedVariance": "0.911", "tmpTRSAEExplainedVariancePm": r"\ensuremath{0.911^{\dagger}}"}
+    many = {"TRSAE": {"reconstruction_quality": {"explained_variance": _leaf(0.91123, 0.000472)}}}
+    got = R.results_macros(many, R.TEMPORAL, R.RECONSTRUCTION_PANELS[:1])
+    assert got["tmpTRSAEExplainedVariancePm"] == r"\ensuremath{0.9112 \pm 0.0005}"
+    assert got["tmpTRSAEExplainedVariance"] == "0.9112"  # the mean as it is printed beside its se
+    neg = R.mean_se_macros("ablDeltaEvWZero", _leaf(-0.0123, 0.0031))
+    assert neg == {"ablDeltaEvWZero": r"\ensuremath{-0.012}", "ablDeltaEvWZeroPm": r"\ensuremath{-0.012 \pm 0.003}"}
+    with pytest.raises(ValueError):
+        R.mean_se_macros("tmpX", _leaf(float("nan")))
+
+
+def test_every_ablation_is_named_by_what_it_removes():
+    from trsae.experiments import ABLATION_COMPONENTS
+    from trsae.report.macros import REMOVED
+
+    assert set(REMOVED) == set(ABLATION_COMPONENTS)
+    assert not any(words.startswith(("no ", "removing")) for words in REMOVED.values())

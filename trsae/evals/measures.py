@@ -14,6 +14,8 @@ from trsae.lm import LoadedModel
 from trsae.saes import SAE
 
 PROBE_LABELS = ("upos", "deprel", "head_dist", "abs_pos", "word_pos", "connective", "clause_start")
+"""The UD labels notebook 04 probes; tables and figures name them in words by `trsae.report.values.PROBE_WORDS`
+(kept there, as the reporting package imports no torch; tests/test_report.py checks that it covers these)."""
 
 
 def syntax_scores(model: LoadedModel, layer: int, sae: SAE | None, blimp_items: int, blimp_paradigms,

@@ -1,8 +1,8 @@
 """Everything the paper takes from the notebooks: figures (one palette), tables (Markdown, LaTeX, CSV) and macros.
 Pure matplotlib + the standard library: nothing here imports torch, the model or the SAEs.
 
-    values.py   reading a results value (mean ± se) and printing a number
-    figures.py  bar, frontier, probing, top-context and overhead figures; `PALETTE`, `save_figure`
+    values.py   reading a results value (mean ± se), printing it rounded to its se, naming a row in words
+    figures.py  comparison (points ± se), frontier, probing, top-context and overhead figures; `PALETTE`
     tables.py   results tables (mean ± se per SAE) and tables of measured rows
     macros.py   macro names and files; what each notebook writes (`MacroFile`, its prefix, its macros)
 
@@ -16,8 +16,10 @@ from trsae.report.figures import (PALETTE, PRESERVATION_PANELS, RECONSTRUCTION_P
                                   reconstruction_figure, save_figure, sparsity_figure, top_contexts_figure)
 from trsae.report.macros import (ABLATION, BASELINE, INTERP, MACRO_FILES, OVERHEAD, PREFIXES, SETUP,  # noqa: F401
                                  TEMPORAL, MacroFile, ablation_macros, baseline_macros, interp_macros, macro_name,
-                                 overhead_macros, results_macros, setup_macros, temporal_macros, write_macro_file,
-                                 write_macros)
+                                 mean_se_macros, overhead_macros, pm_text, results_macros, setup_macros,
+                                 temporal_macros, write_macro_file, write_macros)
 from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, format_table,  # noqa: F401
                                  results_table, text_table, write_results, write_tables)
-from trsae.report.values import Panel, format_number, metric_value  # noqa: F401
+from trsae.report.values import (PROBE_WORDS, ROW_WORDS, SINGLE_SEED_MARK, SINGLE_SEED_NOTE, Panel,  # noqa: F401
+                                 format_mean_se, format_number, group_thousands, metric_n, metric_value, row_label,
+                                 se_decimals)

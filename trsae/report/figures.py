@@ -4,7 +4,7 @@ Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, n
 this module neither changes a notebook's backend nor leaks open figures. Every file is written atomically
 (`save_figure`), so an interrupted run never leaves half a PNG for the paper to pick up.
 
-    bar and frontier figures    core metrics per SAE (01, 02, 03)
+    comparison and frontier     core metrics per SAE (01, 02, 03): points with ±se bars on an axis zoomed to them
     probing, top contexts       notebook 04
     overhead                    notebook 05: time and memory against F, w and T
 """
@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from trsae.io import atomic_write_bytes
-from trsae.report.values import Panel, format_number, metric_value
+from trsae.report.values import PROBE_WORDS, Panel, format_mean_se, metric_n, metric_value
 
 PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974",
            "#64B5CD")
@@ -59,7 +59,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# bar figures
+# comparison figures (named bar_figure for the notebooks that call it: points with error bars, not bars)
 
 
 def make_bar_figure(
@@ -68,10 +68,13 @@ def make_bar_figure(
     title: str | None = None,
     skip_empty: bool = False,
 ) -> Figure:
-    """One subplot per metric, one bar per SAE (in ``results`` order) with ±se error bars and its value.
+    """One subplot per metric, one point per SAE (in ``results`` order, its `PALETTE` colour) with ±se error bars
+    and its value (`format_mean_se`'s mean: rounded to its se; ``†`` for a single seed).
 
-    An SAE without a value for a panel gets no bar there (its tick reads "n/a"). With ``skip_empty`` a panel
-    no SAE has a value for is dropped; if nothing is left a ``ValueError`` is raised.
+    The value axis is zoomed to the points and their error bars, not drawn from zero, so that explained variances
+    of 0.867 and 0.873 look as different as their error bars allow. An SAE without a value for a panel gets no
+    point there (its tick reads "n/a"). With ``skip_empty`` a panel no SAE has a value for is dropped; if nothing
+    is left a ``ValueError`` is raised.
     """
     names = list(results)
     if not names:
@@ -85,29 +88,25 @@ def make_bar_figure(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (section, key, label) in zip(axes, panels):
-        xs, means, ses, colors, texts = [], [], [], [], []
+        xs = []
         for i, name in enumerate(names):
             mv = metric_value(results[name], section, key)
             if mv is None:
                 continue
             xs.append(i)
-            means.append(mv[0])
-            ses.append(mv[1])
-            colors.append(color(i))
-            texts.append(format_number(mv[0], 3))
-        if xs:
-            ax.bar(xs, means, yerr=ses, color=colors, ecolor="black", capsize=3, edgecolor="black", linewidth=0.5)
-            for x, m, s, text in zip(xs, means, ses, texts):  # value label just beyond the error bar
-                ax.annotate(text, (x, m + s if m >= 0 else m - s), xytext=(0, 2 if m >= 0 else -2),
-                            textcoords="offset points", ha="center", va="bottom" if m >= 0 else "top",
-                            fontsize=7)
-            ax.margins(y=0.15)
+            mean, se = mv
+            ax.errorbar([i], [mean], yerr=[se], fmt="o", color=color(i), ecolor=color(i), capsize=4, markersize=6)
+            n = metric_n(results[name], section, key)
+            text = format_mean_se(mean, se, n, mean_only=True) + ("†" if n == 1 else "")
+            ax.annotate(text, (i, mean), xytext=(7, 0), textcoords="offset points", ha="left", va="center",
+                        fontsize=7)
+        ax.margins(y=0.2)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([n if i in xs else f"{n}\n(n/a)" for i, n in enumerate(names)],
                            rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
                            fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.1)  # room for the last value label
         ax.set_title(label, fontsize=10)
-        ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -121,7 +120,7 @@ def bar_figure(
     title: str | None = None,
     skip_empty: bool = False,
 ) -> Path:
-    """``make_bar_figure`` saved atomically as PNG (dpi 150); returns the path."""
+    """``make_bar_figure`` (points with error bars) saved atomically as PNG (dpi 150); returns the path."""
     return save_figure(make_bar_figure(results, panels, title, skip_empty), path)
 
 
@@ -235,7 +234,7 @@ def probing_figure(results: dict[str, dict], labels: Sequence[str], ks: Sequence
             ys = [(metric_value(res, "probing", f"{label}_k{k}") or (float("nan"),))[0] for k in ks]
             ax.plot(ks, ys, marker="o", label=name, color=color(j))
         ax.set_xscale("log")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(PROBE_WORDS.get(label, label), fontsize=9)
         ax.set_xlabel("k latents")
         if i == 0:
             ax.set_ylabel("test accuracy")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trsae.io import atomic_write_text, write_json_atomic
-from trsae.report.values import Panel, format_number, metric_value
+from trsae.report.values import (SINGLE_SEED_NOTE, Panel, format_mean_se, group_thousands, is_single_seed, metric_n,
+                                 metric_value, row_label)
 
 
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -27,12 +28,22 @@ def _tex_escape(s: str) -> str:
     return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(s))
 
 
-def _cell(mv: tuple[float, float] | None, digits: int, latex: bool) -> str:
+def _cell(mv: tuple[float, float] | None, n: int | None, latex: bool, digits: int = 3) -> str:
+    """``mean ± se`` rounded to the se (`format_mean_se`), a single seed's mean marked; ``n/a`` / ``--`` if none."""
     if mv is None:
         return "n/a" if not latex else "--"
-    mean, se = mv
-    m, s = format_number(mean, digits, latex), format_number(se, max(digits - 1, 1), latex)
-    return f"${m} \\pm {s}$" if latex else f"{m} ± {s}"
+    text = format_mean_se(mv[0], mv[1], n, latex, digits=digits)
+    return f"${text}$" if latex else text
+
+
+def _cells(results: dict[str, dict[str, Any]], row: Panel, latex: bool, digits: int = 3) -> list[str]:
+    return [_cell(metric_value(res, row[0], row[1]), metric_n(res, row[0], row[1]), latex, digits)
+            for res in results.values()]
+
+
+def _any_single_seed(results: dict[str, dict[str, Any]], rows: Sequence[Panel]) -> bool:
+    return any(is_single_seed((metric_value(res, s, k) or (None,))[0], metric_n(res, s, k))
+               for res in results.values() for s, k, _ in rows)
 
 
 def results_table(
@@ -45,39 +56,45 @@ def results_table(
 ) -> dict[str, Path]:
     """Table with one row per metric ``(section, key, label)`` and one column per SAE: mean ± se.
 
-    Markdown and LaTeX (a plain ``tabular`` with ``\\hline``, no booktabs) show formatted cells; the CSV has
-    ``metric, section, key`` then ``<sae> mean``, ``<sae> se`` and ``<sae> n`` per SAE at full precision
-    (empty where not available). Returns the paths written.
+    Rows are named in words (`row_label`). Markdown and LaTeX (a plain ``tabular`` with ``\\hline``, no booktabs)
+    show cells rounded to their standard error (`format_mean_se`; ``digits`` significant digits where there is
+    none), a single seed's value marked ``†`` and explained in a last line; the CSV has ``metric, section, key``
+    then ``<sae> mean``, ``<sae> se`` and ``<sae> n`` per SAE at full precision (empty where not available).
+    Returns the paths written.
     """
     names = list(results)
     if not names:
         raise ValueError("no results to tabulate")
     written: dict[str, Path] = {}
-    vals = {(r[0], r[1]): [metric_value(results[n], r[0], r[1]) for n in names] for r in rows}
+    labels = [row_label(*r) for r in rows]
+    single = _any_single_seed(results, rows)
 
     if path_md is not None:
         lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        for section, key, label in rows:
-            lines.append(f"| {label} | " + " | ".join(_cell(v, digits, False) for v in vals[(section, key)])
-                         + " |")
+        for row, label in zip(rows, labels):
+            lines.append(f"| {label} | " + " | ".join(_cells(results, row, False, digits)) + " |")
+        lines += ["", SINGLE_SEED_NOTE[False]] if single else []
         written["md"] = atomic_write_text(path_md, "\n".join(lines) + "\n")
 
     if path_tex is not None:
         lines = ["\\begin{tabular}{l" + "r" * len(names) + "}", "\\hline",
                  "Metric & " + " & ".join(_tex_escape(n) for n in names) + " \\\\", "\\hline"]
-        for section, key, label in rows:
-            lines.append(_tex_escape(label) + " & "
-                         + " & ".join(_cell(v, digits, True) for v in vals[(section, key)]) + " \\\\")
-        lines += ["\\hline", "\\end{tabular}"]
+        for row, label in zip(rows, labels):
+            lines.append(_tex_escape(label) + " & " + " & ".join(_cells(results, row, True, digits)) + " \\\\")
+        lines.append("\\hline")
+        if single:
+            lines.append(f"\\multicolumn{{{len(names) + 1}}}{{l}}{{\\footnotesize {SINGLE_SEED_NOTE[True]}}} \\\\")
+        lines.append("\\end{tabular}")
         written["tex"] = atomic_write_text(path_tex, "\n".join(lines) + "\n")
 
     if path_csv is not None:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["metric", "section", "key"] + [f"{n} {c}" for n in names for c in ("mean", "se", "n")])
-        for section, key, label in rows:
+        for (section, key, _), label in zip(rows, labels):
             row: list[Any] = [label, section, key]
-            for name, v in zip(names, vals[(section, key)]):
+            for name in names:
+                v = metric_value(results[name], section, key)
                 raw = (results[name].get(section) or {}).get(key)
                 count = raw.get("n", "") if isinstance(raw, dict) else (1 if v is not None else "")
                 row += ["", "", ""] if v is None else [repr(v[0]), repr(v[1]), count]
@@ -97,15 +114,16 @@ def write_results(summary: dict[str, dict[str, Any]], rows: Sequence[Panel], out
 
 
 def text_table(results: dict[str, dict[str, Any]], rows: Sequence[Panel], digits: int = 3) -> str:
-    """Plain-text table (one row per metric, one column per SAE, mean ± se) for printing in a notebook."""
+    """Plain-text table (one row per metric, one column per SAE, mean ± se as in `results_table`) for printing in
+    a notebook."""
     names = list(results)
-    cells = [[label] + [_cell(metric_value(results[n], s, k), digits, False) for n in names]
-             for s, k, label in rows]
+    cells = [[row_label(*row)] + _cells(results, row, False, digits) for row in rows]
     header = ["metric"] + names
     widths = [max(len(str(r[i])) for r in [header] + cells) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                               for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(header)] + [fmt(r) for r in cells])
+    note = [SINGLE_SEED_NOTE[False]] if _any_single_seed(results, rows) else []
+    return "\n".join([fmt(header)] + [fmt(r) for r in cells] + note)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +153,7 @@ def _fmt(v: Any, spec: str) -> str:
         return "–"
     if isinstance(v, float) and not math.isfinite(v):
         return "n/a"
-    return format(v, spec)
+    return group_thousands(format(v, spec))  # 12345 -> 12,345 (a comma reads the same in a tabular)
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = OVERHEAD_COLUMNS,
