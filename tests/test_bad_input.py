@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 HARVEST = ["harvest", "--model", "tiny-gpt2", "--layer", "1", "--data", "brown", "--tokens", "3000",
@@ -186,3 +187,114 @@ def test_parameter_file_with_an_unknown_key(tmp_path):
     (tmp_path / "p.yaml").write_text("model: gemma-3-270m\nlearning_rate: 0.1\n")
     _one_error_line(_cli(["check-params", tmp_path / "p.yaml", *sorted(root.glob("notebooks/[0-9][0-9]_*.ipynb"))]),
                     "learning_rate")
+
+
+# --- damaged or foreign files, a busy or wrong --out (issue 17) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(store, tmp_path_factory):
+    """A finished run folder (TRAIN with a log line per step)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = _cli(TRAIN + ["--log-every", "1", "--store", store, "--out", out])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _sd(folder):
+    from trsae.saes import load_sae
+
+    return load_sae(folder).state_dict()
+
+
+def test_a_checkpoint_cut_in_half_is_set_aside_and_training_restarts(store, run, tmp_path):
+    out = tmp_path / "run"
+    args = TRAIN + ["--log-every", "1", "--store", store, "--out", out]
+    assert _cli(args + ["--max-steps", "5"]).returncode == 0
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    r = _cli(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint "), r.stderr[-2000:]
+    assert str(ckpt) in lines[0] and "checkpoint.pt.corrupt" in lines[0] and "restarts" in lines[0], lines[0]
+    assert (out / "checkpoint.pt.corrupt").exists()
+    ref, got = _sd(run / "sae"), _sd(out / "sae")  # restarted from scratch: the same SAE as an uninterrupted run
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_sae_config_that_is_not_json(store, run, tmp_path):
+    bad = shutil.copytree(run, tmp_path / "run")
+    (bad / "sae" / "config.json").write_text("{not json")
+    _one_error_line(_cli(["eval", "--store", store, "--sae", bad, "--max-seqs", "2"]),
+                    str(bad / "sae" / "config.json"), "not a valid SAE config")
+
+
+def test_sae_weights_cut_in_half(store, run, tmp_path):
+    bad = shutil.copytree(run, tmp_path / "run")
+    w = bad / "sae" / "sae.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    _one_error_line(_cli(["eval", "--store", store, "--sae", bad, "--max-seqs", "2"]), str(w), "cannot be read")
+
+
+def test_out_that_is_a_file(store, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for cmd in (HARVEST + ["--out", f], TRAIN + ["--store", store, "--out", f / "run"]):
+        _one_error_line(_cli(cmd), f"--out must be a folder; {f} is a file")
+
+
+@pytest.mark.parametrize("damage,needles", [
+    (lambda m: "{\"format\": 1, \"shards\": [", ["not valid JSON", "harvest again"]),
+    (lambda m: json.dumps({**m, "format": 7}), ["store format 7", "newer version", "harvest again"]),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != "shards"}), ["not a valid store manifest", "shards"]),
+], ids=["not-json", "future-format", "no-shards"])
+def test_damaged_store_manifest(store, tmp_path, damage, needles):
+    s = _copy_store(store, tmp_path / "s")
+    man = s / "manifest.json"
+    man.write_text(damage(json.loads(man.read_text())))
+    _one_error_line(_train(s, tmp_path / "run"), str(man), *needles)
+    _one_error_line(_cli(HARVEST + ["--out", s]), str(man), *needles)
+
+
+@pytest.mark.parametrize("damage,needles", [
+    (lambda info: "{\"sae\": ", ["not valid JSON", "delete the run folder"]),
+    (lambda info: json.dumps({**info, "format": 3}), ["run format 3", "newer trsae"]),
+    (lambda info: json.dumps({k: v for k, v in info.items() if k != "format"}
+                             | {"sae": {"arch": "topk", **info["sae"]}}), ["older trsae", "run format 1"]),
+], ids=["not-json", "future-format", "before-the-redesign"])
+def test_damaged_or_foreign_run_record(store, run, tmp_path, damage, needles):
+    out = shutil.copytree(run, tmp_path / "run")
+    p = out / "run.json"
+    p.write_text(damage(json.loads(p.read_text())))
+    _one_error_line(_cli(TRAIN + ["--log-every", "1", "--store", store, "--out", out]), str(out), *needles)
+
+
+def test_a_damaged_run_log(store, run, tmp_path):
+    from trsae.train import RunError, read_log
+
+    out = tmp_path / "run"
+    args = TRAIN + ["--log-every", "1", "--store", store, "--out", out]
+    assert _cli(args + ["--max-steps", "6"]).returncode == 0
+    log = out / "metrics.jsonl"
+    log.write_text(log.read_text() + "garbage\n" + '{"step": 7, "tok')  # a stray line, and one cut mid-line
+    with pytest.raises(RunError, match="metrics.jsonl line 7 is not a log record"):
+        read_log(out)
+    r = _cli(args)  # resuming drops the damaged lines (and those after the checkpoint), with a warning
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {log} line(s) 7, 8 "), r.stderr[-2000:]
+    assert [rec["step"] for rec in read_log(out)] == [rec["step"] for rec in read_log(run)]
+
+
+def test_eval_with_a_run_record_that_is_not_json_names_it(tmp_path):
+    from trsae.evaluate import check_sae_matches_store
+    from trsae.saes import SAE, SAEConfig
+
+    class Store:
+        d_model, path, manifest = 8, tmp_path / "store", {"model": "tiny-gpt2", "layer": 1}
+
+    (tmp_path / "run" / "sae").mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text("{not json")
+    sae = SAE(SAEConfig.build(8, 16, "topk", k=2))
+    with pytest.raises(ValueError, match=r"run\.json is not a valid run record .*evaluate the SAE folder"):
+        check_sae_matches_store(tmp_path / "run" / "sae", sae, Store())

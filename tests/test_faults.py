@@ -121,3 +121,52 @@ def test_training_survives_random_kills(tmp_path):
     for k, v in ref_sd.items():
         assert torch.equal(v, got_sd[k]), k
     assert kills >= 1, "no kill landed while training ran"
+
+
+
+N_STEPS = 150
+
+
+def _signal_train(store):
+    return ["train", "--store", str(store.path), "--sparsity", "topk", "--width", "64", "--k", "4",
+            "--tokens", str(N_STEPS * 4 * 32), "--batch-size", "4", "--crop-len", "32", "--log-every", "1",
+            "--checkpoint-every", "100000", "--quiet"]
+
+
+def _cli1(args):
+    return subprocess.Popen([sys.executable, "-m", "trsae", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy() | {"OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("signal") / "ref"
+    assert _cli1(_signal_train(tiny_store) + ["--out", str(out)]).wait() == 0
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_training_checkpoints_its_last_step(tiny_store, uninterrupted, tmp_path, sig):
+    """SIGTERM (a cluster's pre-emption) or SIGINT (Ctrl-C) mid-run: the process checkpoints the step it was on
+    (checkpoint_every is far away, so no regular checkpoint exists), says so in one line and exits 128 + signal;
+    the rerun goes on from that step and ends with bitwise the weights of an uninterrupted run."""
+    train, out = _signal_train(tiny_store), tmp_path / "stopped"
+    p = _cli1(train + ["--out", str(out)])
+    while not _read_log(out) or _read_log(out)[-1]["step"] < 5:
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.002)
+    p.send_signal(sig)
+    assert p.wait(timeout=60) == 128 + sig, p.stderr.read()
+    lines = [ln for ln in p.stderr.read().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"stopped: {sig.name} after step "), lines
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    last = _read_log(out)[-1]["step"]
+    assert 5 <= state["step"] == last < N_STEPS, (state["step"], last)  # no step lost
+    assert f"after step {last} of {N_STEPS}" in lines[0] and str(out / "checkpoint.pt") in lines[0]
+    assert _cli1(train + ["--out", str(out)]).wait() == 0
+    assert [r["step"] for r in _read_log(out)] == list(range(1, N_STEPS + 1))
+    from trsae.saes import load_sae
+
+    ref_sd, got_sd = load_sae(uninterrupted / "sae").state_dict(), load_sae(out / "sae").state_dict()
+    for k, v in ref_sd.items():
+        assert torch.equal(v, got_sd[k]), k

@@ -1,12 +1,24 @@
 """Command line: ``python -m trsae harvest | train | eval``.
 
-Every bad input ends with one line ``error: <what is wrong and what to do>`` and exit status 2.
+Every bad input ends with one line ``error: <what is wrong and what to do>`` and exit status 2; a training stopped
+by SIGTERM or Ctrl-C checkpoints, says so in one line ``stopped: ...`` and exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
+
+
+def _out_folder(out: str) -> None:
+    """Refuse an ``--out`` that is, or lies inside, a file before any work."""
+    for p in (Path(out), *Path(out).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"--out must be a folder; {p} is a file")
+            return
 
 
 def _harvest(a: argparse.Namespace) -> None:
@@ -14,6 +26,7 @@ def _harvest(a: argparse.Namespace) -> None:
     from trsae.dist import Ranks
     from trsae.store import harvest
 
+    _out_folder(a.out)
     cfg = HarvestConfig(**given(a, a.harvest_fields))
     store = harvest(cfg, a.out, data_dir=a.data_dir, progress=not a.quiet)
     if Ranks.current().main:
@@ -23,6 +36,7 @@ def _harvest(a: argparse.Namespace) -> None:
 def _train(a: argparse.Namespace) -> None:
     from trsae.train import train_from_args
 
+    _out_folder(a.out)
     train_from_args(a)
 
 
@@ -108,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # OSError: missing files, a full disk (trsae.io)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # trsae.train.TrainingInterrupted (SIGTERM or SIGINT), or Ctrl-C elsewhere
+        print(f"stopped: {str(e) or 'interrupted (Ctrl-C); rerun the same command to resume'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     return 0
 
 

@@ -196,9 +196,14 @@ def check_sae_matches_store(sae_dir: Path, sae, store: ActivationStore) -> None:
                          "evaluate it on a store of the model and layer it was trained on")
     run = sae_dir.parent / "run.json"
     if run.exists():
-        trained = json.loads(run.read_text())["store"]
+        try:
+            trained = json.loads(run.read_text())["store"]
+            was = (trained["model"], trained["layer"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{run} is not a valid run record ({type(e).__name__}: {e}); evaluate the SAE folder "
+                             f"{sae_dir} itself (--sae {sae_dir}) or train it again") from None
         here = (store.manifest["model"], store.manifest["layer"])
-        if (trained["model"], trained["layer"]) != here:
+        if was != here:
             raise ValueError(f"the SAE at {sae_dir} was trained on {trained['model']} layer {trained['layer']} "
                              f"but the store at {store.path} holds {here[0]} layer {here[1]}; evaluate it on a "
                              "store of that model and layer")

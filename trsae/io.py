@@ -5,6 +5,8 @@ trsae, nor torch or numpy), so that every module, the pure SAE and metric module
     atomic_dir         a temporary folder to fill, renamed over the target on success
     atomic_write_*     bytes, text, JSON
     write_json_atomic  results JSON: `to_jsonable` first (tensors, arrays, NaN -> null), indent 2
+    folder_lock        one writing process per folder (a store, a run): a second is refused at once
+    deferred_signals   SIGTERM and SIGINT recorded, not acted on, so a loop can checkpoint and stop cleanly
 """
 
 from __future__ import annotations
@@ -16,10 +18,20 @@ import numbers
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
 
 
 def _umask() -> int:
@@ -137,3 +149,106 @@ def to_jsonable(obj: Any) -> Any:
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write ``to_jsonable(obj)`` as JSON to ``path`` atomically: keys in insertion order, ``indent`` 2, no NaN."""
     return atomic_write_json(path, to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=False)
+
+
+# --- one writer per folder ----------------------------------------------------------------------------
+
+LOCK_FILE = ".trsae.lock"
+_HELD: dict[Path, int] = {}  # folders this process holds -> nesting depth
+
+
+class FolderBusyError(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock at ``path``, from what it wrote there (read again briefly while still empty)."""
+    for _ in range(20):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text:
+            pid, host, cmd = (text.split(" ", 2) + ["", ""])[:3]
+            where = "" if host == socket.gethostname() else f" on {host}"
+            return f"process {pid}{where} ({cmd})" if cmd else f"process {pid}{where}"
+        time.sleep(0.05)
+    return "another process"
+
+
+def _command(limit: int = 100) -> str:
+    """This process's command line, shortened (``python -m trsae train ...`` for the CLI)."""
+    argv = sys.argv or [""]
+    head = Path(argv[0])
+    head = f"python -m {head.parent.name}" if head.name == "__main__.py" else head.name
+    cmd = " ".join([head, *argv[1:]])
+    return cmd if len(cmd) <= limit else cmd[:limit - 1] + "…"
+
+
+def _acquire(path: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive flock (released by the OS when the process dies, so
+    a lock left by a killed process never blocks); FolderBusyError if a live process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # the umask applies
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = _holder(path)
+            raise FolderBusyError(f"{path.parent} is being written by {who}; wait for it to finish or stop it, "
+                                  "then rerun (one process per folder)") from None
+        try:  # the holder we waited on may have removed the file: then lock the new one
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()} {_command()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder``'s lock (creating the folder) for the block; reentrant within a process.
+
+    A second process (a CLI run, a notebook) asking for the same folder meanwhile gets FolderBusyError at once,
+    naming the holder's pid. The lock file is removed on release."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder; name a folder to write to")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if fcntl is None or key in _HELD:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    fd = _acquire(folder / LOCK_FILE)
+    _HELD[key] = 1
+    try:
+        yield folder
+    finally:
+        del _HELD[key]
+        (folder / LOCK_FILE).unlink(missing_ok=True)  # while still held: a waiter then locks a new file
+        os.close(fd)
+
+
+@contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """Inside, these signals only append themselves to the yielded list, for a loop to see at the end of its step
+    (then checkpoint and stop); outside the main thread, where no handler can be set, nothing changes."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -32,10 +33,12 @@ from tqdm.auto import tqdm
 from trsae.config import HarvestConfig, config_hash
 from trsae.data import iter_mixed_documents, make_contexts
 from trsae.dist import Ranks
-from trsae.io import atomic_path, atomic_write_json
+from trsae.io import atomic_path, atomic_write_json, folder_lock
 from trsae.lm import LoadedModel, layer_acts, load_model
 
 MANIFEST = "manifest.json"
+STORE_FORMAT = 1
+"""The manifest's ``format``: a store of another format is refused with a clear message, not misread."""
 SPLITS = ("train", "val", "test")
 
 
@@ -95,8 +98,14 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
     Under ``torchrun`` rank r harvests shards r, r + N, ...: each writes its shards and leaves their manifest
     entries in side files, which rank 0 lists in the manifest in order at the end (and any later run, on
     any number of ranks, at its start), so one store results and an interrupted harvest resumes.
+    Another process writing ``out`` meanwhile makes this raise `trsae.io.FolderBusyError` at once.
     """
-    out = Path(out)
+    with folder_lock(out) if Ranks.current().main else nullcontext():  # rank 0 speaks for its job
+        return _harvest(cfg, Path(out), model, data_dir, progress, max_shards)
+
+
+def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir: str | os.PathLike | None,
+             progress: bool, max_shards: int | None) -> "ActivationStore":
     out.mkdir(parents=True, exist_ok=True)
     ranks = Ranks.current()
     ident = store_identity(cfg)
@@ -120,7 +129,7 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
     is_train[torch.from_numpy(splits["train"])] = True
     if not man_path.exists() and ranks.main:
         manifest = {
-            "format": 1, "config": ident, "config_hash": chash, "model": cfg.model, "layer": cfg.layer,
+            "format": STORE_FORMAT, "config": ident, "config_hash": chash, "model": cfg.model, "layer": cfg.layer,
             "data": cfg.data, "ctx_len": cfg.ctx_len, "dtype": cfg.dtype, "d_model": model.d_model,
             "n_seq": cfg.n_seq, "seqs_per_shard": cfg.seqs_per_shard, "special_ids": list(model.special_ids),
             "split": {k: len(v) for k, v in splits.items()}, "shards": [], "complete": False,
@@ -207,9 +216,19 @@ def _read_manifest(path: Path) -> dict:
         raise StoreError(f"no activation store at {path} ({MANIFEST} missing); build one with "
                          f"`python -m trsae harvest ... --out {path}`")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{p} is not valid JSON ({e}); delete the store and harvest again") from e
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{p} is not valid JSON ({e}); delete the store {path} and harvest again") from e
+    version = m.get("format") if isinstance(m, dict) else None
+    if version != STORE_FORMAT:
+        who = "a newer" if isinstance(version, int) and version > STORE_FORMAT else "another"
+        raise StoreError(f"{p}: store format {version!r} is not one this code reads ({STORE_FORMAT}); {who} "
+                         f"version of trsae wrote it: harvest again into a new folder")
+    missing = sorted({"config", "config_hash", "complete", "shards", "d_model", "ctx_len", "n_seq"} - set(m))
+    if missing:
+        raise StoreError(f"{p} is not a valid store manifest (no {', '.join(missing)}); delete the store {path} "
+                         "and harvest again")
+    return m
 
 
 # --- reading ------------------------------------------------------------------------------------------

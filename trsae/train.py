@@ -7,9 +7,10 @@ A run folder holds::
                        since each latent last fired)
     metrics.jsonl      one line per logged step
     sae/               the finished SAE (config.json + sae.safetensors), written last
-    run.json           the run's configs and the store it trained on
+    run.json           the run's format (`RUN_FORMAT`), configs and the store it trained on
 
-Rerunning the same call resumes from ``checkpoint.pt``; a finished run returns its SAE at once.
+Rerunning the same call resumes from ``checkpoint.pt``; a finished run returns its SAE at once. One process
+writes a run folder at a time (`trsae.io.folder_lock`); SIGTERM or Ctrl-C checkpoints the last step and stops.
 
 Under ``torchrun --nproc-per-node N -m trsae train ...`` (``gloo`` on CPU, ``nccl`` on GPU) each rank takes
 every N-th training crop of the same global batch, gradients are averaged over ranks, the dead-latent counters and
@@ -25,7 +26,10 @@ import io
 import json
 import os
 import random
+import signal
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +39,24 @@ from tqdm.auto import tqdm
 from trsae.config import TrainConfig, given
 from trsae.dist import Ranks
 from trsae.saes import SAE, ForwardOutput, SAEConfig, load_sae, make_sae
-from trsae.io import atomic_write_bytes, atomic_write_json
+from trsae.io import atomic_write_bytes, atomic_write_json, deferred_signals, folder_lock
 from trsae.store import ActivationStore
+
+RUN_FORMAT = 2
+"""run.json's ``format``: 2 since the SAE redesign (its ``sae`` is a format-2 SAE config). A run.json without one
+is format 1 when its SAE config names an ``arch`` (the code before the redesign), else 2."""
 
 
 class RunError(RuntimeError):
-    """A run folder does not match the requested training (another store, SAE or schedule)."""
+    """A run folder does not match the requested training (another store, SAE or schedule), or is damaged."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped training after a checkpoint of its last step; rerunning resumes."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def lr_lambda(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
@@ -127,7 +143,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
               progress: bool = True, max_steps: int | None = None) -> SAE:
     """Train (or resume, or reload) the SAE of run folder ``out``.
 
-    ``max_steps`` stops after that many steps of this call with a checkpoint (as if killed), for tests.
+    ``max_steps`` stops after that many steps of this call with a checkpoint (as if killed), for tests. Another
+    process writing ``out`` meanwhile makes this raise `trsae.io.FolderBusyError` at once; SIGTERM or SIGINT
+    during the steps checkpoints the last one and raises `TrainingInterrupted`.
     """
     out = Path(out)
     ranks = Ranks.current()
@@ -139,12 +157,18 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     if store.ctx_len % cfg.crop_len:
         raise RunError(f"crop_len {cfg.crop_len} must divide the store's context length {store.ctx_len}")
     sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale, seed=cfg.seed)  # one seed: the run's
-    run_info = {"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
+    run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
                           "model": store.manifest["model"], "layer": store.manifest["layer"]}}
+    with folder_lock(out) if ranks.main else nullcontext():  # rank 0 speaks for its job
+        return _train(sae_cfg, cfg, store, out, run_info, ranks, progress, max_steps)
+
+
+def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Path, run_info: dict, ranks: Ranks,
+           progress: bool, max_steps: int | None) -> SAE:
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "run.json").exists():
-        old = json.loads((out / "run.json").read_text())
+    old = read_run_info(out)
+    if old is not None:
         for key in ("sae", "train"):
             if old[key] != run_info[key]:
                 raise RunError(f"{out} holds a run with another {key} configuration; use another folder or "
@@ -153,32 +177,20 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
             raise RunError(f"{out} was trained on another store ({old['store']}); use another folder")
     elif ranks.main:
         atomic_write_json(out / "run.json", run_info)
+    log_path = out / "metrics.jsonl"
+    if log_path.exists() and ranks.main:
+        _drop_damaged_log_lines(log_path)
     ranks.barrier()
     if (out / "sae" / "config.json").exists():
         return load_sae(out / "sae")
 
-    torch.manual_seed(cfg.seed)
-    sae = make_sae(sae_cfg)
     tokens_per_step = cfg.batch_size * cfg.crop_len
     total = max(1, cfg.tokens // tokens_per_step)
     dead_steps = max(1, round(cfg.dead_window_frac * total))
-    opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
-    since_fired_F = torch.zeros(sae_cfg.width, dtype=torch.long)
-    step = 0
     ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        sae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        since_fired_F = state["since_fired"]
-        step = state["step"]
-        _set_rng_state(state["rng"])
-    log_path = out / "metrics.jsonl"
+    sae, opt, sched, since_fired_F, step = _resume(ckpt, sae_cfg, cfg, total, ranks)
     if log_path.exists() and ranks.main:  # drop log lines written after the checkpoint we resume from
-        lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
+        lines = [ln for ln, rec in _log_lines(log_path)[0] if rec["step"] <= step]
         atomic_write_bytes(log_path, "".join(ln + "\n" for ln in lines).encode())
     if step == 0:
         init_b_dec_(sae, store, cfg)
@@ -198,10 +210,10 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.label}", unit="step",
                disable=not (progress and ranks.main))
     stop_at = total if max_steps is None else min(total, step + max_steps)
-    t0, tok0 = time.perf_counter(), 0
+    t0, tok0, saved = time.perf_counter(), 0, step
     sae.train()
-    with open(log_path if ranks.main else os.devnull, "a") as log:
-        while step < stop_at:
+    with open(log_path if ranks.main else os.devnull, "a") as log, deferred_signals() as stop:
+        while step < stop_at and not _agreed(stop, ranks):
             batch = ranks.shard(next(batches))
             sae.encoder.on_step(step, total)
             out_ = train_step(sae, opt, batch.acts_BTD, batch.mask_BT, batch.pos_BT,
@@ -235,7 +247,16 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", fvu=f"{fvu:.3f}")
             if step % cfg.checkpoint_every == 0 or step == stop_at:
                 checkpoint()
+                saved = step
+        stopped = _agreed(stop, ranks)
+        if stopped and step != saved:
+            checkpoint()
     bar.close()
+    if stopped:
+        name = signal.Signals(stop[0] if stop else signal.SIGTERM).name
+        raise TrainingInterrupted(
+            f"{name} after step {step} of {total}; checkpoint {ckpt} written: rerun the same command to resume"
+            if step else f"{name} before the first step; rerun the same command to start", signal.Signals[name])
     sae.eval()
     if step >= total and sae.sparsity.calibrated:
         calibrate_(sae, store, cfg)
@@ -245,10 +266,102 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     return sae
 
 
+def _resume(ckpt: Path | None, sae_cfg: SAEConfig, cfg: TrainConfig, total: int, ranks: Ranks):
+    """(SAE, optimiser, scheduler, steps since each latent last fired, step): from ``ckpt`` if there is one, else
+    new. A checkpoint that cannot be read is set aside as ``*.corrupt`` with a warning, and training restarts."""
+    torch.manual_seed(cfg.seed)
+    sae = make_sae(sae_cfg)
+    opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
+    if ckpt is None or not ckpt.exists():
+        return sae, opt, sched, torch.zeros(sae_cfg.width, dtype=torch.long), 0
+    try:
+        state = torch.load(ckpt, weights_only=False)
+        sae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        return sae, opt, sched, state["since_fired"], state["step"]
+    except FileNotFoundError:  # rank 0 set it aside meanwhile
+        pass
+    except PermissionError:
+        raise
+    except Exception as e:  # cut (torch raises OSError EINVAL or RuntimeError), overwritten, not a checkpoint
+        if ranks.main:
+            bad = ckpt.with_name(ckpt.name + ".corrupt")
+            os.replace(ckpt, bad)
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"warning: checkpoint {ckpt} cannot be read ({why}); set aside as {bad.name}, training restarts "
+                  "from step 0", file=sys.stderr, flush=True)
+    return _resume(None, sae_cfg, cfg, total, ranks)  # a new run
+
+
+def _agreed(stop: list[int], ranks: Ranks) -> bool:
+    """Whether any rank was asked to stop (all ranks then stop after the same step)."""
+    if ranks.world == 1:
+        return bool(stop)
+    return bool(ranks.sum_(torch.tensor([len(stop)])).item())
+
+
+def read_run_info(out: str | os.PathLike) -> dict | None:
+    """A run folder's ``run.json`` (None if it has none), refused when damaged or of a format this code cannot
+    resume."""
+    out = Path(out)
+    p = out / "run.json"
+    if not p.exists():
+        return None
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{p} is not valid JSON ({e}); delete the run folder {out} or train into another") from e
+    if not isinstance(info, dict) or not {"sae", "train", "store"} <= set(info):
+        raise RunError(f"{p} is not a run record (no sae, train or store); delete the run folder {out} or train "
+                       "into another")
+    version = info.get("format", 1 if isinstance(info["sae"], dict) and "arch" in info["sae"] else RUN_FORMAT)
+    if version == 1:
+        raise RunError(f"{out} holds a run of an older trsae (run format 1, before the SAE redesign), which this "
+                       f"version cannot resume; train into another folder (its finished sae/ still loads)")
+    if version != RUN_FORMAT:
+        raise RunError(f"{p}: run format {version!r} is not one this code reads ({RUN_FORMAT}); a newer trsae "
+                       "wrote it: use that version, or train into another folder")
+    return info
+
+
+def _log_lines(p: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """The (text, record) of each good line of a metrics log, and the numbers of its damaged lines."""
+    good, bad = [], []
+    for i, ln in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            good.append((ln, rec))
+        else:
+            bad.append(i)
+    return good, bad
+
+
+def _drop_damaged_log_lines(p: Path) -> None:
+    good, bad = _log_lines(p)
+    if bad:
+        atomic_write_bytes(p, "".join(ln + "\n" for ln, _ in good).encode())
+        print(f"warning: {p} line(s) {', '.join(map(str, bad))} were not log records; dropped them", file=sys.stderr,
+              flush=True)
+
+
 def read_log(run: str | os.PathLike) -> list[dict]:
     """The metrics log of a run folder, one dict per logged step."""
     p = Path(run) / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln] if p.exists() else []
+    if not p.exists():
+        return []
+    good, bad = _log_lines(p)
+    if bad:
+        raise RunError(f"{p} line {bad[0]} is not a log record; rerun the train command that wrote it (which drops "
+                       "damaged lines) or delete that line")
+    return [rec for _, rec in good]
 
 
 def sae_config_from_args(a, d_in: int) -> SAEConfig:

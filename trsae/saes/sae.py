@@ -190,16 +190,28 @@ def upgrade_v1(config: dict[str, Any], state: dict[str, Tensor]) -> tuple[dict[s
 def load_sae(directory: str | os.PathLike) -> SAE:
     """Load an SAE written by `SAE.save` (format 2, or format 1 of older checkouts); returned in eval mode."""
     directory = Path(directory)
-    meta = json.loads((directory / CONFIG_FILE).read_text())
-    state = load_file(str(directory / WEIGHTS_FILE))
-    version = meta.get("format")
-    if version == 1:
-        config, state = upgrade_v1(meta["config"], state)
-    elif version == FORMAT_VERSION:
-        config = meta["config"]
-    else:
-        raise ValueError(f"{directory / CONFIG_FILE}: SAE format {version!r} is not one this code reads "
+    cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise ValueError(f"no SAE at {directory} ({CONFIG_FILE} missing); name a folder written by training (a run "
+                         "folder or its sae/)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid SAE config (not JSON: {e}); train the SAE again") from e
+    version = meta.get("format") if isinstance(meta, dict) else None
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f"{cfg_path}: SAE format {version!r} is not one this code reads "
                          f"(1 or {FORMAT_VERSION}); it was written by another version of trsae")
-    sae = SAE(SAEConfig.from_dict(config))
-    sae.load_state_dict(state)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # missing, cut or not safetensors (safetensors' own errors name no file)
+        raise ValueError(f"{weights} cannot be read ({e}); train the SAE again") from e
+    try:
+        config, state = upgrade_v1(meta["config"], state) if version == 1 else (meta["config"], state)
+        sae = SAE(SAEConfig.from_dict(config))
+        sae.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a field or a weight missing or mistyped
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{cfg_path} is not a valid SAE config for its {WEIGHTS_FILE} ({type(e).__name__}: "
+                         f"{why}); train the SAE again") from e
     return sae.eval()
