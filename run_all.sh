@@ -54,16 +54,17 @@ fi
 
 notebooks=$(ls notebooks/[0-9][0-9]_*.ipynb 2>/dev/null || true)
 
-# --- LaTeX, for paper/paper.pdf -------------------------------------------------------------------------
+# --- LaTeX for paper/paper.pdf, Chromium for the dashboard pictures ----------------------------------------
 latex_packages="latexmk texlive-latex-recommended texlive-latex-extra"
-ensure_latex() {  # 0 when latexmk is (now) present
-  command -v latexmk >/dev/null && return 0
+ensure_tool() {  # ensure_tool COMMAND PACKAGES...: 0 when COMMAND is (now) present; installs with apt as root
+  local tool="$1"; shift
+  command -v "$tool" >/dev/null && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing LaTeX for the paper: apt-get install $latex_packages"
+    echo "installing $tool: apt-get install $*"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-       $latex_packages >/dev/null) || true
+       "$@" >/dev/null) || true
   fi
-  command -v latexmk >/dev/null
+  command -v "$tool" >/dev/null
 }
 
 case "$mode" in
@@ -72,6 +73,9 @@ case "$mode" in
     # unit tests, then every notebook under nbval with its smoke-sized defaults; smoke figures go to
     # outputs/smoke-figures so that the tests never overwrite the paper's figures in figures/
     export TRSAE_FIGURES_DIR="$PWD/outputs/smoke-figures"
+    # shellcheck disable=SC2086
+    ensure_tool latexmk $latex_packages || echo "no LaTeX toolchain: the paper test builds no PDF"
+    ensure_tool chromium chromium || echo "no chromium: the browser test skips (and fails when CI=true)"
     python -m pytest -m "not online and not paper" tests
     if [ -n "$notebooks" ]; then
       python -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $notebooks
@@ -89,10 +93,18 @@ case "$mode" in
     params="params/$profile.yaml"
     [ -f "$params" ] || { echo "error: no parameter file $params (profiles: $(ls params | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2; }
     python -m trsae check-params "$params" $notebooks
-    if [ "$paper" = 1 ] && [ -f paper/paper.tex ] && ! ensure_latex; then
+    # stop now, not after an hour of work, when the paper or notebook 04's dashboard pictures cannot be made
+    # shellcheck disable=SC2086
+    if [ "$paper" = 1 ] && [ -f paper/paper.tex ] && ! ensure_tool latexmk $latex_packages; then
       echo "error: no LaTeX toolchain to build paper/paper.pdf, and it cannot be installed here (needs root and" \
            "apt-get). Install it (Debian/Ubuntu: sudo apt-get install $latex_packages; elsewhere TeX Live" \
            "with latexmk) and rerun, or rerun with --no-paper to skip the paper" >&2
+      exit 2
+    fi
+    if [ -z "${TRSAE_CHROMIUM:-}" ] && ! ensure_tool chromium chromium; then
+      echo "error: notebook 04 renders dashboard pages with Chromium, which is missing and cannot be installed" \
+           "here (needs root and apt-get). Install it (Debian/Ubuntu: sudo apt-get install chromium) or set" \
+           "TRSAE_CHROMIUM to a Chromium binary, and rerun" >&2
       exit 2
     fi
     mkdir -p notebooks/executed figures

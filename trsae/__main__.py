@@ -1,4 +1,4 @@
-"""Command line: ``python -m trsae harvest | train | eval``.
+"""Command line: ``python -m trsae harvest | train | eval | dashboard | check-params | params``.
 
 Every bad input ends with one line ``error: <what is wrong and what to do>`` and exit status 2; a training stopped
 by SIGTERM or Ctrl-C checkpoints, says so in one line ``stopped: ...`` and exits with 128 + the signal's number.
@@ -62,6 +62,20 @@ def _params(a: argparse.Namespace) -> None:
     print(yaml.safe_dump(view, sort_keys=False), end="")
 
 
+def _dashboard(a: argparse.Namespace) -> None:
+    from trsae.dashboard import build, load_labels
+
+    _out_folder(a.out)
+    if len(a.labels) > len(a.sae):
+        raise ValueError(f"{len(a.labels)} --labels files for {len(a.sae)} --sae runs (one per --sae, in order)")
+    labels = [load_labels(f) for f in a.labels] + [None] * (len(a.sae) - len(a.labels))
+    site = build(a.store, a.sae, a.out, labels=labels, names=a.name or None, split=a.split,
+                 max_tokens=a.max_tokens, logits=not a.no_logits, progress=not a.quiet)
+    for name in site.names:
+        print(f"{name}: {site.page(name)} ({site.bytes[name] / 1e6:.1f} MB)")
+    print(f"open {site.out / 'index.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trsae.config import HarvestConfig, TrainConfig, add_config_arguments
     from trsae.saes.config import part_classes, part_names
@@ -112,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("params")
     v.add_argument("notebook")
     v.set_defaults(fn=_params)
+    d = sub.add_parser("dashboard", help="a static feature dashboard (opens from disk) of one or two SAEs")
+    d.add_argument("--store", required=True)
+    d.add_argument("--sae", required=True, action="append", help="run or SAE folder; twice to compare two")
+    d.add_argument("--out", required=True)
+    d.add_argument("--labels", action="append", default=[],
+                   help="JSON {feature: [label, f1]}, one per --sae in order (optional)")
+    d.add_argument("--name", action="append", default=[], help="folder name of each SAE (default its kind)")
+    d.add_argument("--split", default="test", choices=["train", "val", "test"])
+    d.add_argument("--max-tokens", type=int, default=1 << 16, help="tokens of the split to encode")
+    d.add_argument("--no-logits", action="store_true", help="skip the model: no logits, token ids as text")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=_dashboard)
     return p
 
 
