@@ -31,6 +31,9 @@ from trsae.io import atomic_path, atomic_write_json
 from trsae.saes import SAE, SAEConfig, make_sae
 
 CFG_FILE = "cfg.json"
+SAELENS_VERSION = "6.54.12"
+"""The SAELens release whose format ``export_saelens`` writes (``metadata.sae_lens_version``): without it SAELens
+reads a ``cfg.json`` as pre-6.0 and drops ``metadata`` (hook and model names included)."""
 WEIGHTS_FILE = "sae_weights.safetensors"
 TRSAE_NOTE = ("exported from a TRSAE: per-token dictionary only; position embeddings and the context term of "
               "the encoder are dropped, so these codes are the TRSAE's at window 0 without positions")
@@ -51,7 +54,8 @@ def export_saelens(sae: SAE, directory: str | os.PathLike, model_name: str | Non
                    "b_dec": sae.b_dec / s}
     cfg = {"d_in": c.d_in, "d_sae": c.width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none"}
-    meta: dict = {"model_name": model_name, "hook_name": hook_name, "trsae_arch": c.label, "trsae_input_scale": s,
+    meta: dict = {"sae_lens_version": SAELENS_VERSION, "model_name": model_name, "hook_name": hook_name,
+                  "trsae_arch": c.label, "trsae_input_scale": s,
                   "trsae_sparsity": c.sparsity.to_dict()}
     try:
         arch_cfg, extra = sae.sparsity.saelens()
