@@ -161,3 +161,24 @@ def test_screenshots_of_the_showcased_features(browser, site, tmp_path):
         head = png.read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 1280
     assert pngs[0].read_bytes() != pngs[1].read_bytes()  # two different features were drawn
+
+
+def test_screenshot_works_inside_a_running_event_loop(tmp_path):
+    # a Jupyter kernel runs an asyncio loop, where playwright's sync API refuses to start (notebook 04)
+    import asyncio
+
+    from trsae.dashboard import screenshot
+
+    if CHROMIUM is None:
+        _missing("no chromium binary")
+    page = tmp_path / "p.html"
+    page.write_text("<html><body data-ready='1'><p>drawn</p></body></html>")
+
+    async def inside_a_loop():
+        return screenshot([(page, "", tmp_path / "p.png")])
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: this module's browser fixture holds this one's loop
+        assert pool.submit(asyncio.run, inside_a_loop()).result() == [tmp_path / "p.png"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

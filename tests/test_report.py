@@ -360,3 +360,10 @@ def test_every_ablation_is_named_by_what_it_removes():
 
     assert set(REMOVED) == set(ABLATION_COMPONENTS)
     assert not any(words.startswith(("no ", "removing")) for words in REMOVED.values())
+
+
+def test_a_single_seed_mark_on_a_power_of_ten_is_valid_tex():
+    from trsae.report.values import format_mean_se
+
+    text = format_mean_se(0.00012, 0.0, n=1, latex=True)
+    assert text == r"{1.20\times10^{-4}}^{\dagger}"  # not 1.20\times10^{-4}^{\dagger}: a double superscript

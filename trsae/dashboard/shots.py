@@ -3,8 +3,10 @@ never downloads a browser): the paper's dashboard figure and the pictures notebo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from trsae.io import atomic_path
@@ -24,6 +26,15 @@ def screenshot(pages: list[tuple[Path, str, Path]], width: int = 1280, height: i
     playwright ``Browser`` if given, else a headless `chromium` started here."""
     if browser is not None:
         return _render(browser, pages, width, height)
+    try:  # playwright's sync API refuses a thread with a running event loop (a Jupyter kernel): use another
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _standalone(pages, width, height)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_standalone, pages, width, height).result()
+
+
+def _standalone(pages: list[tuple[Path, str, Path]], width: int, height: int) -> list[Path]:
     exe = chromium()
     if exe is None:
         raise RuntimeError("no chromium to render dashboard pages: install it (Debian: apt-get install chromium; "

@@ -190,7 +190,7 @@ def temporal_macros(summary: dict[str, dict], rows: Sequence[Panel], usage: dict
     return out
 
 
-REMOVED = {"no position emb.": "the position embeddings", "w=0": "the context attention (w = 0)",
+REMOVED = {"no position emb.": "the position embeddings", "w=0": "the context attention (w=0)",
            "gates fixed open": "the gates (fixed open, without their penalty)", "no curriculum": "the window curriculum"}
 """What each ablation of `trsae.experiments.ABLATION_COMPONENTS` removes, in words for "removing …"."""
 

@@ -132,7 +132,9 @@ def format_mean_se(mean: float | None, se: float | None = None, n: int | None = 
         se = 0.0
     if n == 1 or se <= 0:
         text = format_number(mean, digits, latex)
-        return text if mean_only or n != 1 else text + SINGLE_SEED_MARK[latex]
+        if mean_only or n != 1:
+            return text
+        return ("{" + text + "}" if latex and "^" in text else text) + SINGLE_SEED_MARK[latex]  # no double ^
     pm = r" \pm " if latex else " ± "
     big = max(abs(mean), se)
     if big < 1e-3 and se_decimals(se) > 6:  # tiny numbers: a common power of ten
