@@ -1,5 +1,6 @@
 """Re-execute the notebooks in place with their smoke-sized defaults (what nbval checks in CI) and strip what must
-not be committed: the stderr streams (tqdm progress bars, warnings) of cells marked ``# NBVAL_IGNORE_OUTPUT``.
+not be committed from cells marked ``# NBVAL_IGNORE_OUTPUT``: their stderr streams (tqdm progress bars, warnings)
+and their pictures (dashboard screenshots: megabytes of base64, and in figures/ anyway).
 
     python notebooks/refresh.py [notebooks/02_temporal.ipynb ...]     # default: every notebooks/[0-9][0-9]_*.ipynb
 
@@ -20,7 +21,8 @@ def strip(path: Path) -> None:
     for cell in nb["cells"]:
         if cell["cell_type"] == "code" and "".join(cell["source"]).startswith("# NBVAL_IGNORE_OUTPUT"):
             cell["outputs"] = [o for o in cell.get("outputs", [])
-                               if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+                               if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
+                               and not (o.get("output_type") == "display_data" and "image/png" in o.get("data", {}))]
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
