@@ -9,19 +9,17 @@ Outside CI the test skips when chromium or playwright is missing; in CI (CI=true
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from trsae.dashboard import build
+from trsae.dashboard.shots import chromium
 from trsae.saes import SAE, SAEConfig
 
-_CANDIDATES = [os.environ["TRSAE_CHROMIUM"]] if os.environ.get("TRSAE_CHROMIUM") else \
-    [shutil.which("chromium"), "/usr/bin/chromium"]
-CHROMIUM = next((p for p in _CANDIDATES if p and Path(p).is_file()), None)
-"""The browser binary: $TRSAE_CHROMIUM if set, else Debian's chromium."""
+CHROMIUM = chromium()
+"""The browser binary (`trsae.dashboard.shots.chromium`): $TRSAE_CHROMIUM if set, else Debian's chromium."""
 
 
 def _missing(what: str) -> None:
@@ -34,7 +32,7 @@ def _missing(what: str) -> None:
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        _missing(f"no chromium binary at {' or '.join(p for p in _CANDIDATES if p)}")
+        _missing("no chromium binary ($TRSAE_CHROMIUM, or Debian's chromium on the PATH or at /usr/bin/chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
