@@ -79,3 +79,43 @@ def test_by_position_reads_each_bucket_in_order():
                                                            "2-3": {"persistence": leaf(0.2)}}}},
                "ReLU": {"sparsity": {}}}
     assert by_position(summary, "persistence") == {"TopK": [(1.0, 0.1, 0.01), (2.0, 0.2, 0.01), (4.0, 0.3, 0.01)]}
+
+
+def test_budget_seeds_every_seed_at_the_largest_and_the_main_budget():
+    got = analysis.budget_seeds([1200, 75, 300, 150], 300, [0, 1])
+    assert list(got) == [75, 150, 300, 1200]
+    assert got == {75: [0], 150: [0], 300: [0, 1], 1200: [0, 1]}
+    with pytest.raises(ValueError):
+        analysis.budget_seeds([0, 100], 100, [0])
+
+
+def test_training_length_rows_against_hand_computed_values():
+    per_budget = {300_000: {"a": [_res(0.90, 0.95), _res(0.80, 0.90)], "b": [_res(0.80, 0.90), _res(0.60, 0.80)]},
+                  75_000: {"a": [_res(0.5, 0.6)], "b": [_res(0.0, 0.2)]}}
+    table = analysis.training_length(per_budget, "a", "b")
+    assert list(table) == ["75k tokens", "300k tokens"] and analysis.budget_label(1_200_000) == "1.2M tokens"
+    v = table["300k tokens"]["versus"]
+    assert v["fvu_a"]["values"] == pytest.approx([0.1, 0.2]) and v["fvu_b"]["mean"] == pytest.approx(0.3)
+    assert v["ce_b"]["values"] == pytest.approx([0.9, 0.8])
+    assert table["75k tokens"]["paired"]["fvu_ratio"]["mean"] == pytest.approx(0.5)  # 0.5 / 1.0
+    assert table["75k tokens"]["paired"]["ce_gap_ratio"]["mean"] == pytest.approx(0.5)  # 0.4 / 0.8
+    # both seeds halve the FVU: apart from 1; one seed never is; ratios 0.5 and 1.4 straddle 1
+    assert table["300k tokens"]["apart_from_one"] == {"fvu_ratio": True, "ce_gap_ratio": True}
+    assert not any(table["75k tokens"]["apart_from_one"].values())
+    mixed = {"a": [_res(0.95, 0.9), _res(0.44, 0.9)], "b": [_res(0.9, 0.9), _res(0.6, 0.9)]}
+    assert not analysis.versus(mixed, "a", "b")["apart_from_one"]["fvu_ratio"]
+
+
+def test_length_trend_is_paired_by_seed_and_names_no_move_within_noise():
+    runs = lambda pairs: {"a": [_res(1 - fa, 0.9) for fa, _ in pairs], "b": [_res(1 - fb, 0.9) for _, fb in pairs]}  # noqa: E731
+    # FVU ratios 0.90, 0.92 at the main budget; 0.97, 0.99 at the largest: +0.07 on both seeds, toward 1
+    per_budget = {300: runs([(0.09, 0.1), (0.092, 0.1)]), 1200: runs([(0.097, 0.1), (0.099, 0.1)])}
+    t = analysis.length_trend(per_budget, "a", "b", 300)
+    assert t["change"]["mean"] == pytest.approx(0.07) and t["change"]["se"] == pytest.approx(0, abs=1e-12)
+    assert t["toward_one"] and t["separated"] and t["largest"] == 1200
+    assert report.macros._trend_words(t).startswith("moves toward 1")
+    noisy = {300: runs([(0.09, 0.1), (0.092, 0.1)]), 1200: runs([(0.08, 0.1), (0.1, 0.1)])}  # -0.01, +0.008
+    t = analysis.length_trend(noisy, "a", "b", 300)
+    assert not t["separated"] and report.macros._trend_words(t).startswith("does not move")
+    with pytest.raises(ValueError):  # the two budgets must share their seeds
+        analysis.length_trend({300: runs([(0.09, 0.1)]), 1200: per_budget[1200]}, "a", "b", 300)

@@ -40,3 +40,47 @@ def test_every_cache_key_includes_the_code_version(tmp_path, monkeypatch):
     b = _keys(tmp_path)
     assert all(x != y for x, y in zip(a, b)), (a, b)
     assert b[0].parent == tmp_path / "stores" and b[1].parent == tmp_path / "runs"
+
+
+def _counting_evaluator(store, monkeypatch):
+    calls = []
+    real = cache.evaluate_saes
+    monkeypatch.setattr(cache, "evaluate_saes", lambda saes, *a, **k: calls.append(sorted(saes)) or real(saes, *a, **k))
+    return cache.Evaluator(store, split="test", max_seqs=2, with_logits=False, density_tokens=64), calls
+
+
+def test_training_length_trains_each_budget_and_evaluates_once(tmp_path, tiny_store, monkeypatch):
+    from trsae import analysis
+    from trsae.train import read_log
+
+    evaluate, calls = _counting_evaluator(tiny_store, monkeypatch)
+    cfg = TrainConfig(tokens=256, batch_size=2, crop_len=32, lr=1e-3, log_every=1)
+    specs = {"TopK": SAEConfig.build(tiny_store.d_model, 32, "topk", k=4),
+             "TRSAE": SAEConfig.build(tiny_store.d_model, 32, "topk", "trsae", k=4, window=2)}
+    epoch = tiny_store.n_tokens("train")
+    budgets = analysis.budget_seeds([128, 256, 3 * epoch], 256, [0, 1])  # the largest: three epochs
+    per_budget = cache.training_length(specs, budgets, cfg, tiny_store, evaluate, tmp_path)
+    assert len(calls) == 1 and len(calls[0]) == 2 * (1 + 2 + 2)  # every run in one evaluation
+    for tokens, seeds in budgets.items():
+        for name, spec in specs.items():
+            runs = per_budget[tokens][name]
+            assert len(runs) == len(seeds)
+            for seed, res in zip(seeds, runs):
+                assert res["run"] == str(cache.run_dir(spec, TrainConfig(**{**cfg.__dict__, "tokens": tokens,
+                                                                            "seed": seed}), tiny_store, tmp_path))
+                assert read_log(res["run"])[-1]["step"] == -(-tokens // 64)  # 64 tokens a step, past the epoch
+    # the main budget's runs are the comparison's own: training them again finds them cached
+    again = cache.train_and_evaluate(specs, [0, 1], cfg, tiny_store, evaluate, tmp_path)
+    assert [r["run"] for r in again["TRSAE"]] == [r["run"] for r in per_budget[256]["TRSAE"]]
+    assert len(calls) == 1  # nothing left to evaluate
+
+
+def test_frontier_evaluates_every_setting_in_one_pass(tmp_path, tiny_store, monkeypatch):
+    evaluate, calls = _counting_evaluator(tiny_store, monkeypatch)
+    cfg = TrainConfig(tokens=128, batch_size=2, crop_len=32, lr=1e-3)
+    base = SAEConfig.build(tiny_store.d_model, 32, "topk", k=4)
+    sweep = {"TopK": [base.replace(k=2), base.replace(k=6)], "Top-K-b": [base.replace(k=3)]}
+    pts = cache.frontier(sweep, cfg, tiny_store, evaluate, tmp_path, ("sparsity", "l0"))
+    assert len(calls) == 1 and len(calls[0]) == 3
+    assert [round(p[0]) for p in pts["TopK"]] == [2, 6] and [round(p[0]) for p in pts["Top-K-b"]] == [3]
+    assert all(p[0] == p[1] for ps in pts.values() for p in ps)  # the metric asked for (here L0 itself)

@@ -144,3 +144,29 @@ def test_gap_positions_and_loader(gpt2_tok, data_dir):
     assert toks[p] == "ĠShe" and toks[a] == "Anna" and toks[b] == "zyk"
     rows = load_gap("validation", max_items=5)
     assert len(rows) == 5 and all(r["label"] in ("A", "B", "neither") for r in rows)
+
+
+def test_reuse_layer_acts_runs_the_model_once_per_batch(tiny_model, monkeypatch):
+    """Inside `reuse_layer_acts` a second encoding of the same texts (another SAE) gives the same rows as without it
+    while the model runs only for the first; outside, it runs every time."""
+    import trsae.lm
+    from trsae.saes import SAEConfig, make_sae
+
+    ctx = ud.tokenize_ud(tiny_model.tokenizer, tiny_model.bos_id, ud.parse_conllu(SNIPPET))
+    sae = make_sae(SAEConfig.build(tiny_model.d_model, 32, "topk", k=4)).eval()
+    raw_ref = tx.encode_contexts(tiny_model, 1, ctx.ids, batch_size=2)
+    codes_ref = tx.encode_contexts(tiny_model, 1, ctx.ids, sae=sae, batch_size=2)
+    calls = []
+    real = trsae.lm.layer_acts
+    monkeypatch.setattr(trsae.lm, "layer_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n_batches = -(-len(ctx.ids) // 2)
+    with tx.reuse_layer_acts():
+        raw = tx.encode_contexts(tiny_model, 1, ctx.ids, batch_size=2)
+        codes = tx.encode_contexts(tiny_model, 1, ctx.ids, sae=sae, batch_size=2)
+        assert len(calls) == n_batches
+        tx.encode_contexts(tiny_model, 2, ctx.ids, batch_size=2)  # another layer is another key
+        assert len(calls) == 2 * n_batches
+    np.testing.assert_array_equal(raw.X, raw_ref.X)
+    np.testing.assert_array_equal(codes.X.toarray(), codes_ref.X.toarray())
+    tx.encode_contexts(tiny_model, 1, ctx.ids, batch_size=2)  # the memo ended with the block
+    assert len(calls) == 3 * n_batches

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trsae.metrics import aggregate_seeds
+from trsae.report.values import budget_label
 
 
 def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
@@ -72,11 +73,9 @@ def paired(per_seed: dict[str, list[dict]], a: str, b: str) -> dict:
     share the initial dictionary): ``{"paired": {key: {"mean", "se", "n", "values"}}}`` over seeds, with
     ``fvu_ratio`` = (1 - EV_a) / (1 - EV_b), ``ce_gap_ratio`` = (1 - CE_a) / (1 - CE_b) (pooled EV; CE-loss score
     against zero-ablation), and the differences ``d_ev`` = EV_a - EV_b and ``d_ce`` = CE_a - CE_b."""
-    rows = []
-    for ra, rb in zip(per_seed[a], per_seed[b], strict=True):
-        ev_a, ev_b, ce_a, ce_b = _leaf(ra, EV), _leaf(rb, EV), _leaf(ra, CE), _leaf(rb, CE)
-        rows.append({"paired": {"fvu_ratio": (1 - ev_a) / (1 - ev_b), "ce_gap_ratio": (1 - ce_a) / (1 - ce_b),
-                                "d_ev": ev_a - ev_b, "d_ce": ce_a - ce_b}})
+    rows = _paired_rows(per_seed, a, b)
+    for row, ra, rb in zip(rows, per_seed[a], per_seed[b]):
+        row["paired"].update(d_ev=_leaf(ra, EV) - _leaf(rb, EV), d_ce=_leaf(ra, CE) - _leaf(rb, CE))
     return aggregate_seeds(rows)
 
 
@@ -155,3 +154,55 @@ def by_position(summary: dict[str, dict], key: str) -> dict[str, list[tuple[floa
         if pts:
             out[name] = sorted(pts)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ training length
+
+def budget_seeds(budgets: list[int], main_tokens: int, seeds: list[int]) -> dict[int, list[int]]:
+    """The seeds each training budget is trained with, in increasing budget order: every seed at the largest
+    budget and at the main one (``main_tokens``: its runs are the comparison's own), the first seed elsewhere."""
+    if not budgets or not seeds:
+        raise ValueError("training length needs at least one budget and one seed")
+    if any(int(b) <= 0 for b in budgets):
+        raise ValueError(f"training budgets must be positive token counts, got {budgets}")
+    top = max(budgets)
+    return {int(b): list(seeds) if b in (top, main_tokens) else list(seeds[:1]) for b in sorted(set(budgets))}
+
+
+def versus(runs: dict[str, list[dict]], a: str, b: str) -> dict:
+    """SAE `a` against `b` over the same seeds: each one's FVU (1 − pooled EV) and CE-loss score (zero ablation) as
+    means ± se under ``"versus"`` (``fvu_a``, ``fvu_b``, ``ce_a``, ``ce_b``), beside `paired`'s ratios, and under
+    ``"apart_from_one"`` whether each ratio's distance from 1 exceeds two standard errors (`separated`)."""
+    rows = [{"versus": {"fvu_a": 1 - _leaf(ra, EV), "fvu_b": 1 - _leaf(rb, EV), "ce_a": _leaf(ra, CE),
+                        "ce_b": _leaf(rb, CE)}} for ra, rb in zip(runs[a], runs[b], strict=True)]
+    out = {**aggregate_seeds(rows), **paired(runs, a, b)}
+    out["apart_from_one"] = {key: separated({**leaf, "mean": leaf["mean"] - 1})
+                             for key, leaf in out["paired"].items() if key.endswith("_ratio")}
+    return out
+
+
+def training_length(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str) -> dict[str, dict]:
+    """`versus` at each training budget (``per_budget[tokens][name]``: per-seed results), by increasing budget,
+    keyed by `budget_label`."""
+    return {budget_label(t): versus(per_budget[t], a, b) for t in sorted(per_budget)}
+
+
+def length_trend(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str, main_tokens: int,
+                 key: str = "fvu_ratio") -> dict:
+    """How `a`'s ratio to `b` (``key`` of `paired`) changes from the main budget to the largest, seed by seed
+    (the two budgets share their seeds): ``{"change": mean ± se of ratio_largest − ratio_main, "toward_one":
+    whether the ratio ends closer to 1, "separated": whether the change exceeds two standard errors}``."""
+    top = max(per_budget)
+    at = {t: [r["paired"][key] for r in _paired_rows(per_budget[t], a, b)] for t in (main_tokens, top)}
+    if len(at[top]) != len(at[main_tokens]):
+        raise ValueError(f"the main budget ({main_tokens}) and the largest ({top}) need the same seeds")
+    change = aggregate_seeds([{"d": y - x} for x, y in zip(at[main_tokens], at[top])])["d"]
+    mean_main, mean_top = (sum(v) / len(v) for v in (at[main_tokens], at[top]))
+    return {"change": change, "toward_one": abs(1 - mean_top) < abs(1 - mean_main), "separated": separated(change),
+            "main": main_tokens, "largest": top}
+
+
+def _paired_rows(runs: dict[str, list[dict]], a: str, b: str) -> list[dict]:
+    return [{"paired": {"fvu_ratio": (1 - _leaf(ra, EV)) / (1 - _leaf(rb, EV)),
+                        "ce_gap_ratio": (1 - _leaf(ra, CE)) / (1 - _leaf(rb, CE))}}
+            for ra, rb in zip(runs[a], runs[b], strict=True)]

@@ -173,17 +173,33 @@ def compare(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfi
 def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: ActivationStore,
              evaluate: Evaluator, work: str | os.PathLike, metric: tuple[str, str],
              progress: bool = True) -> dict[str, list[tuple[float, float, float]]]:
-    """``{name: [(l0, metric mean, metric se), ...]}`` over sparsity settings (one seed), for a frontier plot."""
+    """``{name: [(l0, metric mean, metric se), ...]}`` over sparsity settings (one seed), for a frontier plot.
+    Every setting is trained first and then all are evaluated in one pass, so they share its reference passes."""
+    flat = {(name, i): c for name, cfgs in specs.items() for i, c in enumerate(cfgs)}
+    per = train_and_evaluate({f"{name}-{i}": c for (name, i), c in flat.items()}, [train_cfg.seed], train_cfg,
+                             store, evaluate, work, progress)
     out = {}
-    for name, cfgs in specs.items():
-        per = train_and_evaluate({f"{name}-{i}": c for i, c in enumerate(cfgs)}, [train_cfg.seed], train_cfg,
-                                 store, evaluate, work, progress)
-        pts = []
-        for rs in per.values():
-            v = rs[0][metric[0]][metric[1]]
-            pts.append((rs[0]["sparsity"]["l0"], v, 0.0))
-        out[name] = sorted(pts)
+    for name in specs:
+        out[name] = sorted((rs[0]["sparsity"]["l0"], rs[0][metric[0]][metric[1]], 0.0)
+                           for label, rs in per.items() if label.rsplit("-", 1)[0] == name)
     return out
+
+
+def training_length(specs: dict[str, SAEConfig], budget_seeds: dict[int, list[int]], train_cfg: TrainConfig,
+                    store: ActivationStore, evaluate: Evaluator, work: str | os.PathLike,
+                    progress: bool = True) -> dict[int, dict[str, list[dict]]]:
+    """Every named config trained for each budget of ``budget_seeds`` (training tokens -> seeds; more tokens than
+    the training split holds means several epochs over it), with ``train_cfg``'s schedule stretched to the budget
+    (the same warm-up and decay fractions), then all evaluated in one pass: ``{tokens: {name: per-seed results}}``.
+    A budget equal to ``train_cfg.tokens`` reuses the comparison's own runs (cached by content)."""
+    runs: dict[int, dict[str, list[tuple[Path, SAE]]]] = {}
+    for tokens, seeds in sorted(budget_seeds.items()):
+        cfg = dataclasses.replace(train_cfg, tokens=int(tokens))
+        runs[tokens] = {name: [ensure_sae(c, dataclasses.replace(cfg, seed=s), store, work, progress)[::-1]
+                               for s in seeds] for name, c in specs.items()}
+    results = evaluate({run: sae for by_name in runs.values() for rs in by_name.values() for run, sae in rs})
+    return {tokens: {name: [dict(results[run], run=str(run)) for run, _ in rs] for name, rs in by_name.items()}
+            for tokens, by_name in runs.items()}
 
 
 def ceilings(runs: dict[str, list[tuple[Path, SAE]]], store: ActivationStore,

@@ -30,16 +30,16 @@ ABLATION_ROWS = [row for row in CORE_ROWS if row[1] in
 
 PER_TOKEN = ("TopK", "BatchTopK", "JumpReLU", "Matryoshka")
 """The per-token baselines at matched L0 (k), among which the strongest is named."""
-TWINS = {"TRSAE": "TopK", "TRSAE-BatchTopK": "BatchTopK", "TRSAE-JumpReLU": "JumpReLU"}
-"""Each TRSAE and the per-token SAE of the same sparsity it is compared with (same width, k, seed)."""
+TWINS = {"TRSAE": "TopK", "TRSAE-BatchTopK": "BatchTopK"}
+"""Each TRSAE and the per-token SAE of the same sparsity it is compared with (same width, k, seed). No JumpReLU
+TRSAE: JumpReLU's L0 drifts from its target (39 for 32 in the cpu profile), so neither it nor a TRSAE on it sits at
+the matched L0 these comparisons are about (JumpReLU stays among the per-token baselines)."""
 INTERP_SAES = ("TopK", "TRSAE")
 """The SAEs notebook 04 evaluates: its syntax, probing and GAP passes cost minutes per SAE and seed, so it takes
 the TopK TRSAE and its twin only."""
-CEILING_TWINS = {"TRSAE": "TopK", "TRSAE-BatchTopK": "BatchTopK"}
-"""The TRSAEs (and twins) whose dictionaries get the amortisation ceiling (`trsae.pursuit`, at exactly k codes a
-token): TopK holds L0 = k on every token and BatchTopK on average; JumpReLU's L0 drifts from its target (39 for a
-target of 32 in the cpu profile), so a pursuit at k would not be a matched ceiling for it."""
-CEILING_SAES = (*CEILING_TWINS.values(), *CEILING_TWINS)
+CEILING_SAES = (*TWINS.values(), *TWINS)
+"""The TRSAEs and twins whose dictionaries get the amortisation ceiling (`trsae.pursuit`, at exactly k codes a
+token: TopK holds L0 = k on every token, BatchTopK on average)."""
 CEILING_ROWS = [("ceiling", "fvu_encoder", "FVU, own encoder"), ("ceiling", "fvu_pursuit", "FVU, pursuit (ceiling)"),
                 ("ceiling", "pursuit_ratio", "pursuit / encoder FVU"), ("ceiling", "l0_pursuit", "L0, pursuit")]
 GAP_ROWS = [("ceiling", "amortisation_gap", "twin's amortisation gap (FVU)"),
@@ -114,3 +114,12 @@ ABLATION_COMPONENTS = ("no position emb.", "w=0", "gates fixed open", "no curric
 """The ablations that each remove one temporal component ("w=0": the attention), by their `ablation_specs` names."""
 ABLATION_EFFECT_ROWS = [("paired", "d_ev", "EV, full minus ablated"),
                         ("paired", "d_ce", "CE-loss score, full minus ablated")]
+
+
+LENGTH_PAIR = ("TRSAE", "TopK")
+"""The training-length curve and the second model compare the TopK TRSAE with its twin, TopK: the strongest
+per-token baseline of the cpu profile's comparison (02 prints which baseline is strongest in the profile run)."""
+VERSUS_ROWS = [("versus", "fvu_b", "FVU, TopK"), ("versus", "fvu_a", "FVU, TRSAE"),
+               ("versus", "ce_b", "CE-loss score, TopK"), ("versus", "ce_a", "CE-loss score, TRSAE"),
+               ("paired", "fvu_ratio", "FVU ratio"), ("paired", "ce_gap_ratio", "CE-gap ratio")]
+"""Rows of `trsae.analysis.versus` for `LENGTH_PAIR` ("a" is the TRSAE, "b" TopK)."""

@@ -9,6 +9,8 @@ never attend to the padding and keep their positions, so a batched result equals
 from __future__ import annotations
 
 import bisect
+import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +88,35 @@ class TokenFeatures:
         return r
 
 
+_ACTS_MEMO: dict | None = None
+
+
+@contextlib.contextmanager
+def reuse_layer_acts():
+    """Within the block, `encode_contexts` runs the model once per distinct (model, layer, padded batch of ids) and
+    reuses those activations for every later call: notebook 04 encodes the same texts for the clean model and for
+    each SAE, whose codes differ while the model's activations do not. The memo lives until the outermost block
+    ends (it holds every batch's activations: tens of MB for notebook 04's text sets)."""
+    global _ACTS_MEMO
+    outer = _ACTS_MEMO
+    _ACTS_MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _ACTS_MEMO = outer
+
+
+def _layer_acts(model, layer: int, ids_BT: torch.Tensor) -> torch.Tensor:
+    from trsae.lm import layer_acts
+
+    if _ACTS_MEMO is None:
+        return layer_acts(model, layer, ids_BT).float()
+    key = (model.name, layer, tuple(ids_BT.shape), hashlib.sha1(ids_BT.numpy().tobytes()).hexdigest())
+    if key not in _ACTS_MEMO:
+        _ACTS_MEMO[key] = layer_acts(model, layer, ids_BT).float()
+    return _ACTS_MEMO[key]
+
+
 @torch.no_grad()
 def encode_contexts(model, layer: int, ids: list[list[int]], sae=None, batch_size: int = 16,
                     sparse: bool | None = None) -> TokenFeatures:
@@ -93,11 +124,10 @@ def encode_contexts(model, layer: int, ids: list[list[int]], sae=None, batch_siz
 
     SAE codes are ``sae.encode(acts * sae.cfg.input_scale, pos_BT, mask_BT)`` with ``pos_BT`` the token index
     (BOS = 0) and ``mask_BT`` False on special tokens and padding. ``sparse`` (default: True for an SAE) stores
-    the rows as a CSR matrix. Contexts are batched by length and right-padded (see `pad_right`).
+    the rows as a CSR matrix. Contexts are batched by length and right-padded (see `pad_right`). Inside
+    `reuse_layer_acts` the model's activations of a batch seen before are reused.
     """
     import scipy.sparse as sp
-
-    from trsae.lm import layer_acts
 
     sparse = sae is not None if sparse is None else sparse
     pad = pad_id_of(model)
@@ -105,7 +135,7 @@ def encode_contexts(model, layer: int, ids: list[list[int]], sae=None, batch_siz
     for batch in batch_by_length([len(x) for x in ids], batch_size):
         ids_BT, valid_BT = pad_right([ids[i] for i in batch], pad)
         mask_BT = model.special_mask(ids_BT) & valid_BT
-        acts_BTD = layer_acts(model, layer, ids_BT).float()
+        acts_BTD = _layer_acts(model, layer, ids_BT)
         if sae is not None:
             pos_BT = torch.arange(ids_BT.shape[1]).expand_as(ids_BT)
             feats_BTF = sae.encode(acts_BTD * sae.cfg.input_scale, pos_BT=pos_BT, mask_BT=mask_BT)

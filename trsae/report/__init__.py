@@ -17,7 +17,8 @@ from trsae.report.figures import (PALETTE, PRESERVATION_PANELS, RECONSTRUCTION_P
 from trsae.report.macros import (ABLATION, BASELINE, INTERP, MACRO_FILES, OVERHEAD, PREFIXES, SETUP,  # noqa: F401
                                  TEMPORAL, MacroFile, ablation_macros, baseline_macros, interp_macros, macro_name,
                                  mean_se_macros, overhead_macros, pm_text, results_macros, setup_macros,
-                                 temporal_macros, write_macro_file, write_macros)
+                                 temporal_macros, write_macro_file, write_macros,
+                                 length_macros, second_model_macros)
 from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, format_table,  # noqa: F401
                                  results_table, text_table, write_results, write_tables)
 from trsae.report.values import (PROBE_WORDS, ROW_WORDS, SINGLE_SEED_MARK, SINGLE_SEED_NOTE, Panel,  # noqa: F401

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Sequence
 
 from trsae.evals import ALIGNMENT
 from trsae.io import atomic_write_text
-from trsae.report.values import Panel, format_mean_se, format_number
+from trsae.report.values import Panel, budget_label, format_mean_se, format_number
 
 
 class MacroFile(NamedTuple):
@@ -187,6 +187,50 @@ def temporal_macros(summary: dict[str, dict], rows: Sequence[Panel], usage: dict
     for name, res in twins.items():
         for key in ("fvu_ratio", "ce_gap_ratio"):
             out.update(mean_se_macros(macro_name(TEMPORAL.prefix, name, key), res["paired"][key]))
+    return out
+
+
+def _trend_words(trend: dict) -> str:
+    """`trsae.analysis.length_trend` in words: where the ratio goes, and whether the move exceeds two se."""
+    if not trend["separated"]:
+        return "does not move by more than two standard errors"
+    return ("moves toward 1" if trend["toward_one"] else "moves away from 1") + ", by more than two standard errors"
+
+
+def length_macros(table: dict[str, dict], budget_seeds: dict[int, list[int]], main_tokens: int, epoch_tokens: int,
+                  trends: dict[str, dict]) -> dict:
+    """02's training-length curve (`TEMPORAL`): the budgets, the largest one's epochs over the training split, the
+    versus rows (`trsae.analysis.versus`) at the main and at the largest budget, and per ratio (``trends``:
+    ``{"fvu_ratio" | "ce_gap_ratio": trsae.analysis.length_trend}``) its change from the one to the other."""
+    top = max(budget_seeds)
+    out = _prefixed(TEMPORAL, {
+        "LengthBudgets": ", ".join(budget_label(t).removesuffix(" tokens") for t in sorted(budget_seeds)),
+        "LengthLargest": budget_label(top), "LengthMain": budget_label(main_tokens),
+        "LengthEpochs": top / epoch_tokens, "LengthSeedsLargest": len(budget_seeds[top])})
+    for which, tokens in (("Main", main_tokens), ("Largest", top)):
+        res = table[budget_label(tokens)]
+        for section, keys in (("versus", ("fvu_a", "fvu_b", "ce_a", "ce_b")), ("paired", ("fvu_ratio", "ce_gap_ratio"))):
+            for key in keys:
+                out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", which, key), res[section][key]))
+    for key, trend in trends.items():
+        out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", key, "change"), trend["change"]))
+        out[macro_name(TEMPORAL.prefix, "length", key, "trend")] = _trend_words(trend)
+    return out
+
+
+def second_model_macros(res: dict, store, first: dict) -> dict:
+    """02's second model (`TEMPORAL`): its name and layer, the versus rows (`trsae.analysis.versus`) of the TRSAE
+    against its twin there, and for each model whether each ratio's distance from 1 is "more" or "not more" than
+    two standard errors (``first``: the same `versus` on the main store)."""
+    m = store.manifest
+    out = _prefixed(TEMPORAL, {"SecondModel": m["model"], "SecondLayer": m["layer"], "SecondDModel": store.d_model,
+                               "SecondHarvestTokens": m["token_count"]})
+    for section, keys in (("versus", ("fvu_a", "fvu_b", "ce_a", "ce_b")), ("paired", ("fvu_ratio", "ce_gap_ratio"))):
+        for key in keys:
+            out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "second", key), res[section][key]))
+    for key in ("fvu_ratio", "ce_gap_ratio"):
+        for which, r in (("main", first), ("second", res)):
+            out[macro_name(TEMPORAL.prefix, which, key, "separated")] = "more" if r["apart_from_one"][key] else "not more"
     return out
 
 

@@ -52,6 +52,11 @@ def metric_n(result: dict[str, Any], section: str, key: str) -> int | None:
     return int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else None
 
 
+def budget_label(tokens: int) -> str:
+    """A training budget as a column heading: ``"1.2M tokens"``, ``"75k tokens"``."""
+    return f"{tokens / 1e6:g}M tokens" if tokens >= 1_000_000 else f"{tokens / 1e3:g}k tokens"
+
+
 def group_thousands(text: str, latex: bool = False) -> str:
     """Thousands separators in the integer part of a fixed-notation number of five or more integer digits."""
     sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
