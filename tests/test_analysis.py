@@ -87,6 +87,8 @@ def test_budget_seeds_every_seed_at_the_largest_and_the_main_budget():
     assert got == {75: [0], 150: [0], 300: [0, 1], 1200: [0, 1]}
     with pytest.raises(ValueError):
         analysis.budget_seeds([0, 100], 100, [0])
+    with pytest.raises(ValueError, match="main one"):
+        analysis.budget_seeds([75, 150], 300, [0, 1])
 
 
 def test_training_length_rows_against_hand_computed_values():

@@ -165,6 +165,9 @@ def budget_seeds(budgets: list[int], main_tokens: int, seeds: list[int]) -> dict
         raise ValueError("training length needs at least one budget and one seed")
     if any(int(b) <= 0 for b in budgets):
         raise ValueError(f"training budgets must be positive token counts, got {budgets}")
+    if main_tokens not in budgets:
+        raise ValueError(f"the training budgets {budgets} must include the main one, train.tokens = {main_tokens}: "
+                         "the curve is read against the comparison's own runs")
     top = max(budgets)
     return {int(b): list(seeds) if b in (top, main_tokens) else list(seeds[:1]) for b in sorted(set(budgets))}
 
