@@ -121,3 +121,16 @@ def test_length_trend_is_paired_by_seed_and_names_no_move_within_noise():
     assert not t["separated"] and report.macros._trend_words(t).startswith("does not move")
     with pytest.raises(ValueError):  # the two budgets must share their seeds
         analysis.length_trend({300: runs([(0.09, 0.1)]), 1200: per_budget[1200]}, "a", "b", 300)
+
+
+def test_variance_concentration_closed_form():
+    import torch
+
+    x = torch.zeros(200, 4)
+    x[0, 2] = 10.0  # one token far out along one dimension: mean 0.05, centred sq. 9.95^2 + 199 * 0.05^2
+    got = analysis.variance_concentration(x, top_frac=0.01)  # the top 1% of 200 tokens: 2 tokens
+    total = 9.95 ** 2 + 199 * 0.05 ** 2
+    assert got["top_token_share"] == pytest.approx((9.95 ** 2 + 0.05 ** 2) / total)
+    assert got["top_dim_share"] == pytest.approx(1.0)
+    spread = analysis.variance_concentration(torch.eye(4).repeat(50, 1), top_frac=0.01)
+    assert spread["top_dim_share"] == pytest.approx(0.25) and spread["top_token_share"] == pytest.approx(2 / 200)

@@ -209,3 +209,18 @@ def _paired_rows(runs: dict[str, list[dict]], a: str, b: str) -> list[dict]:
     return [{"paired": {"fvu_ratio": (1 - _leaf(ra, EV)) / (1 - _leaf(rb, EV)),
                         "ce_gap_ratio": (1 - _leaf(ra, CE)) / (1 - _leaf(rb, CE))}}
             for ra, rb in zip(runs[a], runs[b], strict=True)]
+
+
+def variance_concentration(x_ND, top_frac: float = 0.01) -> dict[str, float]:
+    """How concentrated the centred variance of tokens ``x_ND`` is (pooled FVU weighs every token by its share):
+    ``top_token_share``, the share held by the ``top_frac`` of tokens farthest from the mean (at least one), and
+    ``top_dim_share``, the share of the single largest dimension."""
+    import torch
+
+    c = torch.as_tensor(x_ND, dtype=torch.float64)
+    c = c - c.mean(0)
+    total = c.pow(2).sum()
+    per_token = c.pow(2).sum(-1).sort(descending=True).values
+    n_top = max(1, int(len(per_token) * top_frac))
+    return {"top_token_share": float(per_token[:n_top].sum() / total),
+            "top_dim_share": float(c.pow(2).sum(0).max() / total)}

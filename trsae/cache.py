@@ -218,6 +218,16 @@ def ceilings(runs: dict[str, list[tuple[Path, SAE]]], store: ActivationStore,
     return out
 
 
+def test_tokens(store: ActivationStore, max_seqs: int) -> torch.Tensor:
+    """The ordinary tokens' activations ``[N, d]`` of the first ``max_seqs`` test sequences (the evaluation's)."""
+    rows = []
+    for b in store.batches("test", batch_size=1, shuffle=None, epochs=1):
+        if len(rows) >= max_seqs:
+            break
+        rows.append(b.acts_BTD[b.mask_BT])
+    return torch.cat(rows)
+
+
 def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:
     """The work folder (``$TRSAE_WORK_DIR`` overrides it) and `figures_path`, both created."""
     work = Path(os.environ.get("TRSAE_WORK_DIR", work_dir))

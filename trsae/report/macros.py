@@ -218,10 +218,11 @@ def length_macros(table: dict[str, dict], budget_seeds: dict[int, list[int]], ma
     return out
 
 
-def second_model_macros(res: dict, store, first: dict) -> dict:
+def second_model_macros(res: dict, store, first: dict, concentration: dict[str, dict]) -> dict:
     """02's second model (`TEMPORAL`): its name and layer, the versus rows (`trsae.analysis.versus`) of the TRSAE
-    against its twin there, and for each model whether each ratio's distance from 1 is "more" or "not more" than
-    two standard errors (``first``: the same `versus` on the main store)."""
+    against its twin there, for each model whether each ratio's distance from 1 is "more" or "not more" than
+    two standard errors (``first``: the same `versus` on the main store), and how concentrated each model's test
+    variance is (``concentration``: ``{"main" | "second": trsae.analysis.variance_concentration}``)."""
     m = store.manifest
     out = _prefixed(TEMPORAL, {"SecondModel": m["model"], "SecondLayer": m["layer"], "SecondDModel": store.d_model,
                                "SecondHarvestTokens": m["token_count"]})
@@ -231,6 +232,9 @@ def second_model_macros(res: dict, store, first: dict) -> dict:
     for key in ("fvu_ratio", "ce_gap_ratio"):
         for which, r in (("main", first), ("second", res)):
             out[macro_name(TEMPORAL.prefix, which, key, "separated")] = "more" if r["apart_from_one"][key] else "not more"
+    for which, conc in concentration.items():
+        for key, value in conc.items():
+            out[macro_name(TEMPORAL.prefix, which, key)] = value
     return out
 
 
