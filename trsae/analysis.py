@@ -217,10 +217,9 @@ def variance_concentration(x_ND, top_frac: float = 0.01) -> dict[str, float]:
     ``top_dim_share``, the share of the single largest dimension."""
     import torch
 
-    c = torch.as_tensor(x_ND, dtype=torch.float64)
-    c = c - c.mean(0)
-    total = c.pow(2).sum()
-    per_token = c.pow(2).sum(-1).sort(descending=True).values
+    x = torch.as_tensor(x_ND, dtype=torch.float64)
+    sq = (x - x.mean(0)).pow(2)
+    total = sq.sum()
+    per_token = sq.sum(-1).sort(descending=True).values
     n_top = max(1, int(len(per_token) * top_frac))
-    return {"top_token_share": float(per_token[:n_top].sum() / total),
-            "top_dim_share": float(c.pow(2).sum(0).max() / total)}
+    return {"top_token_share": float(per_token[:n_top].sum() / total), "top_dim_share": float(sq.sum(0).max() / total)}

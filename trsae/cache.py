@@ -192,11 +192,8 @@ def training_length(specs: dict[str, SAEConfig], budget_seeds: dict[int, list[in
     the training split holds means several epochs over it), with ``train_cfg``'s schedule stretched to the budget
     (the same warm-up and decay fractions), then all evaluated in one pass: ``{tokens: {name: per-seed results}}``.
     A budget equal to ``train_cfg.tokens`` reuses the comparison's own runs (cached by content)."""
-    runs: dict[int, dict[str, list[tuple[Path, SAE]]]] = {}
-    for tokens, seeds in sorted(budget_seeds.items()):
-        cfg = dataclasses.replace(train_cfg, tokens=int(tokens))
-        runs[tokens] = {name: [ensure_sae(c, dataclasses.replace(cfg, seed=s), store, work, progress)[::-1]
-                               for s in seeds] for name, c in specs.items()}
+    runs = {tokens: train_all(specs, seeds, dataclasses.replace(train_cfg, tokens=int(tokens)), store, work, progress)
+            for tokens, seeds in sorted(budget_seeds.items())}
     results = evaluate({run: sae for by_name in runs.values() for rs in by_name.values() for run, sae in rs})
     return {tokens: {name: [dict(results[run], run=str(run)) for run, _ in rs] for name, rs in by_name.items()}
             for tokens, by_name in runs.items()}
