@@ -185,17 +185,21 @@ FIXTURE = Path(__file__).parent / "fixtures" / "sae_v1"
                                   "trsae_batchtopk_nopos"])
 def test_format_1_checkpoints_load_to_the_same_codes(name):
     """SAEs saved by the code before the parts redesign (commit c0c296f, see fixtures/sae_v1/make_fixture.py)
-    load and give bitwise the codes, reconstructions and training loss that code computed."""
+    load and give the codes, reconstructions and training loss that code computed (to float rounding: the
+    fixture's machine may pick other BLAS kernels than this one, so bitwise equality would test the CPU)."""
+    def close(got, want):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
     assert json.loads((FIXTURE / name / "config.json").read_text())["format"] == 1
     expected = load_file(str(FIXTURE / "expected.safetensors"))
     x_BTD, mask_BT, pos_BT = expected["x_BTD"], expected["mask_BT"], expected["pos_BT"]
     sae = load_sae(FIXTURE / name)
     s = sae.cfg.input_scale
     with torch.no_grad():
-        assert torch.equal(sae.encode(x_BTD * s, pos_BT, mask_BT), expected[f"{name}.codes"])
-        assert torch.equal(sae.reconstruct(x_BTD, pos_BT, mask_BT), expected[f"{name}.recon"])
+        close(sae.encode(x_BTD * s, pos_BT, mask_BT), expected[f"{name}.codes"])
+        close(sae.reconstruct(x_BTD, pos_BT, mask_BT), expected[f"{name}.recon"])
     loss = sae.train()(x_BTD * s, mask_BT=mask_BT, pos_BT=pos_BT).loss
-    assert torch.equal(loss.detach().reshape(1), expected[f"{name}.train_loss"])
+    close(loss.detach().reshape(1), expected[f"{name}.train_loss"])
 
 
 def test_unknown_format_is_refused_with_the_file(tmp_path):
