@@ -14,6 +14,10 @@ its zero-ablation hook):
   (`trsae.metrics.next_token_targets`), the same positions for every variant;
 - reconstruction metrics are in model units (the store's ``norm_scale`` undone) over ordinary tokens only.
 
+An SAE whose encoder predicts codes from earlier tokens (TFA; a TRSAE with ``pred_k``) is scored on all its codes,
+novel plus predicted: ``sparsity.l0`` counts every non-zero (the matched comparison), ``sparsity.l0_novel`` the novel
+codes alone (what TFA publishes as its L0) and ``sparsity.l0_predicted`` the predicted ones.
+
 ``temporal_codes`` (`trsae.metrics.persistence`): the share of a token's active codes that were active at the
 previous token, the novel L0, and both by position, on the evaluated tokens.
 
@@ -130,6 +134,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     recon_train = {n: ReconstructionAccumulator() for n, s in saes.items() if _is_calibrated(s)}
     logit = {n: LogitAccumulator() for n in saes}
     persist = {n: PersistenceAccumulator() for n in saes}
+    parts = {n: torch.zeros(3, dtype=torch.float64) for n, s in saes.items() if s.predicts}  # novel, predicted, tokens
     if with_logits:
         if model is None:
             model = load_model(store.manifest["model"])
@@ -148,7 +153,13 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             ablated = {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill)), v)
                        for v, fill in (("zero", None), ("mean", mean_D))}
         for name, sae in saes.items():
-            codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
+            if sae.predicts:
+                novel_BTF, pred_BTF = sae.encode_parts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
+                codes_BTF = novel_BTF + pred_BTF
+                parts[name] += torch.stack([(novel_BTF[b.mask_BT] != 0).sum(), (pred_BTF[b.mask_BT] != 0).sum(),
+                                            b.mask_BT.sum()]).double()
+            else:
+                codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
             x_hat_BTD = sae.decode(codes_BTF)
             recon[name].update(b.acts_BTD / scale, x_hat_BTD / scale, codes_BTF, b.mask_BT)  # model units
             persist[name].update(codes_BTF, b.mask_BT, b.pos_BT)
@@ -179,6 +190,9 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         out[name] = core_results(r, logit[name].compute() if with_logits else None, dens[name],
                                  config=cfg, token_stats=token_stats, train_mode=train_mode)
         out[name]["temporal_codes"] = persist[name].compute()
+        if name in parts:
+            n_novel, n_pred, n_tok = parts[name].tolist()
+            out[name]["sparsity"].update(l0_novel=n_novel / max(n_tok, 1.0), l0_predicted=n_pred / max(n_tok, 1.0))
     return out
 
 

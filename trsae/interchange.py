@@ -48,6 +48,10 @@ def export_saelens(sae: SAE, directory: str | os.PathLike, model_name: str | Non
     """Write ``sae`` in the SAELens format into ``directory`` (atomically, weights first); returns it."""
     directory = Path(directory)
     c = sae.cfg
+    if sae.predicts:
+        raise InterchangeError(f"a {c.label} SAE predicts part of its code from earlier tokens (TFA, or a TRSAE with "
+                               "pred_k); SAELens's per-token SAEs cannot represent it, and its dictionary alone "
+                               "would reconstruct without the prediction")
     s = float(c.input_scale)
     with torch.no_grad():
         tensors = {"W_enc": sae.W_enc * s, "b_enc": sae.b_enc.clone(), "W_dec": sae.W_dec / s,
@@ -63,7 +67,7 @@ def export_saelens(sae: SAE, directory: str | os.PathLike, model_name: str | Non
         raise InterchangeError(str(e)) from None
     cfg |= arch_cfg
     tensors |= extra
-    if c.encoder.name != "token":
+    if c.encoder.name == "trsae":
         meta["trsae_note"] = TRSAE_NOTE
         meta["trsae_window"] = int(getattr(c.encoder, "window", 0))
     cfg["metadata"] = meta

@@ -93,7 +93,7 @@ def collect(sae: SAE, store: ActivationStore, split: str = "test", max_tokens: i
             break
         keep = min(b.acts_BTD.shape[0], max_seqs - n // T)
         x_BTD, mask_BT, pos_BT = b.acts_BTD[:keep], b.mask_BT[:keep], b.pos_BT[:keep]
-        st = enc.prepare(x_BTD, pos_BT, mask_BT, sae.b_dec)
+        st = enc.prepare(x_BTD, pos_BT, mask_BT, sae.b_dec, sae.W_dec)
         codes_NF = sae.sparsity.codes(enc, st).to_dense() * st.mask_N[:, None]
         r_M, c_M = codes_NF.nonzero(as_tuple=True)
         rows.append((r_M + n).numpy().astype(np.int64))

@@ -10,7 +10,9 @@ enter a loss or a statistic; `pos_BT` holds absolute positions (per-token encode
     sparse_ops.py  pair selection, sparse backward, pair decoding
     encoders.py    the per-token encoder ("token")
     context.py     position buckets, windowed linear attention
-    temporal.py    the TRSAE encoder ("trsae")
+    temporal.py    the TRSAE encoder ("trsae"), with its optional selective temporal decoder (pred_k)
+    tsae.py        the T-SAE encoder ("tsae": per-token, plus a contrastive loss on adjacent codes)
+    tfa.py         the TFA encoder ("tfa": attention over earlier codes predicts part of the code)
     sparsity.py    ReLU + L1 ("relu"), TopK ("topk"), BatchTopK ("batchtopk")
     jumprelu.py    JumpReLU ("jumprelu")
     matryoshka.py  Matryoshka BatchTopK ("matryoshka")
@@ -21,6 +23,8 @@ from trsae.saes.config import SAEConfig, part_names  # noqa: F401
 from trsae.saes.encoders import TokenEncoder, TokenEncoderConfig  # noqa: F401
 from trsae.saes.sparsity import (BatchTopK, BatchTopKConfig, ReLUConfig, ReLUL1, TopK, TopKConfig)  # noqa: F401
 from trsae.saes.temporal import TRSAEEncoder, TRSAEEncoderConfig  # noqa: F401
+from trsae.saes.tsae import TSAEEncoder, TSAEEncoderConfig  # noqa: F401
+from trsae.saes.tfa import TFAEncoder, TFAEncoderConfig  # noqa: F401
 from trsae.saes.jumprelu import JumpReLU, JumpReLUConfig  # noqa: F401
 from trsae.saes.matryoshka import Matryoshka, MatryoshkaConfig  # noqa: F401
 from trsae.saes.sae import SAE, ForwardOutput, load_sae, make_sae  # noqa: F401

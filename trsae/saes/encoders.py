@@ -32,6 +32,19 @@ class EncState:
     B: int
     T: int
     extra: dict[str, Any] = field(default_factory=dict)
+    pred_NF: Tensor | None = None
+    """Predicted codes (dense) of an encoder that predicts part of the code from earlier tokens (TFA, a TRSAE
+    with ``pred_k``): decoded through the same dictionary, added to the sparsity's (novel) codes and counted in
+    L0. None for every other encoder."""
+    pred_ND: Tensor | None = None
+    """``pred_NF @ W_dec`` (no b_dec), computed once by the encoder."""
+    xin_ND: Tensor | None = None
+    """What the per-token term reads when it is not `x_ND`: the input less the decoded prediction, so the novel
+    code encodes what the prediction leaves. `x_ND` stays the reconstruction target."""
+
+    @property
+    def enc_in_ND(self) -> Tensor:
+        return self.x_ND if self.xin_ND is None else self.xin_ND
 
 
 @dataclass
@@ -51,7 +64,11 @@ class TokenEncoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(width))
 
-    def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor) -> EncState:
+    predicts = False
+    """True for an encoder that sets `EncState.pred_NF` (it then needs `W_dec_FD` in `prepare`)."""
+
+    def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor,
+                W_dec_FD: Tensor | None = None) -> EncState:
         B, T, D = x_BTD.shape
         if D != self.W_enc.shape[0]:
             raise ValueError(f"expected inputs [B, T, {self.W_enc.shape[0]}], got {tuple(x_BTD.shape)}")
@@ -64,21 +81,21 @@ class TokenEncoder(nn.Module):
 
     def dense(self, st: EncState) -> Tensor:
         """``z_NF`` for every token and latent (autograd-capable)."""
-        return torch.addmm(st.bias_F, st.x_ND, self.W_enc)
+        return torch.addmm(st.bias_F, st.enc_in_ND, self.W_enc)
 
     def at_pairs(self, st: EncState, z_NF: Tensor, rows_M: Tensor, cols_M: Tensor,
                  segs: tuple[int, ...]) -> Tensor:
         """``z_NF[rows, cols]`` re-attached to the graph (same values, the gradients of `dense`).
         `segs`: sizes of the consecutive row-sorted runs of pairs."""
-        return PairPreacts.apply(z_NF, rows_M, cols_M, segs, st.x_ND, self.W_enc, st.bias_F,
+        return PairPreacts.apply(z_NF, rows_M, cols_M, segs, st.enc_in_ND, self.W_enc, st.bias_F,
                                  *self.pair_terms(st))
 
     def pair_terms(self, st: EncState) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """(ctx_NC, U_FC, P_FB, bucket_N): the low-rank and positional terms of z (None here)."""
         return None, None, None, None
 
-    def losses(self, st: EncState, W_dec_FD: Tensor) -> dict[str, Tensor]:
-        """The encoder's own weighted loss terms (none here)."""
+    def losses(self, st: EncState, W_dec_FD: Tensor, codes: Any = None) -> dict[str, Tensor]:
+        """The encoder's own weighted loss terms (none here); `codes` are the sparsity's `Codes` of the batch."""
         return {}
 
     def scale_latents_(self, scale_F: Tensor) -> None:

@@ -4,6 +4,9 @@
 
 Parameters: ``W_dec [F, D]`` (rows unit-norm at init), ``b_dec [D]`` (zero; a trainer may set it to the data
 mean), and the parts' own (``encoder.W_enc [D, F]`` = ``W_dec^T`` at init, ``encoder.b_enc [F]``, …).
+An encoder may predict part of the code from earlier tokens (`EncState.pred_NF`: TFA, a TRSAE with
+``pred_k``); then ``f = novel + predicted`` with the novel part from the sparsity on what the prediction leaves,
+and every non-zero of f counts in L0 (`encode` returns f, `encode_parts` both parts).
 `save` writes ``config.json`` (format 2: the `SAEConfig` with both parts by name) and ``sae.safetensors``;
 `load_sae` also reads format 1 (one class per architecture, written before the parts existed).
 """
@@ -65,7 +68,7 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- public API
     def pre_acts(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None) -> Tensor:
         """Pre-activations ``z_BTF`` (dense, differentiable)."""
-        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec)
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
         return self.encoder.dense(st).reshape(st.B, st.T, -1)
 
     def activate(self, z_BTF: Tensor, mask_BT: Tensor | None = None) -> Tensor:
@@ -76,10 +79,22 @@ class SAE(nn.Module):
             else mask_BT.reshape(-1).bool()
         return self.sparsity.activate(z_BTF.reshape(B * T, F), mask_N).reshape(B, T, F)
 
+    @property
+    def predicts(self) -> bool:
+        """True when the encoder predicts codes from earlier tokens (their sum with the novel codes is the code)."""
+        return bool(getattr(self.encoder, "predicts", False))
+
     def encode(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None) -> Tensor:
-        """Codes ``codes_BTF`` of (already scaled) inputs."""
-        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec)
-        return self.sparsity.codes(self.encoder, st).to_dense().reshape(st.B, st.T, -1)
+        """Codes ``codes_BTF`` of (already scaled) inputs: novel plus predicted, where the encoder predicts."""
+        novel_BTF, pred_BTF = self.encode_parts(x_BTD, pos_BT, mask_BT)
+        return novel_BTF if pred_BTF is None else novel_BTF + pred_BTF
+
+    def encode_parts(self, x_BTD: Tensor, pos_BT: Tensor | None = None,
+                     mask_BT: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(novel codes from the sparsity, predicted codes or None) ``[B, T, F]`` each."""
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
+        novel_BTF = self.sparsity.codes(self.encoder, st).to_dense().reshape(st.B, st.T, -1)
+        return novel_BTF, None if st.pred_NF is None else st.pred_NF.reshape(st.B, st.T, -1)
 
     def decode(self, codes_BTF: Tensor) -> Tensor:
         """Reconstruction ``x_hat_BTD = codes @ W_dec + b_dec`` (dense)."""
@@ -89,9 +104,14 @@ class SAE(nn.Module):
                     mask_BT: Tensor | None = None) -> Tensor:
         """Reconstruction of raw (unscaled) activations: scale by `input_scale`, encode, decode, unscale."""
         s = self.cfg.input_scale
-        st = self.encoder.prepare(x_raw_BTD * s, pos_BT, mask_BT, self.b_dec)
-        x_hat_ND = self.sparsity.codes(self.encoder, st).decode(self.W_dec)
+        st = self.encoder.prepare(x_raw_BTD * s, pos_BT, mask_BT, self.b_dec, self.W_dec)
+        x_hat_ND = self._decode_all(st, self.sparsity.codes(self.encoder, st))
         return ((x_hat_ND + self.b_dec) / s).reshape(st.B, st.T, -1)
+
+    def _decode_all(self, st, codes) -> Tensor:
+        """``(novel + predicted) @ W_dec`` (no b_dec) -> ``[N, D]``."""
+        x_hat_ND = codes.decode(self.W_dec)
+        return x_hat_ND if st.pred_ND is None else x_hat_ND + st.pred_ND
 
     def forward(self, x_BTD: Tensor, mask_BT: Tensor | None = None, pos_BT: Tensor | None = None,
                 dead_F: Tensor | None = None) -> ForwardOutput:
@@ -100,17 +120,18 @@ class SAE(nn.Module):
         `dead_F` (bool ``[F]``): latents the trainer counts as dead, for the AuxK loss of TopK-style parts. In
         training mode a sparsity may update running state (BatchTopK's threshold).
         """
-        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec)
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
         N, D = st.x_ND.shape
         maskf_N = st.mask_N.to(st.x_ND.dtype)
         n_valid = maskf_N.sum().clamp_min(1.0)
         codes = self.sparsity.codes(self.encoder, st, dead_F=dead_F, update=True)
-        x_hat_ND = codes.decode(self.W_dec) + self.b_dec
+        x_hat_ND = self._decode_all(st, codes) + self.b_dec
         losses = {"mse": ((x_hat_ND - st.x_ND).pow(2).sum(1) / D * maskf_N).sum() / n_valid}
         losses.update(self.sparsity.losses(st, codes, x_hat_ND, self.W_dec, self.b_dec))
-        losses.update(self.encoder.losses(st, self.W_dec))
+        losses.update(self.encoder.losses(st, self.W_dec, codes))
         loss = torch.stack(list(losses.values())).sum()
-        return ForwardOutput(x_hat_ND.reshape(st.B, st.T, D), codes.to_dense().reshape(st.B, st.T, -1), loss, losses)
+        codes_NF = codes.to_dense() if st.pred_NF is None else codes.to_dense() + st.pred_NF
+        return ForwardOutput(x_hat_ND.reshape(st.B, st.T, D), codes_NF.reshape(st.B, st.T, -1), loss, losses)
 
     # ----------------------------------------------------------------- trainer helpers
     @torch.no_grad()

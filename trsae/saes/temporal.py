@@ -27,6 +27,12 @@ For token t (window w, C = d_ctx, K = d_k, V = d_v, Bk = n_buckets)::
 - Both penalties are weighted by the decoder row norms, like the ReLU L1, so `normalize_decoder_` (which
   rescales P and U with the encoder) leaves the loss unchanged.
 
+With ``pred_k`` > 0 the decoder is temporal too, and selectively: the pred_k largest of ``ReLU(V ctx_t + b_pred)``
+are codes predicted from the earlier tokens' values, decoded through the same dictionary and counted in L0 (so a
+TopK of k - pred_k novel codes keeps L0 <= k); the per-token term then reads ``x_t - W_dec^T pred_t``, and the
+reconstruction is ``W_dec^T (pred_t + f_t) + b_dec``. Context still never reaches x_hat except through dictionary
+rows.
+
 In the sparse training path the dense pre-activations add the context and position terms in one in-place
 product ``z.addmm_([ctx, onehot(bucket)], [g U, P]^T)``, and only the selected (token, latent) pairs carry
 gradients to U, g, P and the attention (`trsae.saes.sparse_ops.PairPreacts`). With w = 0 (or use_attn False)
@@ -45,6 +51,7 @@ from torch import Tensor, nn
 from trsae.saes.config import PartConfig, check_bools, check_float, check_int, register_part
 from trsae.saes.context import feature_map, position_buckets, windowed_linear_attention
 from trsae.saes.encoders import EncState, TokenEncoder
+from trsae.saes.sparse_ops import decode_pairs, topk_pairs
 
 
 @dataclass
@@ -92,6 +99,10 @@ class TRSAEEncoderConfig(PartConfig):
     """Ablation switch: False = gates fixed to 1 and no gate penalty."""
     causal: bool = True
     """False = LOOK-AHEAD REFERENCE ABLATION: attends to t-w .. t+w excluding t (codes see the future)."""
+    pred_k: int = 0
+    """The selective temporal decoder: codes predicted from the attention context (values of earlier tokens
+    only), the pred_k largest of ``ReLU(V ctx_t + b_pred)`` a token, decoded through the same dictionary and
+    counted in L0; the sparsity then encodes what they leave. 0 = none (the encoder-only TRSAE)."""
 
     def validate(self) -> None:
         for name in ("window", "w_start", "n_exact_pos"):
@@ -116,12 +127,17 @@ class TRSAEEncoderConfig(PartConfig):
         check_float("ctx_init", self.ctx_init, lo=0.0)
         check_float("gate_init", self.gate_init)
         check_bools(self, "per_token_gates", "use_pos", "use_attn", "use_gates", "causal")
+        check_int("pred_k", self.pred_k, lo=0)
+        if self.pred_k and not self.use_attn:
+            raise ValueError("pred_k > 0 predicts codes from the attention context: it needs use_attn=True")
 
     def resolve(self, d_in: int, width: int) -> None:
         if self.pos_l1 is None:
             self.pos_l1 = 0.001 / d_in
         if self.gate_l1 is None:
             self.gate_l1 = 0.001 / d_in
+        if self.pred_k > width:
+            raise ValueError(f"pred_k={self.pred_k} must be <= width={width}")
 
 
 @register_part("encoder", "trsae", TRSAEEncoderConfig)
@@ -130,7 +146,7 @@ class TRSAEEncoder(TokenEncoder):
     runs along T, positions come from `pos_BT` (default arange)."""
 
     cfg: TRSAEEncoderConfig
-    _CONTEXT = ("P", "W_qkv", "W_o", "U", "gate_logit", "G")
+    _CONTEXT = ("P", "W_qkv", "W_o", "U", "gate_logit", "G", "V_pred", "b_pred")
 
     def __init__(self, cfg: TRSAEEncoderConfig, d_in: int, width: int, W_dec_FD: Tensor, gen: torch.Generator):
         super().__init__(cfg, d_in, width, W_dec_FD, gen)
@@ -147,6 +163,13 @@ class TRSAEEncoder(TokenEncoder):
                 self.gate_logit = nn.Parameter(torch.full((F,), float(c.gate_init)))
                 if c.per_token_gates:
                     self.G = nn.Parameter(torch.zeros(F, c.d_k))
+            if c.pred_k:
+                self.V_pred = nn.Parameter(torch.randn(F, c.d_ctx, generator=gen) * (c.ctx_init / math.sqrt(c.d_ctx)))
+                self.b_pred = nn.Parameter(torch.zeros(F))
+
+    @property
+    def predicts(self) -> bool:
+        return self.cfg.pred_k > 0
 
     def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         return [([p for n, p in self.named_parameters() if n in self._CONTEXT], self.cfg.temporal_lr_mult)]
@@ -233,7 +256,8 @@ class TRSAEEncoder(TokenEncoder):
         return [(int(f), (P_rel[f] > threshold).nonzero().squeeze(1).tolist()) for f in feats]
 
     # ----------------------------------------------------------------- encoder interface
-    def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor) -> EncState:
+    def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor,
+                W_dec_FD: Tensor | None = None) -> EncState:
         st = super().prepare(x_BTD, pos_BT, mask_BT, b_dec_D)
         c = self.cfg
         B, T = st.B, st.T
@@ -249,7 +273,28 @@ class TRSAEEncoder(TokenEncoder):
                 st.extra["q_NK"] = q_BTK.reshape(B * T, c.d_k)
             else:
                 st.extra["U_eff_FC"] = self.gates()[:, None] * self.U
+        if c.pred_k:
+            self._predict(st, W_dec_FD)
         return st
+
+    def _predict(self, st: EncState, W_dec_FD: Tensor | None) -> None:
+        """The selective temporal decoder (`pred_k`): predicted pairs from the context, their decoding, and the
+        residual the per-token term reads."""
+        if W_dec_FD is None:
+            raise ValueError("a TRSAE with pred_k > 0 needs the decoder (W_dec_FD) to decode its prediction")
+        N, F = st.x_ND.shape[0], self.b_enc.shape[0]
+        if not self._attn_on:
+            st.pred_NF, st.pred_ND = st.x_ND.new_zeros(N, F), st.x_ND.new_zeros(st.x_ND.shape)
+            return
+        ctx_NC = st.extra["ctx_NC"]
+        with torch.no_grad():
+            rows_M, cols_M = topk_pairs(torch.addmm(self.b_pred, ctx_NC, self.V_pred.T), self.cfg.pred_k)
+        vals_M = ((ctx_NC[rows_M] * self.V_pred[cols_M]).sum(1) + self.b_pred[cols_M]).relu()
+        has_N = st.mask_N & (ctx_NC.detach().abs().sum(1) > 0)  # no prediction without an earlier valid token
+        vals_M = vals_M * has_N[rows_M]
+        st.pred_NF = st.x_ND.new_zeros(N, F).index_put((rows_M, cols_M), vals_M)
+        st.pred_ND = decode_pairs(rows_M, cols_M, vals_M, W_dec_FD, N)
+        st.xin_ND = st.x_ND - st.pred_ND
 
     def _token_gates(self, q_NK: Tensor) -> Tensor:
         """``g_NF = sigmoid(gate_logit + q G^T)``."""
@@ -289,7 +334,7 @@ class TRSAEEncoder(TokenEncoder):
         ctx_M = g_M * (st.extra["ctx_NC"][rows_M] * self.U[cols_M]).sum(1)
         return vals_M + (ctx_M - ctx_M.detach())
 
-    def losses(self, st: EncState, W_dec_FD: Tensor) -> dict[str, Tensor]:
+    def losses(self, st: EncState, W_dec_FD: Tensor, codes=None) -> dict[str, Tensor]:
         """pos_l1 and gate terms. Both are weighted by the decoder row norms ``||W_dec[f]||`` (as the ReLU L1 is),
         so they measure a latent's shift in output units and the total loss is invariant under
         `normalize_decoder_` (which rescales P and U with the encoder)."""
@@ -320,3 +365,6 @@ class TRSAEEncoder(TokenEncoder):
             self.P.mul_(scale_F[:, None])
         if self.cfg.use_attn:
             self.U.mul_(scale_F[:, None])
+        if self.cfg.pred_k:
+            self.V_pred.mul_(scale_F[:, None])
+            self.b_pred.mul_(scale_F)
