@@ -134,3 +134,17 @@ def test_variance_concentration_closed_form():
     assert got["top_dim_share"] == pytest.approx(1.0)
     spread = analysis.variance_concentration(torch.eye(4).repeat(50, 1), top_frac=0.01)
     assert spread["top_dim_share"] == pytest.approx(0.25) and spread["top_token_share"] == pytest.approx(2 / 200)
+
+
+def test_field_versus_ratios_target_and_gap_share_by_hand():
+    runs = {"best": [_res(0.8, 0.90), _res(0.6, 0.80)], "x": [_res(0.84, 0.95), _res(0.68, 0.84)]}
+    # TopK's pursuit pass: its encoder FVU and the pursuit's on its dictionary, seed by seed
+    ceil = {"TopK": [{"fvu_encoder": 0.2, "fvu_pursuit": 0.1}, {"fvu_encoder": 0.4, "fvu_pursuit": 0.2}]}
+    out = analysis.field_versus(runs, ["x"], "best", ceil, target=0.85)["x"]
+    assert out["paired"]["fvu_ratio"]["values"] == pytest.approx([0.8, 0.8])
+    assert out["paired"]["ce_gap_ratio"]["values"] == pytest.approx([0.5, 0.8])
+    assert out["meets"] == {"fvu_ratio": True, "ce_gap_ratio": True}
+    # (0.2 - 0.16) / (0.2 - 0.1) and (0.4 - 0.32) / (0.4 - 0.2)
+    assert out["ceiling"]["gap_closed"]["values"] == pytest.approx([0.4, 0.4])
+    worse = analysis.field_versus({"best": runs["best"], "y": [_res(0.79, 0.89), _res(0.59, 0.79)]}, ["y"], "best")
+    assert worse["y"]["meets"] == {"fvu_ratio": False, "ce_gap_ratio": False} and "ceiling" not in worse["y"]

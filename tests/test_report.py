@@ -367,3 +367,23 @@ def test_a_single_seed_mark_on_a_power_of_ten_is_valid_tex():
 
     text = format_mean_se(0.00012, 0.0, n=1, latex=True)
     assert text == r"{1.20\times10^{-4}}^{\dagger}"  # not 1.20\times10^{-4}^{\dagger}: a double superscript
+
+
+def test_field_and_decoder_macros_are_named_by_sae_and_written(tmp_path):
+    rows = [("sparsity", "l0", "L0"), ("sparsity", "l0_novel", "L0 novel")]
+    summary = {"TFA": {"sparsity": {"l0": _leaf(900.0), "l0_novel": _leaf(32.0)}},
+               "TRSAE-pred": {"sparsity": {"l0": _leaf(31.0)}}}
+    ratio = {"paired": {"fvu_ratio": _leaf(0.8), "ce_gap_ratio": _leaf(0.95)},
+             "apart_from_one": {"fvu_ratio": True, "ce_gap_ratio": False},
+             "meets": {"fvu_ratio": True, "ce_gap_ratio": False}, "ceiling": {"gap_closed": _leaf(0.3)}}
+    got = R.field_macros(summary, rows, {"T-SAE": ratio}, "Matryoshka", ratio, 0.85)
+    assert got["tmpFieldTFALZero"] == "900.000" and got["tmpFieldTFALZeroNovel"] == "32.000"
+    assert "tmpFieldTRSAEPredLZeroNovel" not in got  # no such value: no macro
+    assert got["tmpFieldTSAEFvuRatio"] == "0.800" and got["tmpFieldTSAEFvuRatioMeets"] == "meets"
+    assert got["tmpFieldTSAECeGapRatioMeets"] == "misses" and got["tmpFieldTSAECeGapRatioSeparated"] == "not more"
+    assert got["tmpFieldTSAEGapClosed"] == "0.300" and got["tmpFieldStrongest"] == "Matryoshka"
+    assert got["tmpDecoderFvuRatioSeparated"] == "more"
+    abl = R.decoder_ablation_macros(ratio, 8)
+    assert abl["ablDecoderPredK"] == 8 and abl["ablDecoderCeGapRatio"] == "0.950"
+    for which, macros in ((R.TEMPORAL, got), (R.ABLATION, abl)):
+        assert set(_parse_macros(R.write_macro_file(macros, which, tmp_path).read_text())) == set(macros)

@@ -143,6 +143,26 @@ def amortisation(ceil: dict[str, list[dict]], twins: dict[str, str]) -> tuple[di
     return per_sae, closed
 
 
+def field_versus(runs: dict[str, list[dict]], names: list[str], best: str, ceil: dict[str, list[dict]] | None = None,
+                 twin: str = "TopK", target: float = 0.85) -> dict[str, dict]:
+    """Each of ``names`` against the strongest per-token baseline ``best``, seed by seed: `versus` (FVU and CE-gap
+    ratios, whether each is apart from 1 by two standard errors), ``"meets"``: whether each ratio's mean is at or
+    below ``target`` (the issue's goal, a mean, not a claim), and with ``ceil`` (`trsae.cache.ceilings` per seed)
+    ``ceiling.gap_closed``: the share of ``twin``'s amortisation gap on its own dictionary that the SAE's FVU closes,
+    (FVU_twin − FVU_sae) / (FVU_twin − FVU_pursuit on the twin's dictionary), with FVU_twin the pursuit pass's own."""
+    out = {}
+    for name in names:
+        res = versus(runs, name, best)
+        res["meets"] = {key: res["paired"][key]["mean"] <= target for key in ("fvu_ratio", "ce_gap_ratio")}
+        if ceil is not None and twin in ceil:
+            rows = [{"ceiling": {"gap_closed": (rb["fvu_encoder"] - (1 - _leaf(ra, EV)))
+                                 / (rb["fvu_encoder"] - rb["fvu_pursuit"])}}
+                    for ra, rb in zip(runs[name], ceil[twin], strict=True)]
+            res["ceiling"] = aggregate_seeds(rows)["ceiling"]
+        out[name] = res
+    return out
+
+
 def by_position(summary: dict[str, dict], key: str) -> dict[str, list[tuple[float, float, float]]]:
     """``{name: [(first position of the bucket, mean, se), ...]}`` of ``temporal_codes.by_position[*][key]``
     (`trsae.metrics.persistence`) for every SAE of a summary, for a line plot against position."""

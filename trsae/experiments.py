@@ -91,12 +91,13 @@ def temporal_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: 
 
 
 def ablation_specs(d_in: int, width: int, k: int, window: int, windows: list[int],
-                   curriculum_frac: float = 0.3, **trsae_kw) -> dict[str, SAEConfig]:
+                   curriculum_frac: float = 0.3, pred_k: int = 0, **trsae_kw) -> dict[str, SAEConfig]:
     """The full TRSAE, each temporal component removed in turn, a sweep of the window w, and the look-ahead
     (acausal) variant, clearly labelled as a reference: codes there see future tokens. One entry per distinct
     model: removing the attention is the window w = 0 (bitwise the same training), so it appears once, as "w=0";
     "gates fixed open" removes the gates and with them the gate penalty (a TRSAE's gates only re-parametrise U,
-    so what this removes is the penalty's pressure to close them)."""
+    so what this removes is the penalty's pressure to close them). With ``pred_k``, also the full model with the
+    selective temporal decoder (`DECODER_VARIANT`: pred_k predicted and k - pred_k novel codes)."""
     full = SAEConfig.build(d_in, width, "topk", "trsae", k=k, window=window, curriculum_frac=curriculum_frac,
                            **trsae_kw)
     specs = {"full": full,
@@ -107,13 +108,59 @@ def ablation_specs(d_in: int, width: int, k: int, window: int, windows: list[int
     for w in windows:
         if w != window:  # the full model is the sweep's point at its own window
             specs[f"w={w}"] = full.replace(window=w, w_start=min(full.encoder.w_start, w))
+    if pred_k:  # an addition, not a removal: the selective temporal decoder at the same total L0
+        specs[DECODER_VARIANT] = full.replace(pred_k=pred_k, k=k - pred_k)
     return specs
+
+
+DECODER_VARIANT = "with selective decoder"
+"""The `ablation_specs` entry that adds the selective temporal decoder (`field_specs`' "TRSAE-pred")."""
 
 
 ABLATION_COMPONENTS = ("no position emb.", "w=0", "gates fixed open", "no curriculum")
 """The ablations that each remove one temporal component ("w=0": the attention), by their `ablation_specs` names."""
 ABLATION_EFFECT_ROWS = [("paired", "d_ev", "EV, full minus ablated"),
                         ("paired", "d_ce", "CE-loss score, full minus ablated")]
+
+
+FIELD = ("T-SAE", "TFA", "TRSAE-pred")
+"""The field's temporal SAEs and the TRSAE's selective temporal decoder, beside the comparison of `temporal_specs`."""
+FIELD_ROWS = [("sparsity", "l0", "L0 (every non-zero code)"), ("sparsity", "l0_novel", "L0 (novel codes only)"),
+              ("reconstruction_quality", "explained_variance", "explained variance (pooled)"),
+              ("model_performance_preservation", "ce_loss_score", "CE-loss score (zero abl.)"),
+              ("model_behavior_preservation", "kl_div_score", "KL-divergence score"),
+              ("temporal_codes", "persistence", "codes also active at t-1 (share)"),
+              ("temporal_codes", "novel_l0", "novel L0 (codes switching on)")]
+"""Rows of the field comparison's table: both L0 counts (they differ only where codes are predicted)."""
+FIELD_VERSUS_ROWS = [("paired", "fvu_ratio", "FVU ratio to the strongest per-token SAE"),
+                     ("paired", "ce_gap_ratio", "CE-gap ratio to the strongest per-token SAE"),
+                     ("ceiling", "gap_closed", "share of TopK's amortisation gap closed")]
+"""Rows of `trsae.analysis.field_versus`."""
+FIELD_TARGET = 0.85
+"""The issue's goal for both ratios against the strongest per-token baseline (a goal, reported against, not tuned
+for)."""
+
+
+def field_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: float = 0.3, pred_k: int | None = None,
+                **trsae_kw) -> dict[str, SAEConfig]:
+    """The published temporal SAEs and the selective temporal decoder, at the width and L0 k of `temporal_specs`:
+
+    - "T-SAE" (Bhalla et al. 2026): a Matryoshka BatchTopK whose inner level is the 20 % "high-level" share, plus
+      the contrastive loss on those latents (`trsae.saes.tsae`); L0 k.
+    - "TFA" (Lubana et al. 2025) as published: k novel codes and a dense prediction (`trsae.saes.tfa`), so its L0
+      counting every code is far above k; its novel L0 is k.
+    - "TRSAE-pred": the TRSAE (its encoder as in `temporal_specs`) with the selective temporal decoder: ``pred_k``
+      codes predicted from its attention context, decoded through the dictionary and counted, and k - pred_k novel
+      codes.
+
+    ``pred_k`` defaults to k // 4."""
+    pred_k = k // 4 if pred_k is None else pred_k
+    if not 0 < pred_k < k:
+        raise ValueError(f"pred_k={pred_k} must be in 1 .. k-1 = {k - 1}: the novel codes get k - pred_k")
+    return {"T-SAE": SAEConfig.build(d_in, width, "matryoshka", "tsae", k=k, prefix_fracs=[0.2], high_frac=0.2),
+            "TFA": SAEConfig.build(d_in, width, "topk", "tfa", k=k),
+            "TRSAE-pred": SAEConfig.build(d_in, width, "topk", "trsae", k=k - pred_k, pred_k=pred_k, window=window,
+                                          curriculum_frac=curriculum_frac, **trsae_kw)}
 
 
 LENGTH_PAIR = ("TRSAE", "TopK")

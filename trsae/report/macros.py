@@ -238,6 +238,42 @@ def second_model_macros(res: dict, store, first: dict, concentration: dict[str, 
     return out
 
 
+def field_macros(summary: dict[str, dict], rows: Sequence[Panel], versus_best: dict[str, dict], best: str,
+                 decoder: dict, target: float) -> dict:
+    """02's field comparison (`TEMPORAL`): ``\\tmpField<SAE><Key>`` for the rows of each field SAE's summary,
+    ``...FvuRatio`` / ``...CeGapRatio`` / ``...GapClosed`` against the strongest per-token baseline ``best``
+    (`trsae.analysis.field_versus`) with ``...Separated`` ("more" / "not more" than two standard errors from 1) and
+    ``...Meets`` ("meets" / "misses" the ``target``), and the selective decoder against the encoder-only TRSAE
+    (``decoder``: `trsae.analysis.versus`) as ``\\tmpDecoder...``."""
+    out = results_macros({f"field {n}": v for n, v in summary.items()}, TEMPORAL, rows)
+    out.update(_prefixed(TEMPORAL, {"FieldStrongest": best, "FieldTarget": target}))
+    for name, res in versus_best.items():
+        for key in ("fvu_ratio", "ce_gap_ratio"):
+            out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "field", name, key), res["paired"][key]))
+            out[macro_name(TEMPORAL.prefix, "field", name, key, "separated")] = \
+                "more" if res["apart_from_one"][key] else "not more"
+            out[macro_name(TEMPORAL.prefix, "field", name, key, "meets")] = "meets" if res["meets"][key] else "misses"
+        if "ceiling" in res:
+            out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "field", name, "gap_closed"),
+                                      res["ceiling"]["gap_closed"]))
+    for key in ("fvu_ratio", "ce_gap_ratio"):
+        out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "decoder", key), decoder["paired"][key]))
+        out[macro_name(TEMPORAL.prefix, "decoder", key, "separated")] = \
+            "more" if decoder["apart_from_one"][key] else "not more"
+    return out
+
+
+def decoder_ablation_macros(res: dict, pred_k: int) -> dict:
+    """03's selective-decoder variant against the full TRSAE (`ABLATION`; ``res``: `trsae.analysis.versus` of the
+    variant against "full"): its FVU and CE-gap ratios and whether each is apart from 1 by two standard errors."""
+    out = _prefixed(ABLATION, {"DecoderPredK": pred_k})
+    for key in ("fvu_ratio", "ce_gap_ratio"):
+        out.update(mean_se_macros(macro_name(ABLATION.prefix, "decoder", key), res["paired"][key]))
+        out[macro_name(ABLATION.prefix, "decoder", key, "separated")] = \
+            "more" if res["apart_from_one"][key] else "not more"
+    return out
+
+
 REMOVED = {"no position emb.": "the position embeddings", "w=0": "the context attention (w=0)",
            "gates fixed open": "the gates (fixed open, without their penalty)", "no curriculum": "the window curriculum"}
 """What each ablation of `trsae.experiments.ABLATION_COMPONENTS` removes, in words for "removing …"."""
