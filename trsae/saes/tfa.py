@@ -101,7 +101,7 @@ class TFAEncoder(TokenEncoder):
     def raw_prediction(self, st: EncState, mask_BT: Tensor | None) -> Tensor:
         """``p_NF`` before the projection (zero where no valid earlier token)."""
         c, B, T = self.cfg, st.B, st.T
-        u_NF = torch.addmm(st.bias_F, st.x_ND, self.W_enc).relu()
+        u_NF = self.dense(st).relu()  # before `prepare` sets xin_ND: the per-token codes of x itself
         qk_NA = u_NF @ self.W_qk
         q_BHTK, k_BHTK = (t.reshape(B, T, c.n_heads, c.d_head).transpose(1, 2)
                           for t in qk_NA.split(c.n_heads * c.d_head, dim=1))
