@@ -77,6 +77,12 @@ case "$mode" in
     ensure_tool latexmk $latex_packages || echo "no LaTeX toolchain: the paper test builds no PDF"
     ensure_tool chromium chromium || echo "no chromium: the browser test skips (and fails when CI=true)"
     python -m pytest -m "not online and not paper" tests
+    # the notebooks (and the paper against what they write) under the pinned numerics their stored outputs were
+    # computed with: see notebooks/numerics.env
+    set -a
+    # shellcheck disable=SC1091
+    . notebooks/numerics.env
+    set +a
     if [ -n "$notebooks" ]; then
       python -m pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $notebooks
     fi

@@ -4,7 +4,8 @@ and their pictures (dashboard screenshots: megabytes of base64, and in figures/ 
 
     python notebooks/refresh.py [notebooks/02_temporal.ipynb ...]     # default: every notebooks/[0-9][0-9]_*.ipynb
 
-Figures go to ``outputs/smoke-figures`` (as in ``./run_all.sh --tests``), never to the paper's ``figures/``.
+Figures go to ``outputs/smoke-figures`` (as in ``./run_all.sh --tests``), never to the paper's ``figures/``. The kernels
+run under ``notebooks/numerics.env``, the pinned CPU numerics that nbval checks them under.
 """
 
 import json
@@ -26,9 +27,22 @@ def strip(path: Path) -> None:
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+def numerics_env(path: Path = ROOT / "notebooks" / "numerics.env") -> dict[str, str]:
+    """The pinned CPU numerics (``KEY=VALUE`` lines; ``#`` comments) that nbval checks the stored outputs under."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep or not key.isidentifier():
+                raise ValueError(f"{path}: expected KEY=VALUE, got {line!r}")
+            out[key] = value
+    return out
+
+
 def main(paths: list[str]) -> None:
     nbs = [Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    env = {**os.environ, "TRSAE_FIGURES_DIR": str(ROOT / "outputs" / "smoke-figures")}
+    env = {**os.environ, **numerics_env(), "TRSAE_FIGURES_DIR": str(ROOT / "outputs" / "smoke-figures")}
     for nb in nbs:
         subprocess.run([sys.executable, "-m", "papermill", "--cwd", str(nb.parent), str(nb), str(nb)], env=env,
                        check=True)
