@@ -225,3 +225,51 @@ def test_predicting_saes_are_not_exported_as_per_token_saes(tmp_path):
         with pytest.raises(InterchangeError, match="predicts part of its code"):
             export_saelens(make_sae(SAEConfig.build(D, F, "topk", encoder, k=8, **kw)), tmp_path / encoder)
     export_saelens(make_sae(SAEConfig.build(D, F, "topk", "tsae", k=8)), tmp_path / "tsae")  # per-token at inference
+
+
+def test_trsae_prediction_gradients_match_dense_autograd():
+    """The predicted pairs go through the encoder's sparse backward; their gradients to V_pred, b_pred and the
+    attention equal plain autograd on the dense prediction ``ReLU(ctx V^T + b)`` gathered at the same pairs."""
+    sae = make_sae(SAEConfig.build(D, F, "topk", "trsae", k=5, window=3, pred_k=3))
+    with torch.no_grad():
+        sae.encoder.b_pred.normal_()  # non-zero: the bias gradient is checked too
+    x, mask = _batch()
+    enc = sae.encoder
+    params = [enc.V_pred, enc.b_pred, *[p for n, p in enc.named_parameters() if n not in ("V_pred", "b_pred")]]
+    st = enc.prepare(x, None, mask, sae.b_dec, sae.W_dec)
+    w_NF = torch.randn(st.pred_NF.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((st.pred_NF * w_NF).sum(), params, allow_unused=True)
+    st_ref = enc.prepare(x, None, mask, sae.b_dec, sae.W_dec)
+    ctx_NC = st_ref.extra["ctx_NC"]
+    sel_NF = st.pred_NF.detach() != 0
+    has_N = (st.mask_N & (ctx_NC.detach().abs().sum(1) > 0))[:, None]
+    ref_NF = torch.addmm(enc.b_pred, ctx_NC, enc.V_pred.T).relu() * sel_NF * has_N
+    want = torch.autograd.grad((ref_NF * w_NF).sum(), params, allow_unused=True)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None or g.abs().sum() == 0
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_trsae_prediction_trains_reproducibly_on_two_threads():
+    """The same seed gives the same weights bitwise at a size where CPU kernels run in parallel (a plain autograd
+    gather on V_pred backpropagated through index_put_'s parallel accumulation, in thread order)."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no parallel accumulation to order")
+
+    def train():
+        torch.manual_seed(0)
+        sae = make_sae(SAEConfig.build(128, 512, "topk", "trsae", k=16, window=4, pred_k=4)).train()
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x, mask = torch.randn(8, 64, 128, generator=g), torch.ones(8, 64, dtype=torch.bool)
+            opt.zero_grad(set_to_none=True)
+            sae(x, mask_BT=mask).loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in sae.parameters()]
+
+    a, b = train(), train()
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from trsae.saes.config import PartConfig, check_bools, check_float, check_int, register_part
 from trsae.saes.context import feature_map, position_buckets, windowed_linear_attention
 from trsae.saes.encoders import EncState, TokenEncoder
-from trsae.saes.sparse_ops import decode_pairs, topk_pairs
+from trsae.saes.sparse_ops import PairPreacts, decode_pairs, topk_pairs
 
 
 @dataclass
@@ -288,8 +288,13 @@ class TRSAEEncoder(TokenEncoder):
             return
         ctx_NC = st.extra["ctx_NC"]
         with torch.no_grad():
-            rows_M, cols_M = topk_pairs(torch.addmm(self.b_pred, ctx_NC, self.V_pred.T), self.cfg.pred_k)
-        vals_M = ((ctx_NC[rows_M] * self.V_pred[cols_M]).sum(1) + self.b_pred[cols_M]).relu()
+            p_NF = torch.addmm(self.b_pred, ctx_NC, self.V_pred.T)
+            rows_M, cols_M = topk_pairs(p_NF, self.cfg.pred_k)
+        # the pairs' values re-attached through the sparse backward of the encoder's own pairs: a plain autograd
+        # gather (V_pred[cols_M]) backpropagates by index_put_ with accumulation, whose parallel CPU kernel adds in
+        # thread order, so the same seed trained to different weights run to run
+        vals_M = PairPreacts.apply(p_NF, rows_M, cols_M, (rows_M.numel(),), None, None, self.b_pred, ctx_NC,
+                                   self.V_pred, None, None).relu()
         has_N = st.mask_N & (ctx_NC.detach().abs().sum(1) > 0)  # no prediction without an earlier valid token
         vals_M = vals_M * has_N[rows_M]
         st.pred_NF = st.x_ND.new_zeros(N, F).index_put((rows_M, cols_M), vals_M)
