@@ -73,7 +73,7 @@ def test_tsae_contrast_reaches_only_high_level_latents():
     sae = make_sae(cfg).train()
     x, mask = _batch()
     out = sae(x, mask_BT=mask)
-    assert float(out.losses["contrast"]) > 0
+    assert float(out.losses["contrast"].detach()) > 0
     out.losses["contrast"].backward()
     H = cfg.encoder.n_high(F)
     assert H == 16
