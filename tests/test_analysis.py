@@ -1,6 +1,8 @@
 """Seed-paired comparisons and the claims built on them: a ratio computed seed by seed, and no winner named where
 two-standard-error intervals overlap."""
 
+import math
+
 import pytest
 
 from trsae import analysis, report
@@ -148,3 +150,35 @@ def test_field_versus_ratios_target_and_gap_share_by_hand():
     assert out["ceiling"]["gap_closed"]["values"] == pytest.approx([0.4, 0.4])
     worse = analysis.field_versus({"best": runs["best"], "y": [_res(0.79, 0.89), _res(0.59, 0.79)]}, ["y"], "best")
     assert worse["y"]["meets"] == {"fvu_ratio": False, "ce_gap_ratio": False} and "ceiling" not in worse["y"]
+
+
+def test_at_l0_interpolates_in_log_l0_and_never_extrapolates():
+    pts = [(64, 0.6, 0.0), (16, 0.4, 0.0)]  # unsorted, as a caller might pass them
+    assert analysis.at_l0(pts, 32) == pytest.approx(0.5)  # halfway in log L0
+    assert analysis.at_l0(pts, 16) == pytest.approx(0.4) and analysis.at_l0(pts, 64) == pytest.approx(0.6)
+    assert analysis.at_l0(pts, 15.9) is None and analysis.at_l0(pts, 64.1) is None
+    three = [(16, 0.36, 0.0), (32, 0.52, 0.0), (64, 0.63, 0.0)]
+    assert analysis.at_l0(three, 26.3) == pytest.approx(0.36 + 0.16 * math.log2(26.3 / 16))
+    assert analysis.at_l0(three, 48) == pytest.approx(0.52 + 0.11 * math.log2(48 / 32))
+    with pytest.raises(ValueError):
+        analysis.at_l0([(0, 0.1, 0.0), (16, 0.4, 0.0)], 8)
+
+
+def _sparse(ev, ce, l0):
+    return {**_res(ev, ce), "sparsity": {"l0": l0}}
+
+
+def test_matched_l0_reads_the_baseline_at_each_runs_own_l0():
+    ev_pts, ce_pts = [(16, 0.4, 0.0), (64, 0.6, 0.0)], [(16, 0.8, 0.0), (64, 0.9, 0.0)]
+    runs = {"x": [_sparse(0.55, 0.9, 32), _sparse(0.4, 0.8, 16)], "far": [_sparse(0.9, 0.9, 2000)]}
+    got = analysis.matched_l0(runs, "x", ev_pts, ce_pts)
+    # at L0 32 TopK's FVU is 0.5 and its CE gap 0.15; at 16, 0.6 and 0.2
+    assert got["fvu_ratio"]["values"] == pytest.approx([0.45 / 0.5, 1.0])
+    assert got["ce_gap_ratio"]["values"] == pytest.approx([0.1 / 0.15, 1.0])
+    assert got["l0"]["mean"] == pytest.approx(24)
+    far = analysis.matched_l0(runs, "far", ev_pts, ce_pts)
+    assert far["fvu_ratio"] is None and far["ce_gap_ratio"] is None  # outside the frontier: no ratio
+    out = analysis.field_versus({"best": [_sparse(0.5, 0.85, 32)], "x": runs["x"][:1]}, ["x"], "best",
+                                frontier=(ev_pts, ce_pts), target=0.85)["x"]
+    assert out["matched_meets"] == {"fvu_ratio": False, "ce_gap_ratio": True}
+    assert out["matched"]["fvu_ratio"]["mean"] == pytest.approx(0.9)

@@ -383,6 +383,14 @@ def test_field_and_decoder_macros_are_named_by_sae_and_written(tmp_path):
     assert got["tmpFieldTSAECeGapRatioMeets"] == "misses" and got["tmpFieldTSAECeGapRatioSeparated"] == "not more"
     assert got["tmpFieldTSAEGapClosed"] == "0.300" and got["tmpFieldStrongest"] == "Matryoshka"
     assert got["tmpDecoderFvuRatioSeparated"] == "more"
+    assert not any("Matched" in m for m in got)  # no frontier given to field_versus: no matched-L0 macros
+    matched = {**ratio, "matched": {"fvu_ratio": _leaf(1.1), "ce_gap_ratio": None},
+               "matched_meets": {"fvu_ratio": False, "ce_gap_ratio": False}}
+    with_frontier = R.field_macros(summary, rows, {"TRSAE-pred": matched}, "TopK", ratio, 0.85)
+    assert with_frontier["tmpFieldTRSAEPredMatchedFvuRatio"] == "1.100"
+    assert with_frontier["tmpFieldTRSAEPredMatchedFvuRatioMeets"] == "misses"
+    assert with_frontier["tmpFieldTRSAEPredMatchedCeGapRatioPm"] == "n/a"  # its L0 outside TopK's frontier
+    got |= with_frontier
     abl = R.decoder_ablation_macros(ratio, 8)
     assert abl["ablDecoderPredK"] == 8 and abl["ablDecoderCeGapRatio"] == "0.950"
     for which, macros in ((R.TEMPORAL, got), (R.ABLATION, abl)):

@@ -243,8 +243,10 @@ def field_macros(summary: dict[str, dict], rows: Sequence[Panel], versus_best: d
     """02's field comparison (`TEMPORAL`): ``\\tmpField<SAE><Key>`` for the rows of each field SAE's summary,
     ``...FvuRatio`` / ``...CeGapRatio`` / ``...GapClosed`` against the strongest per-token baseline ``best``
     (`trsae.analysis.field_versus`) with ``...Separated`` ("more" / "not more" than two standard errors from 1) and
-    ``...Meets`` ("meets" / "misses" the ``target``), and the selective decoder against the encoder-only TRSAE
-    (``decoder``: `trsae.analysis.versus`) as ``\\tmpDecoder...``."""
+    ``...Meets`` ("meets" / "misses" the ``target``); where `field_versus` had TopK's frontier, the same ratios to
+    TopK at the SAE's own L0 as ``\\tmpField<SAE>Matched<Key>`` ("n/a" outside the frontier) with ``...Meets``; and
+    the selective decoder against the encoder-only TRSAE (``decoder``: `trsae.analysis.versus`) as
+    ``\\tmpDecoder...``."""
     out = results_macros({f"field {n}": v for n, v in summary.items()}, TEMPORAL, rows)
     out.update(_prefixed(TEMPORAL, {"FieldStrongest": best, "FieldTarget": target}))
     for name, res in versus_best.items():
@@ -253,6 +255,15 @@ def field_macros(summary: dict[str, dict], rows: Sequence[Panel], versus_best: d
             out[macro_name(TEMPORAL.prefix, "field", name, key, "separated")] = \
                 "more" if res["apart_from_one"][key] else "not more"
             out[macro_name(TEMPORAL.prefix, "field", name, key, "meets")] = "meets" if res["meets"][key] else "misses"
+        for key in ("fvu_ratio", "ce_gap_ratio") if "matched" in res else ():
+            m = macro_name(TEMPORAL.prefix, "field", name, "matched", key)
+            leaf = res["matched"][key]
+            if isinstance(leaf, dict) and leaf.get("mean") is not None:
+                out.update(mean_se_macros(m, leaf))
+                out[m + "Meets"] = "meets" if res["matched_meets"][key] else "misses"
+            else:  # the SAE's L0 lies outside TopK's frontier
+                out[m] = out[m + "Pm"] = "n/a"
+                out[m + "Meets"] = "cannot be said to meet"
         if "ceiling" in res:
             out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "field", name, "gap_closed"),
                                       res["ceiling"]["gap_closed"]))
