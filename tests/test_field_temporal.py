@@ -253,15 +253,17 @@ def test_trsae_prediction_gradients_match_dense_autograd():
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_trsae_prediction_trains_reproducibly_on_two_threads():
-    """The same seed gives the same weights bitwise at a size where CPU kernels run in parallel (a plain autograd
-    gather on V_pred backpropagated through index_put_'s parallel accumulation, in thread order)."""
+@pytest.mark.parametrize("kw", [dict(pred_k=4), dict(per_token_gates=True)])
+def test_trsae_trains_reproducibly_on_two_threads(kw):
+    """The same seed gives the same weights bitwise at a size where CPU kernels run in parallel, for the selective
+    decoder and the per-token gates (plain autograd gathers, ``V_pred[cols_M]`` and ``G[cols_M]``, backpropagated
+    through index_put_'s parallel accumulation, in thread order: both failed 3 times out of 3)."""
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: no parallel accumulation to order")
 
     def train():
         torch.manual_seed(0)
-        sae = make_sae(SAEConfig.build(128, 512, "topk", "trsae", k=16, window=4, pred_k=4)).train()
+        sae = make_sae(SAEConfig.build(128, 512, "topk", "trsae", k=16, window=4, **kw)).train()
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
         for step in range(3):
             g = torch.Generator().manual_seed(step)

@@ -333,10 +333,13 @@ class TRSAEEncoder(TokenEncoder):
         vals_M = super().at_pairs(st, z_NF, rows_M, cols_M, segs)
         if "q_NK" not in st.extra:
             return vals_M
-        # per-token gates: plain autograd on the pairs, added with value 0 (z already holds it)
-        q_MK = st.extra["q_NK"][rows_M]
-        g_M = torch.sigmoid(self.gate_logit[cols_M] + (q_MK * self.G[cols_M]).sum(1))
-        ctx_M = g_M * (st.extra["ctx_NC"][rows_M] * self.U[cols_M]).sum(1)
+        # per-token gates: plain autograd on the pairs, added with value 0 (z already holds it). The gathers are
+        # index_select, whose backward (index_add_) adds in index order on the CPU; indexing (x[idx]) backpropagates
+        # through index_put_'s parallel accumulation, in thread order, so the same seed trained to different weights
+        pick = torch.index_select
+        q_MK = pick(st.extra["q_NK"], 0, rows_M)
+        g_M = torch.sigmoid(pick(self.gate_logit, 0, cols_M) + (q_MK * pick(self.G, 0, cols_M)).sum(1))
+        ctx_M = g_M * (pick(st.extra["ctx_NC"], 0, rows_M) * pick(self.U, 0, cols_M)).sum(1)
         return vals_M + (ctx_M - ctx_M.detach())
 
     def losses(self, st: EncState, W_dec_FD: Tensor, codes=None) -> dict[str, Tensor]:
