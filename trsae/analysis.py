@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from trsae.metrics import aggregate_seeds
 from trsae.report.values import budget_label
 
@@ -153,10 +155,7 @@ def at_l0(points: list[tuple[float, float, float]], l0: float) -> float | None:
         raise ValueError(f"a frontier needs points at positive L0, got {points}")
     if not pts[0][0] <= l0 <= pts[-1][0]:
         return None
-    for (a0, v0), (a1, v1) in zip(pts, pts[1:]):
-        if a0 <= l0 <= a1:
-            return v0 if a1 == a0 else v0 + (v1 - v0) * math.log(l0 / a0) / math.log(a1 / a0)
-    return pts[0][1]  # a frontier of one point, at exactly l0
+    return float(np.interp(math.log(l0), [math.log(a) for a, _ in pts], [v for _, v in pts]))
 
 
 def matched_l0(runs: dict[str, list[dict]], name: str, ev_points: list[tuple[float, float, float]],
