@@ -4,8 +4,9 @@ and their pictures (dashboard screenshots: megabytes of base64, and in figures/ 
 
     python notebooks/refresh.py [notebooks/02_temporal.ipynb ...]     # default: every notebooks/[0-9][0-9]_*.ipynb
 
-Figures go to ``outputs/smoke-figures`` (as in ``./run_all.sh --tests``), never to the paper's ``figures/``. The kernels
-run under ``notebooks/numerics.env``, the pinned CPU numerics that nbval checks them under.
+Figures go to ``outputs/smoke-figures`` (as in ``./run_all.sh --tests``), never to the paper's ``figures/``. The smoke
+defaults compute in float64 (their stores are ``"dtype": "float64"``), so the outputs written here hold on any CPU:
+``tests/test_kernels.py`` checks that under ``notebooks/other_cpu.env``.
 """
 
 import json
@@ -27,8 +28,9 @@ def strip(path: Path) -> None:
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
-def numerics_env(path: Path = ROOT / "notebooks" / "numerics.env") -> dict[str, str]:
-    """The pinned CPU numerics (``KEY=VALUE`` lines; ``#`` comments) that nbval checks the stored outputs under."""
+def read_env(path: Path = ROOT / "notebooks" / "other_cpu.env") -> dict[str, str]:
+    """The variables of an env file (``KEY=VALUE`` lines; ``#`` comments), by default the kernel settings that stand
+    in for another CPU."""
     out = {}
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -42,7 +44,7 @@ def numerics_env(path: Path = ROOT / "notebooks" / "numerics.env") -> dict[str, 
 
 def main(paths: list[str]) -> None:
     nbs = [Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    env = {**os.environ, **numerics_env(), "TRSAE_FIGURES_DIR": str(ROOT / "outputs" / "smoke-figures")}
+    env = {**os.environ, "TRSAE_FIGURES_DIR": str(ROOT / "outputs" / "smoke-figures")}
     for nb in nbs:
         subprocess.run([sys.executable, "-m", "papermill", "--cwd", str(nb.parent), str(nb), str(nb)], env=env,
                        check=True)

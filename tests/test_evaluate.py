@@ -107,3 +107,14 @@ def test_ablations_replace_bos_and_the_mean_comes_from_train(tiny_model, tiny_st
     res = evaluate_sae(sae, tiny_store, tiny_model, max_seqs=8)["model_performance_preservation"]
     assert res["ce_loss_with_mean_ablation"] == pytest.approx(ref["mean"][0], rel=1e-4)
     assert res["ce_loss_with_mean_ablation"] != pytest.approx(wrong_mean["mean"][0], rel=1e-4)
+
+
+def test_evaluation_reads_the_tokens_test_tokens_names(tiny_store):
+    """With a max_seqs that is not a multiple of the batch size, the evaluation still reads exactly the first
+    max_seqs test sequences: the tokens `trsae.cache.test_tokens` returns as the evaluation's."""
+    from trsae.cache import test_tokens
+
+    sae = make_sae(SAEConfig.build(tiny_store.d_model, 32, "topk", k=4)).eval()
+    res = evaluate_saes({"s": sae}, tiny_store, max_seqs=3, batch_size=2, with_logits=False, density_tokens=64)["s"]
+    assert res["token_stats"]["n_seqs"] == 3
+    assert res["token_stats"]["n_tokens_eval"] == test_tokens(tiny_store, 3).shape[0]

@@ -155,3 +155,16 @@ def test_gemma_store_equals_hidden_states(tmp_path, gemma_model):
         torch.testing.assert_close(acts_TD, ref, rtol=1e-5, atol=1e-3)
         assert ids_T[0] == 2  # Gemma's BOS
     assert json.loads((tmp_path / "manifest.json").read_text())["d_model"] == 640
+
+
+@pytest.mark.parametrize("n_seqs, batch_size", [(1, 4), (5, 4), (6, 1), (7, 3), (10**6, 4)])
+def test_first_sequences_are_the_same_whatever_the_batch_size(tiny_store, n_seqs, batch_size):
+    """`ActivationStore.first` gives exactly the first n_seqs sequences of the split in store order (all of them if
+    the split is shorter), in any batch size: what evaluation, the ceiling, test_tokens and dashboards all read."""
+    got = list(tiny_store.first("train", n_seqs, batch_size))
+    seqs = torch.cat([b.seq_B for b in got]).tolist()
+    want = [int(s) for s in tiny_store.splits["train"][:n_seqs]]
+    assert seqs == want
+    assert all(len(b.seq_B) <= batch_size for b in got)
+    one = torch.cat([b.acts_BTD for b in tiny_store.first("train", n_seqs, 1)])
+    assert torch.equal(torch.cat([b.acts_BTD for b in got]), one)

@@ -68,8 +68,8 @@ def test_auxk_revives_latents_that_cannot_fire(tmp_path, tiny_store, monkeypatch
 
     real = T.make_sae
 
-    def crippled(cfg):
-        sae = real(cfg)
+    def crippled(cfg, dtype=torch.float32):
+        sae = real(cfg, dtype)
         with torch.no_grad():
             sae.W_enc[:, :8] *= 1e-3
         return sae
@@ -110,3 +110,25 @@ def test_trsae_temporal_parameters_get_their_own_learning_rate():
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)]
     assert {names[id(p)] for p in groups[1]["params"]} == {"encoder.P", "encoder.W_qkv", "encoder.U", "encoder.gate_logit"}
     assert sum(len(g["params"]) for g in groups) == len(list(sae.parameters()))
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk"])
+def test_every_real_step_keeps_decoder_rows_at_unit_norm(tiny_store, tmp_path, sparsity):
+    """The invariant of unit-norm sparsities, held on the trainer's own step (not a loop of the test's): after one
+    `train_step` from rows deliberately off unit norm, and on the SAE a finished `train_sae` saves. A step that
+    skipped its renormalisation fails both (a large learning rate moves the rows well off the sphere)."""
+    from trsae.saes import make_sae
+    from trsae.train import train_step
+
+    cfg = SAEConfig.build(tiny_store.d_model, 64, sparsity, k=4)
+    sae = make_sae(cfg)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 64)[:, None])
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+    b = next(tiny_store.batches("train", batch_size=4))
+    train_step(sae, opt, b.acts_BTD, b.mask_BT, b.pos_BT)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
+    run = train_sae(cfg, TrainConfig(tokens=32 * 4 * 6, batch_size=4, crop_len=32, lr=0.05), tiny_store,
+                    tmp_path / "run", progress=False)
+    torch.testing.assert_close(load_sae(tmp_path / "run" / "sae").W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
+    assert run.sparsity.unit_norm

@@ -57,7 +57,8 @@ def environment() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "nnsight": nnsight.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "threads": torch.get_num_threads(), "data_dir": os.environ.get("TRSAE_DATA_DIR")}
+            "threads": torch.get_num_threads(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "data_dir": os.environ.get("TRSAE_DATA_DIR")}
 
 
 def store_dir(cfg: HarvestConfig, work: str | os.PathLike) -> Path:
@@ -86,14 +87,15 @@ def ensure_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStor
     return train_sae(sae_cfg, train_cfg, store, out, progress=progress), out
 
 
-_MODELS: dict[str, LoadedModel] = {}
+_MODELS: dict[tuple[str, torch.dtype], LoadedModel] = {}
 
 
-def shared_model(name: str) -> LoadedModel:
-    """The model ``name``, loaded once per process, so that every `Evaluator` of a notebook shares it."""
-    if name not in _MODELS:
-        _MODELS[name] = load_model(name)
-    return _MODELS[name]
+def shared_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The model ``name`` in ``dtype`` (a store's `ActivationStore.dtype`), loaded once per process, so that every
+    `Evaluator` of a notebook shares it."""
+    if (name, dtype) not in _MODELS:
+        _MODELS[name, dtype] = load_model(name, dtype=dtype)
+    return _MODELS[name, dtype]
 
 
 class Evaluator:
@@ -109,7 +111,7 @@ class Evaluator:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            self._model = shared_model(self.store.manifest["model"])
+            self._model = shared_model(self.store.manifest["model"], self.store.dtype)
         return self._model
 
     def path(self, run: Path) -> Path:
@@ -217,12 +219,7 @@ def ceilings(runs: dict[str, list[tuple[Path, SAE]]], store: ActivationStore,
 
 def test_tokens(store: ActivationStore, max_seqs: int) -> torch.Tensor:
     """The ordinary tokens' activations ``[N, d]`` of the first ``max_seqs`` test sequences (the evaluation's)."""
-    rows = []
-    for b in store.batches("test", batch_size=1, shuffle=None, epochs=1):
-        if len(rows) >= max_seqs:
-            break
-        rows.append(b.acts_BTD[b.mask_BT])
-    return torch.cat(rows)
+    return torch.cat([b.acts_BTD[b.mask_BT] for b in store.first("test", max_seqs)])
 
 
 def output_dirs(work_dir: str, figures_dir: str) -> tuple[Path, Path]:

@@ -40,6 +40,14 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
+STORE_DTYPES = ("float32", "bfloat16", "float64")
+
+
+def compute_dtype(store_dtype: str) -> str:
+    """The dtype a store of ``store_dtype`` is computed and read in: float64 for a float64 store, else float32."""
+    return "float64" if store_dtype == "float64" else "float32"
+
+
 @dataclass
 class HarvestConfig:
     """What to harvest: which model, layer and text, how many tokens, and how to store them."""
@@ -59,7 +67,9 @@ class HarvestConfig:
     batch_size: int = 8
     """Sequences per forward pass."""
     dtype: str = "float32"
-    """Storage dtype: float32 or bfloat16."""
+    """Storage dtype: float32, bfloat16 or float64. A float64 store is computed in float64 end to end (the model's
+    forward, and the SAEs trained and evaluated on it): its results then agree across CPUs whose kernels sum in
+    other orders (the notebooks' smoke defaults, checked by nbval on any machine); float32 is for the profiles."""
     val_frac: float = 0.05
     test_frac: float = 0.05
     split_seed: int = 0
@@ -72,8 +82,8 @@ class HarvestConfig:
             raise ValueError(f"ctx_len must be at least 2 (BOS plus one token), got {self.ctx_len}")
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"val_frac and test_frac must be in [0, 1) and sum below 1, "
                              f"got {self.val_frac}, {self.test_frac}")
@@ -149,27 +159,41 @@ def add_config_arguments(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> 
     """Add ``--field-name`` options for the fields of dataclass `cls`, typed and documented from the dataclass,
     whose defaults stay the dataclass's own: an option not given is absent from the parsed namespace
     (``argparse.SUPPRESS``). Options already on the parser are left alone. Returns the field names added."""
+    return add_parts_arguments(parser, {"": cls}, skip)
+
+
+def add_parts_arguments(parser: Any, classes: dict[str, type], skip: tuple[str, ...] = ()) -> list[str]:
+    """`add_config_arguments` for several dataclasses at once (the parts a command combines, by label): one option
+    per field name; where parts share a name, its help gives each part's docstring and default
+    (``[trsae] ... (default: 0); [tfa] ... (default: None)``), since each part keeps its own default."""
     import argparse
     import typing
 
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
     have = {s for a in parser._actions for s in a.option_strings}
+    fields: dict[str, list[tuple[str, Any, str, Any]]] = {}
+    for label, cls in classes.items():
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            fields.setdefault(f.name, []).append((label, hints[f.name], docs.get(f.name, ""), default))
     added = []
-    for f in dataclasses.fields(cls):
-        opt = "--" + f.name.replace("_", "-")
-        if f.name in skip or opt in have:
+    for name, entries in fields.items():
+        opt = "--" + name.replace("_", "-")
+        if name in skip or opt in have:
             continue
-        kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        kind = args[0] if args else kind
-        default = f.default if f.default is not dataclasses.MISSING else "required"
-        text = f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
+        args = [a for a in typing.get_args(entries[0][1]) if a is not type(None)]
+        kind = args[0] if args else entries[0][1]
+        if len(entries) == 1:
+            text = f"{entries[0][2]} (default: {entries[0][3]})".strip()
+        else:
+            text = "; ".join(f"[{label}] " + f"{doc} (default: {default})".strip()
+                             for label, _, doc, default in entries)
+        text = text.replace("%", "%%")
         if kind is bool:
             parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(opt, type=kind, default=argparse.SUPPRESS, help=text, metavar=f.name.upper())
-        added.append(f.name)
+            parser.add_argument(opt, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper())
+        added.append(name)
     return added
 
 

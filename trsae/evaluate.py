@@ -57,7 +57,7 @@ def train_mean(store: ActivationStore, max_seqs: int = 256) -> torch.Tensor:
         rows = b.acts_BTD[b.mask_BT].double() / store.norm_scale
         total += rows.sum(0)
         n += rows.shape[0]
-    return (total / max(n, 1)).float()
+    return (total / max(n, 1)).to(store.dtype)
 
 
 def _fill(value_D: torch.Tensor | None):
@@ -137,16 +137,17 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     parts = {n: torch.zeros(3, dtype=torch.float64) for n, s in saes.items() if s.predicts}  # novel, predicted, tokens
     if with_logits:
         if model is None:
-            model = load_model(store.manifest["model"])
+            model = load_model(store.manifest["model"], dtype=store.dtype)
         if model.name != store.manifest["model"]:
             raise ValueError(f"the store was harvested from {store.manifest['model']}, not {model.name}")
+        if model.dtype != store.dtype:
+            raise ValueError(f"the store is read in {store.dtype} but the model runs in {model.dtype}; load it with "
+                             f"load_model({model.name!r}, dtype={store.dtype})")
         if mean_D is None:
             mean_D = train_mean(store)
     layer, scale = store.manifest["layer"], store.norm_scale
     n_seqs = 0
-    for b in store.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
-        if n_seqs >= max_seqs:
-            break
+    for b in store.first(split, max_seqs, batch_size):
         if with_logits:
             targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
             ref = CleanLogits(logits_with_replacement(model, layer, b.ids_BT), targets_BT, tmask_BT)

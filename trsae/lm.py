@@ -20,6 +20,7 @@ take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from trsae.config import cache_dir
 from trsae.io import atomic_dir
@@ -75,6 +77,15 @@ class LoadedModel:
     d_model: int
     bos_id: int
     special_ids: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its parameters')."""
+        return next(self.hf.parameters()).dtype
+
+    def numerics(self):
+        """The context every forward of this model runs in: `Float64Math` for a float64 model, else nothing."""
+        return Float64Math() if self.dtype == torch.float64 else contextlib.nullcontext()
 
     def layer(self, layer: int):
         """nnsight envoy of decoder block ``layer``; its ``.output`` is the residual stream ``[B, T, d]``."""
@@ -173,9 +184,33 @@ def tiny_gpt2_config(n_layer: int = 4, n_embd: int = 64, n_head: int = 4, n_posi
                       bos_token_id=50256, eos_token_id=50256)
 
 
+class Float64Math(TorchFunctionMode):
+    """While active, every request for float32 (``.float()``, ``.to(torch.float32)``, ``dtype=torch.float32``) gets
+    float64 instead. transformers computes RMS norms, rotary angles and attention softmaxes in float32 on purpose
+    (to protect float16 models), which inside a float64 model would bring back float32 rounding, and with it the
+    CPU kernels' float32 differences (AVX-512 vs AVX2 vs scalar): a float64 store from one CPU would then differ from
+    another's in the 7th digit, and SAE training amplifies that into printed digits. Models are built (their rotary
+    frequencies) and run under it when loaded in float64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float:
+            func = torch.Tensor.double
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
+
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                data_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Load model ``name`` (see `MODELS`), wrapped in nnsight, in eval mode with gradients off."""
+    """Load model ``name`` (see `MODELS`), wrapped in nnsight, in eval mode with gradients off. In float64 the model
+    is built under `Float64Math` (and `LoadedModel.numerics` runs its forwards under it), so that nothing in it is
+    computed in float32."""
+    with Float64Math() if dtype == torch.float64 else contextlib.nullcontext():
+        return _load_model(name, device, dtype, seed, data_dir)
+
+
+def _load_model(name: str, device: str, dtype: torch.dtype, seed: int,
+                data_dir: str | os.PathLike | None) -> LoadedModel:
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
@@ -218,7 +253,7 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 @torch.no_grad()
 def layer_acts(model: LoadedModel, layer: int, ids_BT: torch.Tensor) -> torch.Tensor:
     """Residual stream after block ``layer`` for ``ids_BT``; the forward pass stops right after that layer."""
-    with model.nn.trace(ids_BT) as tracer:
+    with model.numerics(), model.nn.trace(ids_BT) as tracer:
         acts_BTD = model.layer(layer).output.save()
         tracer.stop()
     return acts_BTD
@@ -237,7 +272,7 @@ def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor
     if keep is not None and keep < T:
         if "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
             kw = {"logits_to_keep": keep}
-    with model.nn.trace(ids_BT, **kw):
+    with model.numerics(), model.nn.trace(ids_BT, **kw):
         if replace is not None:
             envoy = model.layer(layer)
             envoy.output = replace(envoy.output)

@@ -4,7 +4,7 @@ On disk (one folder)::
 
     manifest.json               model, layer, data, ctx_len, dtype, d_model, split, norm_scale, token counts,
                                 config hash, and one entry (file, n_seq, sha256) per finished shard
-    shard_00000.safetensors     acts [n_seq, T, d] (float32 or bfloat16) and ids [n_seq, T] (int32)
+    shard_00000.safetensors     acts [n_seq, T, d] (float32, bfloat16 or float64) and ids [n_seq, T] (int32)
 
 Sequences stay whole. Shards and the manifest are written to a temporary file and renamed, so a reader
 never sees a partial file; the manifest lists only finished shards, so an interrupted harvest resumes at
@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from trsae.config import HarvestConfig, config_hash
+from trsae.config import HarvestConfig, compute_dtype, config_hash
 from trsae.data import iter_mixed_documents, make_contexts
 from trsae.dist import Ranks
 from trsae.io import atomic_path, atomic_write_json, folder_lock
@@ -50,7 +50,8 @@ class Batch(NamedTuple):
     """A batch of crops: ``B`` crops of ``T`` consecutive tokens, each from one sequence."""
 
     acts_BTD: torch.Tensor
-    """Activations, float32, multiplied by the store's normalisation scalar (E‖x‖² = d on train)."""
+    """Activations in the store's `ActivationStore.dtype`, multiplied by its normalisation scalar (E‖x‖² = d on
+    train)."""
     mask_BT: torch.Tensor
     """True on ordinary tokens; False on BOS and other special tokens (never trained on or scored)."""
     pos_BT: torch.Tensor
@@ -118,9 +119,13 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
                              f"choose another output folder or delete it")
         if manifest["complete"]:
             return ActivationStore(out)
-    model = model or load_model(cfg.model, data_dir=data_dir)
+    compute = getattr(torch, compute_dtype(cfg.dtype))
+    model = model or load_model(cfg.model, dtype=compute, data_dir=data_dir)
     if model.name != cfg.model:
         raise StoreError(f"harvest config names {cfg.model!r} but the model passed is {model.name!r}")
+    if cfg.dtype == "float64" and model.dtype != torch.float64:
+        raise StoreError(f"a float64 store is computed in float64, but the model passed runs in {model.dtype}; "
+                         f"pass load_model({cfg.model!r}, dtype=torch.float64) or none")
     model.check_layer(cfg.layer)
     ids_NT = make_contexts(model.tokenizer, iter_mixed_documents(cfg.data, data_dir), cfg.ctx_len, cfg.n_seq,
                            model.bos_id)
@@ -151,7 +156,7 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
         lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
         acts = []
         for b in range(lo, hi, cfg.batch_size):
-            a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).float()
+            a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
             if not torch.isfinite(a_BTD).all():
                 raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
                                  f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
@@ -249,6 +254,8 @@ class ActivationStore:
         m = self.manifest
         self.d_model, self.ctx_len = m["d_model"], m["ctx_len"]
         self.norm_scale = m["norm_scale"]
+        self.dtype = getattr(torch, compute_dtype(m["dtype"]))
+        """What batches are read in and SAEs on this store compute in: float64 for a float64 store, else float32."""
         self._special = torch.tensor(m["special_ids"], dtype=torch.int32)
         cfg = m["config"]
         self.splits = split_assignment(m["n_seq"], cfg["val_frac"], cfg["test_frac"], cfg["split_seed"])
@@ -333,6 +340,19 @@ class ActivationStore:
             out.append(w)
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
+    def first(self, split: str, n_seqs: int, batch_size: int = 4) -> Iterator[Batch]:
+        """The first ``n_seqs`` whole sequences of ``split`` in store order, ``batch_size`` at a time (the last batch
+        cut to what is left): the one definition of "the evaluation's tokens", shared by the evaluation, the
+        pursuit ceiling, `trsae.cache.test_tokens` and the dashboards, whatever batch size each reads them in."""
+        left = n_seqs
+        for b in self.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
+            if left <= 0:
+                return
+            if len(b.seq_B) > left:
+                b = Batch(*(t[:left] for t in b))
+            left -= len(b.seq_B)
+            yield b
+
     def batches(self, split: str = "train", batch_size: int = 32, crop_len: int | None = None,
                 shuffle: str | None = "crop", seed: int = 0, start: int = 0, epochs: int | None = None,
                 buffer_shards: int = 4, drop_last: bool = True) -> Iterator[Batch]:
@@ -369,7 +389,7 @@ class ActivationStore:
                 acts.append(a_TD[st:st + crop_len])
                 ids.append(i_T[st:st + crop_len])
             ids_BT = torch.stack(ids).long()
-            yield Batch(acts_BTD=torch.stack(acts).float() * self.norm_scale,
+            yield Batch(acts_BTD=torch.stack(acts).to(self.dtype) * self.norm_scale,
                         mask_BT=~torch.isin(ids_BT, self._special.long()),
                         pos_BT=torch.as_tensor(chunk[:, 1:2]) + pos_T,
                         ids_BT=ids_BT, seq_B=torch.as_tensor(chunk[:, 0]))

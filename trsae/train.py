@@ -188,7 +188,7 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     total = max(1, cfg.tokens // tokens_per_step)
     dead_steps = max(1, round(cfg.dead_window_frac * total))
     ckpt = out / "checkpoint.pt"
-    sae, opt, sched, since_fired_F, step = _resume(ckpt, sae_cfg, cfg, total, ranks)
+    sae, opt, sched, since_fired_F, step = _resume(ckpt, sae_cfg, cfg, total, ranks, store.dtype)
     if log_path.exists() and ranks.main:  # drop log lines written after the checkpoint we resume from
         lines = [ln for ln, rec in _log_lines(log_path)[0] if rec["step"] <= step]
         atomic_write_bytes(log_path, "".join(ln + "\n" for ln in lines).encode())
@@ -266,11 +266,13 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     return sae
 
 
-def _resume(ckpt: Path | None, sae_cfg: SAEConfig, cfg: TrainConfig, total: int, ranks: Ranks):
+def _resume(ckpt: Path | None, sae_cfg: SAEConfig, cfg: TrainConfig, total: int, ranks: Ranks,
+            dtype: torch.dtype = torch.float32):
     """(SAE, optimiser, scheduler, steps since each latent last fired, step): from ``ckpt`` if there is one, else
-    new. A checkpoint that cannot be read is set aside as ``*.corrupt`` with a warning, and training restarts."""
+    new (in ``dtype``, the store's). A checkpoint that cannot be read is set aside as ``*.corrupt`` with a warning,
+    and training restarts."""
     torch.manual_seed(cfg.seed)
-    sae = make_sae(sae_cfg)
+    sae = make_sae(sae_cfg, dtype)
     opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
     if ckpt is None or not ckpt.exists():
@@ -293,7 +295,7 @@ def _resume(ckpt: Path | None, sae_cfg: SAEConfig, cfg: TrainConfig, total: int,
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"warning: checkpoint {ckpt} cannot be read ({why}); set aside as {bad.name}, training restarts "
                   "from step 0", file=sys.stderr, flush=True)
-    return _resume(None, sae_cfg, cfg, total, ranks)  # a new run
+    return _resume(None, sae_cfg, cfg, total, ranks, dtype)  # a new run
 
 
 def _agreed(stop: list[int], ranks: Ranks) -> bool:

@@ -102,7 +102,7 @@ def build(store: ActivationStore | str | os.PathLike, saes: SAE | str | os.PathL
     if model is None and logits:
         from trsae.lm import load_model
 
-        model = load_model(store.manifest["model"])
+        model = load_model(store.manifest["model"], dtype=store.dtype)
     tokens = Tokens(getattr(model, "tokenizer", None))
     hf = getattr(model, "hf", None) if logits else None
     s = settings or Settings()

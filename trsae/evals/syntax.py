@@ -32,6 +32,7 @@ import torch
 from trsae.evals import eval_data_dir
 from trsae.evals.text import batch_by_length, encode_with_offsets, pad_id_of, pad_right
 from trsae.lm import logits_with_replacement, splice
+from trsae.metrics.common import wide
 
 ReplaceFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 """``(ids_BT, mask_BT) -> replace(h_BTD) -> h_BTD``."""
@@ -74,7 +75,7 @@ def token_logprobs(model, ids: list[list[int]], layer: int | None = None, sae=No
         T = ids_BT.shape[1]
         fn = None if replace is None else replace(ids_BT, model.special_mask(ids_BT) & valid_BT)
         s0 = min(first[i] for i in batch) - 1  # first position whose logits predict a needed token
-        logits_BKV = logits_with_replacement(model, layer, ids_BT, fn, keep=T - s0).float()  # positions s0 … T-1
+        logits_BKV = wide(logits_with_replacement(model, layer, ids_BT, fn, keep=T - s0))  # positions s0 … T-1
         lse_BK = torch.logsumexp(logits_BKV[:, :-1], dim=-1)
         tgt_BK = logits_BKV[:, :-1].gather(-1, ids_BT[:, s0 + 1:, None]).squeeze(-1)
         lp_BK = (tgt_BK - lse_BK).double().numpy()  # lp_BK[:, j] is the log-prob of token s0 + 1 + j

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trsae.metrics.common import wide
+
 
 def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (no special tokens added) and their character offsets."""
@@ -66,7 +68,8 @@ class TokenFeatures:
     """Features at every ordinary (non-special) token of a list of contexts, rows in context then token order."""
 
     X: object
-    """``[N, F]`` SAE codes (``scipy.sparse.csr_matrix`` float32) or raw activations (``np.ndarray`` float32)."""
+    """``[N, F]`` SAE codes (``scipy.sparse.csr_matrix``) or raw activations (``np.ndarray``): float32, or float64
+    from a float64 model."""
     seq: np.ndarray
     """``[N]`` context index of each row."""
     tok: np.ndarray
@@ -110,10 +113,10 @@ def _layer_acts(model, layer: int, ids_BT: torch.Tensor) -> torch.Tensor:
     from trsae.lm import layer_acts
 
     if _ACTS_MEMO is None:
-        return layer_acts(model, layer, ids_BT).float()
+        return wide(layer_acts(model, layer, ids_BT))
     key = (model.name, layer, tuple(ids_BT.shape), hashlib.sha1(ids_BT.numpy().tobytes()).hexdigest())
     if key not in _ACTS_MEMO:
-        _ACTS_MEMO[key] = layer_acts(model, layer, ids_BT).float()
+        _ACTS_MEMO[key] = wide(layer_acts(model, layer, ids_BT))
     return _ACTS_MEMO[key]
 
 
@@ -142,7 +145,7 @@ def encode_contexts(model, layer: int, ids: list[list[int]], sae=None, batch_siz
         else:
             feats_BTF = acts_BTD
         for b, i in enumerate(batch):
-            rows = feats_BTF[b][mask_BT[b]].float().numpy()
+            rows = wide(feats_BTF[b][mask_BT[b]]).numpy()
             per_ctx[i] = sp.csr_matrix(rows) if sparse else rows
     seq, tok, tid = [], [], []
     for i, x in enumerate(ids):

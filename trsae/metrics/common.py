@@ -26,3 +26,8 @@ def flat_mask(mask: torch.Tensor | None, n: int, lead_shape: torch.Size) -> torc
 def ratio(num: float, den: float) -> float | None:
     """``num / den``, or None when ``den`` is 0 or not finite (an undefined score)."""
     return None if den == 0 or not math.isfinite(den) else num / den
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or kept in float64 where it is (a float64 store's computation stays float64 throughout)."""
+    return t if t.dtype == torch.float64 else t.float()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from trsae.metrics.common import flat_mask, ratio
+from trsae.metrics.common import flat_mask, ratio, wide
 
 
 def next_token_targets(tokens_BT: torch.Tensor, valid_BT: torch.Tensor | None = None):
@@ -59,7 +59,7 @@ class CleanLogits:
         for s in range(0, self.n, chunk_rows):
             rows = idx[s:s + chunk_rows]
             t = tgt_N[rows]
-            c = self.clean_NV[rows].float()
+            c = wide(self.clean_NV[rows])
             lse = torch.logsumexp(c, dim=-1)
             self.ce_clean += float((lse - c.gather(-1, t[:, None]).squeeze(-1)).sum(dtype=torch.float64))
             self.chunks.append((rows, t, torch.softmax(c, dim=-1), lse))
@@ -72,10 +72,10 @@ class CleanLogits:
         other_NV = logits_BTV.detach().reshape(-1, self.V)
         ce = kl = 0.0
         for rows, t, p_clean, lse_clean in self.chunks:
-            z = other_NV[rows].float()
+            z = wide(other_NV[rows])
             lse = torch.logsumexp(z, dim=-1)
             ce += float((lse - z.gather(-1, t[:, None]).squeeze(-1)).sum(dtype=torch.float64))
-            diff = torch.sub(self.clean_NV[rows].float(), z, out=z)  # c − z, in z's buffer
+            diff = torch.sub(wide(self.clean_NV[rows]), z, out=z)  # c − z, in z's buffer
             kl += float((diff.mul_(p_clean).sum(-1) + (lse - lse_clean)).sum(dtype=torch.float64))
         return self.n, ce, kl
 
@@ -87,7 +87,8 @@ class LogitAccumulator:
     position t predicts ``targets_BT[:, t]`` (see ``next_token_targets``); only positions where ``mask_BT`` is
     True count. Any variant may be ``None``; each variant keeps its own count, and the clean CE is a mean over
     every update, so passing the same clean batch with one variant at a time gives the same result as passing
-    all three at once. Rows are processed ``chunk_rows`` at a time in float32; nothing outlives the call.
+    all three at once. Rows are processed ``chunk_rows`` at a time in float32 (float64 logits stay float64);
+    nothing outlives the call.
     Several accumulators fed from one batch share the work: build one `CleanLogits`, then ``add_clean`` and
     ``add`` each variant's ``stats`` (the ablated runs' once for all of them).
     """

@@ -92,9 +92,15 @@ class SAE(nn.Module):
     def encode_parts(self, x_BTD: Tensor, pos_BT: Tensor | None = None,
                      mask_BT: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(novel codes from the sparsity, predicted codes or None) ``[B, T, F]`` each."""
-        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
-        novel_BTF = self.sparsity.codes(self.encoder, st).to_dense().reshape(st.B, st.T, -1)
+        st, novel_NF = self.encode_state(x_BTD, pos_BT, mask_BT)
+        novel_BTF = novel_NF.reshape(st.B, st.T, -1)
         return novel_BTF, None if st.pred_NF is None else st.pred_NF.reshape(st.B, st.T, -1)
+
+    def encode_state(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None):
+        """(the encoder's state of the batch, the novel codes ``[N, F]``): for readers of the encoder's parts
+        (dashboards); the state's ``pred_NF`` holds the predicted codes where the encoder predicts."""
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
+        return st, self.sparsity.codes(self.encoder, st).to_dense()
 
     def decode(self, codes_BTF: Tensor) -> Tensor:
         """Reconstruction ``x_hat_BTD = codes @ W_dec + b_dec`` (dense)."""
@@ -179,8 +185,15 @@ class SAE(nn.Module):
         return load_sae(directory)
 
 
-def make_sae(cfg: SAEConfig) -> SAE:
-    return SAE(cfg)
+def make_sae(cfg: SAEConfig, dtype: torch.dtype = torch.float32) -> SAE:
+    """A new SAE of ``cfg`` whose parameters are created, initialised and kept in ``dtype`` (float32, or float64
+    for a float64 store: initialising in float32 and casting would carry the kernels' float32 rounding along)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return SAE(cfg)
+    finally:
+        torch.set_default_dtype(before)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -229,7 +242,8 @@ def load_sae(directory: str | os.PathLike) -> SAE:
         raise ValueError(f"{weights} cannot be read ({e}); train the SAE again") from e
     try:
         config, state = upgrade_v1(meta["config"], state) if version == 1 else (meta["config"], state)
-        sae = SAE(SAEConfig.from_dict(config))
+        floats = {t.dtype for t in state.values() if t.is_floating_point()}
+        sae = make_sae(SAEConfig.from_dict(config), torch.float64 if floats == {torch.float64} else torch.float32)
         sae.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a field or a weight missing or mistyped
         why = (str(e).strip().splitlines() or [""])[0]
