@@ -96,3 +96,18 @@ def test_harvest_config_rejects_bad_values(kw, msg):
 def test_train_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**kw)
+
+
+def test_help_gives_each_parts_own_default_for_a_shared_setting():
+    """`--pred-k` and `--d-v` belong to TFA and the TRSAE encoder with different defaults: the help names both,
+    each with its own default (not the first registered part's alone)."""
+    from trsae.__main__ import build_parser
+    from trsae.saes.config import part_classes
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    helps = {s: a.help for a in train._actions for s in a.option_strings}
+    for name in ("pred_k", "d_v"):
+        text = helps["--" + name.replace("_", "-")]
+        for part in ("tfa", "trsae"):
+            default = getattr(part_classes("encoder", part)[0], name)
+            assert f"[{part}]" in text and f"(default: {default})" in text, (name, part, text)

@@ -311,3 +311,30 @@ def test_without_a_model_tokens_are_ids_and_no_logits(tiny_store, tmp_path):
     assert rec["logits"] is None and rec["top"]
     assert all(t.startswith("<") and t.endswith(">") for t in rec["top"][0]["tok"])
     assert site.page() == tmp_path / "plain" / "index.html"
+
+
+@pytest.mark.parametrize("encoder, kw", [("trsae", dict(window=4, pred_k=3)), ("tfa", dict())])
+def test_collected_codes_are_the_saes_own_codes_predicted_ones_included(tiny_store, encoder, kw):
+    """A predicting SAE (TFA; a TRSAE with pred_k) shows novel plus predicted codes, as `SAE.encode` and the
+    evaluation count them: the pairs rebuild exactly the codes of `SAE.encode` on the same tokens."""
+    sae = random_sae(48, encoder, seed=5, **kw)
+    with torch.no_grad():
+        for name in ("V_pred", "b_pred"):
+            if hasattr(sae.encoder, name):
+                getattr(sae.encoder, name).normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    p = collect(sae, tiny_store, "train")
+    ref = []
+    with torch.no_grad():
+        for b in tiny_store.batches("train", batch_size=8, shuffle=None, epochs=1, drop_last=False):
+            ref.append((sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT) * b.mask_BT[..., None]).flatten(0, 1))
+    ref_NF = torch.cat(ref).numpy()
+    pred = sae.encode_parts(*_first_batch(tiny_store))[1]
+    assert pred is not None and (pred != 0).any()  # this SAE does predict codes
+    got = np.zeros_like(ref_NF)
+    got[p.row_M, p.feat_M] = p.code_M
+    np.testing.assert_allclose(got, ref_NF, rtol=1e-6, atol=1e-6)
+
+
+def _first_batch(store):
+    b = next(store.batches("train", batch_size=8, shuffle=None, epochs=1, drop_last=False))
+    return b.acts_BTD, b.pos_BT, b.mask_BT

@@ -134,7 +134,18 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
+def _every_part():
+    """One config per registered encoder × sparsity (with a predicting TRSAE), so that a new part is counted too."""
+    from trsae.saes.config import part_names
+
+    out = []
+    for enc in part_names("encoder"):
+        for sp in part_names("sparsity"):
+            out.append(SAEConfig.build(D, F, sp, enc, **({} if sp == "relu" else {"k": K})))
+    return out + [SAEConfig.build(D, F, "topk", "trsae", k=K, pred_k=2)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + _every_part(), ids=lambda c: c.label)
 def test_param_count_matches_module(cfg):
     sae = make_sae(cfg)
     counts = O.param_count(cfg)

@@ -60,6 +60,17 @@ def test_consistent_snippet_has_no_problems(tmp_path):
     assert P.check_paper(tex, figures) == []
 
 
+def test_check_paper_command_refuses_an_undefined_macro(tmp_path, capsys):
+    """`python -m trsae check-paper` (what ./run_all.sh runs before latexmk) exits 2 naming the problem, 0 when clean."""
+    from trsae.__main__ import main
+
+    tex, figures = _project(tmp_path, r"EV $\tmpTRSAEEv$ and $\tmpNowhere$.", {"tmp_macros.tex": TMP_MACROS})
+    assert main(["check-paper", str(tex), str(figures)]) == 2
+    assert "tmpNowhere" in capsys.readouterr().err
+    tex.write_text(tex.read_text().replace(r" and $\tmpNowhere$", ""))
+    assert main(["check-paper", str(tex), str(figures)]) == 0
+
+
 def test_missing_figure_is_reported(tmp_path):
     tex, figures = _project(tmp_path, r"\includegraphics[width=\linewidth]{../figures/nope.png}",
                             {"tmp_macros.tex": TMP_MACROS})

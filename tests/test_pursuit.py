@@ -90,3 +90,13 @@ def test_ceiling_measures_the_encoder_on_the_evaluations_tokens(tiny_store, spar
     assert c["l0_encoder"] == pytest.approx(ev["sparsity"]["l0"], abs=1e-9)
     assert c["n_tokens"] == ev["token_stats"]["n_tokens_eval"]
     assert c["l0_pursuit"] <= 4 and 0 < c["fvu_pursuit"] < 1
+
+
+def test_ceiling_of_a_relu_sae_asks_for_k(tiny_store):
+    """ReLU + L1 has no k: the ceiling says so (and what to pass) instead of an AttributeError from the config."""
+    from trsae.pursuit import ceiling
+    from trsae.saes import SAEConfig, make_sae
+
+    sae = make_sae(SAEConfig.build(tiny_store.d_model, 32, "relu"))
+    with pytest.raises(ValueError, match="has no k: pass the L0"):
+        ceiling(sae, tiny_store, max_seqs=1)

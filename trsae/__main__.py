@@ -53,6 +53,16 @@ def _check_params(a: argparse.Namespace) -> None:
     print(f"{a.params}: {len(params)} section(s), every key known to its notebooks")
 
 
+def _check_paper(a: argparse.Namespace) -> None:
+    from trsae.paper import check_paper
+
+    problems = check_paper(a.tex, a.figures)
+    if problems:
+        raise ValueError(f"{a.tex} shows what the notebooks did not write ({len(problems)} problem(s)); rerun the "
+                         "notebooks or fix the paper:\n  " + "\n  ".join(problems))
+    print(f"{a.tex}: every figure, table and number comes from {a.figures}")
+
+
 def _params(a: argparse.Namespace) -> None:
     import yaml
 
@@ -77,7 +87,7 @@ def _dashboard(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trsae.config import HarvestConfig, TrainConfig, add_config_arguments
+    from trsae.config import HarvestConfig, TrainConfig, add_config_arguments, add_parts_arguments
     from trsae.saes.config import part_classes, part_names
 
     p = argparse.ArgumentParser(prog="python -m trsae", description=__doc__.splitlines()[0])
@@ -100,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--crop-len", type=int, default=None,
                    help="tokens per training crop (default: the store's context length, at most 128)")
     train_fields = add_config_arguments(t, TrainConfig, skip=("crop_len",))
-    part_fields = [n for kind in ("sparsity", "encoder") for name in part_names(kind)
-                   for n in add_config_arguments(t, part_classes(kind, name)[0])]
+    part_fields = add_parts_arguments(t, {name: part_classes(kind, name)[0] for kind in ("sparsity", "encoder")
+                                          for name in part_names(kind)})
     t.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this call, with a checkpoint (rerun to resume)")
     t.add_argument("--quiet", action="store_true")
@@ -122,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("params")
     c.add_argument("notebooks", nargs="+")
     c.set_defaults(fn=_check_params)
+    cp = sub.add_parser("check-paper", help="refuse a paper that shows what the notebooks did not write "
+                                           "(missing files, undefined macros, hand-typed numbers)")
+    cp.add_argument("tex")
+    cp.add_argument("figures")
+    cp.set_defaults(fn=_check_paper)
     v = sub.add_parser("params", help="print the flat parameters papermill gives one notebook (YAML)")
     v.add_argument("params")
     v.add_argument("notebook")

@@ -70,22 +70,18 @@ def ceiling(sae: SAE, store: ActivationStore, split: str = "test", max_seqs: int
     L0 for JumpReLU), on the ordinary tokens of the first ``max_seqs`` sequences of ``split`` (the same tokens
     and units as `trsae.evaluate.evaluate_saes`): ``{"fvu_encoder", "fvu_pursuit", "l0_encoder", "l0_pursuit",
     "pursuit_ratio", "n_tokens", "k"}``, ``pursuit_ratio`` = fvu_pursuit / fvu_encoder."""
-    k = sae.cfg.k if k is None else k
+    k = getattr(sae.cfg.sparsity, "k", None) if k is None else k
     if k is None:
         raise ValueError(f"{sae.cfg.label} has no k: pass the L0 at which to run the pursuit")
     sae.eval()
     enc, pur = ReconstructionAccumulator(), ReconstructionAccumulator()
     scale, W_dec_FD, b_dec_D = store.norm_scale, sae.W_dec.double(), sae.b_dec.double()
-    n_seqs = 0
-    for b in store.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
-        if n_seqs >= max_seqs:
-            break
+    for b in store.first(split, max_seqs, batch_size):
         codes_BTF = sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
         enc.update(b.acts_BTD / scale, sae.decode(codes_BTF) / scale, codes_BTF, b.mask_BT)
         x_ND = b.acts_BTD[b.mask_BT].double()
         codes_NF = nn_omp(x_ND - b_dec_D, W_dec_FD, k)
         pur.update(x_ND / scale, (codes_NF @ W_dec_FD + b_dec_D) / scale, codes_NF)
-        n_seqs += len(b.seq_B)
     e, p = enc.compute(), pur.compute()
     return {"fvu_encoder": e["fvu"], "fvu_pursuit": p["fvu"], "l0_encoder": e["l0"], "l0_pursuit": p["l0"],
             "pursuit_ratio": p["fvu"] / e["fvu"], "n_tokens": e["n_tokens"], "k": k}

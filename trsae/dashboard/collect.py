@@ -88,13 +88,10 @@ def collect(sae: SAE, store: ActivationStore, split: str = "test", max_tokens: i
     max_seqs = max(1, max_tokens // T)
     ids, masks, seqs, rows, feats, codes, terms, fqs, fks = ([] for _ in range(9))
     n = 0
-    for b in store.batches(split, batch_size=batch_seqs, shuffle=None, epochs=1, drop_last=False):
-        if n // T >= max_seqs:
-            break
-        keep = min(b.acts_BTD.shape[0], max_seqs - n // T)
-        x_BTD, mask_BT, pos_BT = b.acts_BTD[:keep], b.mask_BT[:keep], b.pos_BT[:keep]
-        st = enc.prepare(x_BTD, pos_BT, mask_BT, sae.b_dec, sae.W_dec)
-        codes_NF = sae.sparsity.codes(enc, st).to_dense() * st.mask_N[:, None]
+    for b in store.first(split, max_seqs, batch_seqs):
+        st, codes_NF = sae.encode_state(b.acts_BTD, b.pos_BT, b.mask_BT)
+        # the SAE's codes as SAE.encode gives them: novel plus predicted, where the encoder predicts
+        codes_NF = (codes_NF if st.pred_NF is None else codes_NF + st.pred_NF) * st.mask_N[:, None]
         r_M, c_M = codes_NF.nonzero(as_tuple=True)
         rows.append((r_M + n).numpy().astype(np.int64))
         feats.append(c_M.numpy().astype(np.int32))
@@ -104,10 +101,10 @@ def collect(sae: SAE, store: ActivationStore, split: str = "test", max_tokens: i
             fq, fk = attention_features(enc, st.x_ND)
             fqs.append(fq.numpy())
             fks.append(fk.numpy())
-        ids.append(b.ids_BT[:keep].reshape(-1).numpy())
+        ids.append(b.ids_BT.reshape(-1).numpy())
         masks.append(st.mask_N.numpy())
-        seqs.append(np.repeat(b.seq_B[:keep].numpy(), T))
-        n += keep * T
+        seqs.append(np.repeat(b.seq_B.numpy(), T))
+        n += len(b.seq_B) * T
     if n == 0:
         raise ValueError(f"the {split} split of {store.path} holds no sequences to build a dashboard from")
     row_M, feat_M, code_M = np.concatenate(rows), np.concatenate(feats), np.concatenate(codes)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from trsae.saes import SAEConfig
+from trsae.saes import SAEConfig, make_sae
 from trsae.saes.config import part_classes
 
 ARCH_NAMES = ("topk", "batchtopk", "relu", "trsae")
@@ -77,24 +77,20 @@ def config_from_dict(d: dict[str, Any]) -> SAEConfig:
     return SAEConfig.from_dict(d)
 
 
+_COMPONENT = {"W_enc": "encoder", "W_dec": "decoder", "b_enc": "biases", "b_dec": "biases", "W_qkv": "attn_qkv",
+              "W_o": "attn_out", "gate_logit": "gates", "G": "gates"}
+"""Table names of the parameters the tables group; any other parameter is its own component, by its name."""
+
+
 def param_count(cfg: SAEConfig) -> dict[str, int]:
-    """Trainable parameters by component (as `make_sae(cfg)` creates them) and their "total"."""
-    D, F = cfg.d_in, cfg.width
-    out = {"encoder": D * F, "decoder": F * D, "biases": F + D}
-    if _is_trsae(cfg):
-        e = cfg.encoder
-        K, V, C = e.d_k, e.d_v, e.d_ctx
-        if e.use_pos:
-            out["P"] = F * e.n_buckets
-        if e.use_attn:
-            out["attn_qkv"] = D * (2 * K + V)
-            if V != C:
-                out["attn_out"] = V * C
-            out["U"] = F * C
-            if e.use_gates:
-                out["gates"] = F + (F * K if e.per_token_gates else 0)
-    if cfg.sparsity.name == "jumprelu":
-        out["threshold"] = F
+    """Trainable parameters by component, counted on the module `make_sae(cfg)` creates (every registered part,
+    whatever parameters it declares: TFA's ``W_qk``/``W_v``/``W_o``/``b_o``, a predicting TRSAE's
+    ``V_pred``/``b_pred``), and their "total"."""
+    out: dict[str, int] = {}
+    for name, p in make_sae(cfg).named_parameters():
+        leaf = name.split(".")[-1]
+        key = leaf if leaf == "W_o" and cfg.encoder.name == "tfa" else _COMPONENT.get(leaf, leaf)  # TFA's own W_o
+        out[key] = out.get(key, 0) + p.numel()
     out["total"] = sum(out.values())
     return out
 

@@ -3,7 +3,7 @@ per-latent threshold ``theta``, trained through straight-through estimators with
 ``bandwidth``, and an L0 penalty that pulls the mean L0 to a target (the quadratic form of Gemma Scope 2).
 
 Checked against SAELens 6.54.12 (``sae_lens/saes/jumprelu_sae.py``: ``JumpReLU``, ``Step``, ``JumpReLUSAE.encode``,
-``calculate_aux_loss`` in "quadratic" mode with ``jumprelu_ste_to_input=False``; tests/test_jumprelu.py compares
+``calculate_aux_loss`` in "quadratic" mode with ``jumprelu_ste_to_input=False``; tests/test_sae_reference.py compares
 forward values and gradients numerically):
 
 - forward ``JumpReLU(z, theta) = z * (z > theta)``; backward to z: ``(z > theta) * g``; to theta:

@@ -6,8 +6,12 @@ T-SAE pairs this with a Matryoshka BatchTopK sparsity whose inner level is that 
 latents must also reconstruct on their own (`trsae.experiments.temporal_specs` builds it with
 ``prefix_fracs=[high_frac]``). Inference is per-token: the loss shapes the dictionary, not how a code is computed.
 
-The contrastive term is InfoNCE on cosine similarities, as the paper describes it (its code was not public at the
-time of writing; ``chainik1125/temp_xc`` at 7ceb455, the port REFERENCES.md names, held no T-SAE code yet). For
+The contrastive term is InfoNCE on cosine similarities, as the paper describes it. This port was written from the
+paper; the authors' code is now public (``AI4LIFE-GROUP/temporal-saes``, ``dictionary_learning/dictionary_learning/
+trainers/temporal_sequence_top_k.py``) and differs from it: there the loss is the squared error summed over the
+dimensions of raw activations plus 0.1 x the contrastive term, its logits are raw dot products (no cosine, no
+temperature), the Matryoshka levels are weighted 0.2 : 0.8, and gradients are clipped at 1 (issue #25 aligns the
+port with it; until then the paper's T-SAE row measures this port's settings). For
 every valid adjacent pair (t-1, t) of a sequence whose high-level codes are both non-zero, the anchor is
 ``h_t / ||h_t||`` and its positive ``h_{t-1} / ||h_{t-1}||``; the negatives are the positives of the pairs of OTHER
 sequences in the batch ("tokens from other samples"). With ``s_ij = a_i . p_j / temperature`` over the pairs the
