@@ -3,7 +3,7 @@ machine's own kernels and under ``notebooks/other_cpu.env`` (the stand-in for an
 run (the variables are read when MKL and PyTorch start), alternating for ``--repeats`` rounds (this machine is shared
 and noisy: read the ratio of medians). Prints each setting's median seconds and its ratio to float32 on this
 machine's kernels, and, per dtype, how far the other kernels move the trained weights (max relative difference):
-about 1e-3 in float32 after a few dozen TopK steps (printed digits), near 1e-13 in float64.
+percents in float32 after a few dozen TopK steps (the printed digits), near 1e-13 in float64.
 
     python benchmarks/bench_numerics.py --steps 40 --repeats 3
 """
@@ -38,7 +38,7 @@ sae = make_sae(experiments.temporal_specs(d, 8 * d, 32, 16)["TopK"], dtype)
 opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
 g = torch.Generator().manual_seed(1)
 basis = torch.randn(4 * d, d, generator=g, dtype=torch.float64)
-x_BTD = ((torch.rand(8, 128, 4 * d, generator=g, dtype=torch.float64) < 0.02) * 3.0 @ basis / 3).to(dtype)
+x_BTD = ((torch.rand(8, 128, 4 * d, generator=g, dtype=torch.float64) < 0.02).double() @ basis).to(dtype)
 mask_BT = torch.ones(8, 128, dtype=torch.bool)
 t0 = time.perf_counter()
 for _ in range(steps):
