@@ -1,7 +1,8 @@
 """The notebooks' checked outputs do not depend on the CPU's kernels: notebook 03 (smaller than its smoke defaults:
 fewer tokens, a narrower dictionary, one evaluation sequence; the same code path) is executed twice, under this
-machine's own kernels and under ``notebooks/other_cpu.env`` (PyTorch's scalar kernels, MKL's COMPATIBLE branch, OpenBLAS's Haswell kernels: every
-float sum in another order, as on another CPU), and every output that nbval checks must print the same.
+machine's own kernels and under ``notebooks/other_cpu.env`` (PyTorch's scalar kernels, MKL's COMPATIBLE branch,
+OpenBLAS's Haswell kernels: every float sum in another order, as on another CPU), and every output that nbval checks
+must print the same.
 
 This holds because the smoke defaults compute in float64 end to end (a ``"dtype": "float64"`` store: the model's
 forward under `trsae.lm.Float64Math`, the SAEs' training and evaluation); in float32 the kernels' last-bit
