@@ -84,8 +84,8 @@ class LoadedModel:
         return next(self.hf.parameters()).dtype
 
     def numerics(self):
-        """The context every forward of this model runs in: `Float64Math` for a float64 model, else nothing."""
-        return Float64Math() if self.dtype == torch.float64 else contextlib.nullcontext()
+        """The context every forward of this model runs in: `numerics` of its dtype."""
+        return numerics(self.dtype)
 
     def layer(self, layer: int):
         """nnsight envoy of decoder block ``layer``; its ``.output`` is the residual stream ``[B, T, d]``."""
@@ -200,12 +200,17 @@ class Float64Math(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def numerics(dtype: torch.dtype):
+    """The context a model of ``dtype`` is built and run in: `Float64Math` for float64, else nothing."""
+    return Float64Math() if dtype == torch.float64 else contextlib.nullcontext()
+
+
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                data_dir: str | os.PathLike | None = None) -> LoadedModel:
     """Load model ``name`` (see `MODELS`), wrapped in nnsight, in eval mode with gradients off. In float64 the model
     is built under `Float64Math` (and `LoadedModel.numerics` runs its forwards under it), so that nothing in it is
     computed in float32."""
-    with Float64Math() if dtype == torch.float64 else contextlib.nullcontext():
+    with numerics(dtype):
         return _load_model(name, device, dtype, seed, data_dir)
 
 
