@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,45 @@ def test_interrupted_harvest_resumes_to_the_same_store(tmp_path, tiny_model, tin
     got = resumed.manifest
     assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in ref["shards"]]
     assert got["norm_scale"] == ref["norm_scale"] and got["complete"]
+
+
+RESUME_UNDER_OTHER_THREADS = """
+import json, sys, torch
+from trsae.lm import load_model
+from trsae.store import harvest
+from tests.test_store import CFG
+A, B, bias = torch.randn(128, 64), torch.randn(64, 256), torch.randn(256)
+torch.set_num_threads(1)
+one = torch.addmm(bias, A, B)
+torch.set_num_threads(2)
+if torch.equal(one, torch.addmm(bias, A, B)):
+    print(json.dumps({"premise": False})); sys.exit()
+model = load_model("tiny-gpt2", seed=0)
+ref = harvest(CFG, sys.argv[1] + "/ref", model=model, progress=False).manifest
+harvest(CFG, sys.argv[1] + "/resumed", model=model, progress=False, max_shards=2)
+torch.set_num_threads(1)
+got = harvest(CFG, sys.argv[1] + "/resumed", model=model, progress=False).manifest
+print(json.dumps({"premise": True, "ref": [s["sha256"] for s in ref["shards"]],
+                  "got": [s["sha256"] for s in got["shards"]], "threads_after": torch.get_num_threads()}))
+"""
+
+
+def test_resume_under_another_thread_count_gives_the_same_store(tmp_path):
+    """On MKL's AVX2 path (what it runs on AMD CPUs) sgemm's bits depend on the thread count, and MKL picks that
+    count per call unless told not to: the cause of shards that differed now and then in CI. The harvest runs on
+    the thread count it started with, so a resume under another setting writes the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", RESUME_UNDER_OTHER_THREADS, str(tmp_path)], env=env, check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    if not res["premise"]:
+        pytest.skip("MKL's sgemm gives the same bits on 1 and 2 threads here; nothing to pin")
+    assert res["got"] == res["ref"]
+    assert res["threads_after"] == 1  # the caller's setting is restored
 
 
 def test_another_config_in_the_same_folder_is_refused(tmp_path, tiny_model):

@@ -21,6 +21,7 @@ take seconds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import inspect
 import json
@@ -28,7 +29,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -203,6 +204,36 @@ class Float64Math(TorchFunctionMode):
 def numerics(dtype: torch.dtype):
     """The context a model of ``dtype`` is built and run in: `Float64Math` for float64, else nothing."""
     return Float64Math() if dtype == torch.float64 else contextlib.nullcontext()
+
+
+def _mkl_dynamic_off() -> None:
+    """Stop MKL from choosing its own thread count per call (``MKL_DYNAMIC``, on by default). On its AVX2 code path,
+    which it takes on AMD CPUs, sgemm's bits depend on the thread count, so a dynamic choice makes two identical
+    forwards differ in the last bit. A no-op where torch is not built with MKL."""
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        ctypes.CDLL(str(lib)).MKL_Set_Dynamic(ctypes.c_int(0))
+    except (OSError, AttributeError):
+        pass
+
+
+_mkl_dynamic_off()  # for every process that imports the project (harvest, training, evaluation): same bits per run
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU kernels on exactly ``n`` threads (MKL's dynamic choice off), then restore the count. A
+    harvest runs under the count it started with, so a resumed store is bitwise the uninterrupted one whatever
+    thread setting or load the resuming process meets."""
+    if n < 1:
+        raise ValueError(f"need at least one thread, got {n}")
+    _mkl_dynamic_off()
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,

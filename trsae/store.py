@@ -3,7 +3,8 @@
 On disk (one folder)::
 
     manifest.json               model, layer, data, ctx_len, dtype, d_model, split, norm_scale, token counts,
-                                config hash, and one entry (file, n_seq, sha256) per finished shard
+                                config hash, the thread count the forwards run on (a resume keeps it), and one
+                                entry (file, n_seq, sha256) per finished shard
     shard_00000.safetensors     acts [n_seq, T, d] (float32, bfloat16 or float64) and ids [n_seq, T] (int32)
 
 Sequences stay whole. Shards and the manifest are written to a temporary file and renamed, so a reader
@@ -34,7 +35,7 @@ from trsae.config import HarvestConfig, compute_dtype, config_hash
 from trsae.data import iter_mixed_documents, make_contexts
 from trsae.dist import Ranks
 from trsae.io import atomic_path, atomic_write_json, folder_lock
-from trsae.lm import LoadedModel, layer_acts, load_model
+from trsae.lm import LoadedModel, fixed_threads, layer_acts, load_model
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = 1
@@ -138,7 +139,7 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
             "data": cfg.data, "ctx_len": cfg.ctx_len, "dtype": cfg.dtype, "d_model": model.d_model,
             "n_seq": cfg.n_seq, "seqs_per_shard": cfg.seqs_per_shard, "special_ids": list(model.special_ids),
             "split": {k: len(v) for k, v in splits.items()}, "shards": [], "complete": False,
-            "norm_scale": None, "token_count": None,
+            "norm_scale": None, "token_count": None, "threads": torch.get_num_threads(),
         }
         atomic_write_json(man_path, manifest)
     dtype = getattr(torch, cfg.dtype)
@@ -146,7 +147,9 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
     if ranks.main:
         _absorb_entries(out, manifest, man_path)
     ranks.barrier()
-    done = len(manifest["shards"]) if ranks.main else len(_read_manifest(out)["shards"])
+    on_disk = manifest if ranks.main else _read_manifest(out)
+    done = len(on_disk["shards"])
+    threads = on_disk.get("threads") or torch.get_num_threads()
     todo = [s for s in range(done, n_shards) if s % ranks.world == ranks.rank and not _entry_path(out, s).exists()]
     if max_shards is not None:
         todo = todo[:max_shards]
@@ -156,7 +159,8 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
         lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
         acts = []
         for b in range(lo, hi, cfg.batch_size):
-            a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
+            with fixed_threads(threads):
+                a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
             if not torch.isfinite(a_BTD).all():
                 raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
                                  f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
