@@ -86,6 +86,15 @@ def _dashboard(a: argparse.Namespace) -> None:
     print(f"open {site.out / 'index.html'}")
 
 
+def _timing(a) -> None:
+    from trsae import timing
+
+    rows = timing.read(a.csv)
+    if not rows:
+        raise ValueError(f"no timing table at {a.csv}: run the notebooks (./run_all.sh) first")
+    print(timing.summary(rows))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trsae.config import HarvestConfig, TrainConfig, add_config_arguments, add_parts_arguments
     from trsae.saes.config import part_classes, part_names
@@ -141,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("params")
     v.add_argument("notebook")
     v.set_defaults(fn=_params)
+    tm = sub.add_parser("timing", help="seconds per notebook and phase, from the notebooks' profile_times.csv "
+                                       "(Markdown)")
+    tm.add_argument("csv", nargs="?", default="figures/profile_times.csv")
+    tm.set_defaults(fn=_timing)
     d = sub.add_parser("dashboard", help="a static feature dashboard (opens from disk) of one or two SAEs")
     d.add_argument("--store", required=True)
     d.add_argument("--sae", required=True, action="append", help="run or SAE folder; twice to compare two")

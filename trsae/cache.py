@@ -16,10 +16,12 @@ import hashlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 
+from trsae import timing
 from trsae.analysis import summarize
 from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
 from trsae.evaluate import evaluate_saes, train_mean
@@ -50,15 +52,28 @@ def code_version() -> str:
     return source_hash(PACKAGE)
 
 
+_started = time.perf_counter()
+
+
 def environment() -> dict:
-    """Versions and device, for the first cell of every notebook."""
+    """Versions and device, for the first cell of every notebook (which also starts its clock, see `write_times`)."""
     import nnsight
     import transformers
 
+    global _started
+    _started = time.perf_counter()
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "nnsight": nnsight.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
             "data_dir": os.environ.get("TRSAE_DATA_DIR")}
+
+
+def write_times(figures: str | os.PathLike, notebook: str) -> Path:
+    """The last cell of every notebook: this kernel's seconds per phase (`trsae.timing`), and the rest of its wall
+    time since `environment` as ``other``, into ``figures/profile_times.csv`` (the rows of other notebooks stay)."""
+    path = Path(figures) / "profile_times.csv"
+    timing.write(path, notebook, wall_s=time.perf_counter() - _started)
+    return path
 
 
 def store_dir(cfg: HarvestConfig, work: str | os.PathLike) -> Path:

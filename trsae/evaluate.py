@@ -46,6 +46,7 @@ from trsae.metrics import (CleanLogits, FeatureStatsAccumulator, LogitAccumulato
                            ReconstructionAccumulator, core_results, next_token_targets)
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
+from trsae.timing import timed
 
 
 def train_mean(store: ActivationStore, max_seqs: int = 256) -> torch.Tensor:
@@ -90,6 +91,7 @@ def _train_mode_codes(sae: SAE, acts_BTD: torch.Tensor, pos_BT: torch.Tensor, ma
     return codes_BTF
 
 
+@timed("density")
 @torch.no_grad()
 def density_stats(saes: dict[str, SAE], store: ActivationStore, density_tokens: int = 100_000,
                   batch_size: int = 32) -> dict[str, dict]:
@@ -115,6 +117,7 @@ def density_stats(saes: dict[str, SAE], store: ActivationStore, density_tokens: 
     return {name: f.compute() for name, f in feats.items()}
 
 
+@timed("evaluate")
 @torch.no_grad()
 def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedModel | None = None,
                   split: str = "test", max_seqs: int = 64, batch_size: int = 4, mean_D: torch.Tensor | None = None,

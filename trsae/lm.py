@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from trsae.config import cache_dir
 from trsae.io import atomic_dir
+from trsae.timing import timed
 
 OFFLINE_MODELS = ("gemma-3-270m", "smollm2-135m", "tiny-gpt2")
 
@@ -286,6 +287,7 @@ def _load_model(name: str, device: str, dtype: torch.dtype, seed: int,
                        d_model=d_model, bos_id=bos, special_ids=tuple(sorted(set(tok.all_special_ids))))
 
 
+@timed("lm forward")
 @torch.no_grad()
 def layer_acts(model: LoadedModel, layer: int, ids_BT: torch.Tensor) -> torch.Tensor:
     """Residual stream after block ``layer`` for ``ids_BT``; the forward pass stops right after that layer."""
@@ -295,6 +297,7 @@ def layer_acts(model: LoadedModel, layer: int, ids_BT: torch.Tensor) -> torch.Te
     return acts_BTD
 
 
+@timed("lm forward")
 @torch.no_grad()
 def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor,
                             replace: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -25,6 +25,7 @@ from torch import Tensor
 from trsae.metrics import ReconstructionAccumulator
 from trsae.saes import SAE
 from trsae.store import ActivationStore
+from trsae.timing import timed
 
 
 def nn_omp(x_ND: Tensor, W_dec_FD: Tensor, k: int, chunk: int = 256) -> Tensor:
@@ -63,6 +64,7 @@ def nn_omp(x_ND: Tensor, W_dec_FD: Tensor, k: int, chunk: int = 256) -> Tensor:
     return torch.from_numpy(codes)
 
 
+@timed("pursuit")
 @torch.no_grad()
 def ceiling(sae: SAE, store: ActivationStore, split: str = "test", max_seqs: int = 64, batch_size: int = 4,
             k: int | None = None) -> dict:

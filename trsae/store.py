@@ -36,6 +36,7 @@ from trsae.data import iter_mixed_documents, make_contexts
 from trsae.dist import Ranks
 from trsae.io import atomic_path, atomic_write_json, folder_lock
 from trsae.lm import LoadedModel, fixed_threads, layer_acts, load_model
+from trsae.timing import phase
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = 1
@@ -155,30 +156,31 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
         todo = todo[:max_shards]
     bar = tqdm(total=len(todo) * cfg.seqs_per_shard * cfg.ctx_len, unit="tok", unit_scale=True,
                desc=f"harvest {cfg.model} L{cfg.layer}", disable=not (progress and ranks.main))
-    for s in todo:
-        lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
-        acts = []
-        for b in range(lo, hi, cfg.batch_size):
-            with fixed_threads(threads):
-                a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
-            if not torch.isfinite(a_BTD).all():
-                raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
-                                 f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
-            acts.append(a_BTD)
-            bar.update(a_BTD.shape[0] * a_BTD.shape[1])
-        acts_NTD = torch.cat(acts)
-        ids = ids_NT[lo:hi]
-        valid = model.special_mask(ids) & is_train[lo:hi, None]
-        sq = acts_NTD.double().pow(2).sum(-1)[valid].sum().item()
-        name = f"shard_{s:05d}.safetensors"
-        digest = atomic_save_tensors(out / name, {"acts": acts_NTD.to(dtype), "ids": ids.to(torch.int32)})
-        entry = {"file": name, "n_seq": hi - lo, "sha256": digest, "bytes": (out / name).stat().st_size,
-                 "train_sq_norm": sq, "train_tokens": int(valid.sum()), "rank": ranks.rank}
-        if ranks.world == 1 and len(manifest["shards"]) == s:
-            manifest["shards"].append(entry)
-            atomic_write_json(man_path, manifest)
-        else:  # another rank may be writing the manifest's next shard: rank 0 lists this one later
-            atomic_write_json(_entry_path(out, s), entry)
+    with phase("harvest", cfg.model):
+        for s in todo:
+            lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
+            acts = []
+            for b in range(lo, hi, cfg.batch_size):
+                with fixed_threads(threads):
+                    a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
+                if not torch.isfinite(a_BTD).all():
+                    raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
+                                     f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
+                acts.append(a_BTD)
+                bar.update(a_BTD.shape[0] * a_BTD.shape[1])
+            acts_NTD = torch.cat(acts)
+            ids = ids_NT[lo:hi]
+            valid = model.special_mask(ids) & is_train[lo:hi, None]
+            sq = acts_NTD.double().pow(2).sum(-1)[valid].sum().item()
+            name = f"shard_{s:05d}.safetensors"
+            digest = atomic_save_tensors(out / name, {"acts": acts_NTD.to(dtype), "ids": ids.to(torch.int32)})
+            entry = {"file": name, "n_seq": hi - lo, "sha256": digest, "bytes": (out / name).stat().st_size,
+                     "train_sq_norm": sq, "train_tokens": int(valid.sum()), "rank": ranks.rank}
+            if ranks.world == 1 and len(manifest["shards"]) == s:
+                manifest["shards"].append(entry)
+                atomic_write_json(man_path, manifest)
+            else:  # another rank may be writing the manifest's next shard: rank 0 lists this one later
+                atomic_write_json(_entry_path(out, s), entry)
     bar.close()
     ranks.barrier()
     if not ranks.main:

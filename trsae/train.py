@@ -41,6 +41,7 @@ from trsae.dist import Ranks
 from trsae.saes import SAE, ForwardOutput, SAEConfig, load_sae, make_sae
 from trsae.io import atomic_write_bytes, atomic_write_json, deferred_signals, folder_lock
 from trsae.store import ActivationStore
+from trsae.timing import phase
 
 RUN_FORMAT = 2
 """run.json's ``format``: 2 since the SAE redesign (its ``sae`` is a format-2 SAE config). A run.json without one
@@ -160,7 +161,8 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
                           "model": store.manifest["model"], "layer": store.manifest["layer"]}}
-    with folder_lock(out) if ranks.main else nullcontext():  # rank 0 speaks for its job
+    lock = folder_lock(out) if ranks.main else nullcontext()  # rank 0 speaks for its job
+    with lock, phase("train", sae_cfg.label):
         return _train(sae_cfg, cfg, store, out, run_info, ranks, progress, max_steps)
 
 

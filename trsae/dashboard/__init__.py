@@ -29,6 +29,7 @@ from trsae.dashboard.shots import screenshot
 from trsae.dashboard.site import safe_name, write_common, write_sae
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
+from trsae.timing import timed
 
 __all__ = ["Settings", "Site", "build", "load_labels", "open_sae", "screenshot", "showcase"]
 
@@ -71,6 +72,7 @@ def load_labels(path: str | os.PathLike) -> dict:
     return raw
 
 
+@timed("dashboards")
 def build(store: ActivationStore | str | os.PathLike, saes: SAE | str | os.PathLike | Sequence,
           out_dir: str | os.PathLike, model: Any = None, labels: dict | Sequence[dict | None] | None = None,
           names: Sequence[str] | None = None, split: str = "test", max_tokens: int = 1 << 16,

@@ -12,12 +12,14 @@ from __future__ import annotations
 from trsae.evals import autointerp, discourse, probing, syntax, syntaxgym, ud
 from trsae.lm import LoadedModel
 from trsae.saes import SAE
+from trsae.timing import phase, timed
 
 PROBE_LABELS = ("upos", "deprel", "head_dist", "abs_pos", "word_pos", "connective", "clause_start")
 """The UD labels notebook 04 probes; tables and figures name them in words by `trsae.report.values.PROBE_WORDS`
 (kept there, as the reporting package imports no torch; tests/test_report.py checks that it covers these)."""
 
 
+@timed("syntax")
 def syntax_scores(model: LoadedModel, layer: int, sae: SAE | None, blimp_items: int, blimp_paradigms,
                   suites, suite_items: int, linzen_items: int) -> dict:
     """BLiMP, SyntaxGym and Linzen agreement accuracy with ``sae`` spliced in at ``layer`` (clean if None)."""
@@ -40,17 +42,20 @@ def probe_scores(model: LoadedModel, layer: int, sae: SAE | None, n_sentences: d
                  labels=PROBE_LABELS, seed: int = 0) -> tuple[dict, dict]:
     """Test accuracy of k-sparse probes of each UD label (``{f"{label}_k{k}": acc}``) and the test split's
     features (for the interpretability measures)."""
-    feats = {split: ud.ud_features(model, layer, sae, split=split, max_sentences=n, pack_tokens=pack_tokens)
-             for split, n in n_sentences.items()}
+    with phase("probe features"):
+        feats = {split: ud.ud_features(model, layer, sae, split=split, max_sentences=n, pack_tokens=pack_tokens)
+                 for split, n in n_sentences.items()}
     out = {}
     for label in labels:
-        res = probing.probe_ud(feats, label, ks=ks, seed=seed)
+        with phase("probes"):
+            res = probing.probe_ud(feats, label, ks=ks, seed=seed)
         for k, r in res.items():
             out[f"{label}_k{k}"] = r.test_acc
         out[f"{label}_majority"] = next(iter(res.values())).majority_acc if res else float("nan")
     return out, feats
 
 
+@timed("discourse")
 def gap_scores(model: LoadedModel, layer: int, sae: SAE | None, n_items: dict[str, int], ks,
                clean_pref: dict | None) -> tuple[dict, dict]:
     """GAP: the k-sparse antecedent probe at the pronoun, and the model's name preference (its accuracy and,
@@ -67,6 +72,7 @@ def gap_scores(model: LoadedModel, layer: int, sae: SAE | None, n_items: dict[st
     return out, pref
 
 
+@timed("autointerp")
 def interp_scores(test_feats: "ud.UDFeatures", model: LoadedModel, f1_threshold: float) -> tuple[dict, "autointerp.LabelF1"]:
     """Density, best-label F1 (share of alive features at or above ``f1_threshold``, by label family) and
     temporal smoothness of an SAE's features on UD test text."""

@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from trsae import timing
 from trsae.io import atomic_write_json
 from trsae.overhead.flops import ARCH_NAMES, REFERENCE, WIDTHS_MULT, flops_per_token, make_config, param_count
 from trsae.overhead.measure import step_fn, timed, make_batch, make_optimizer, peak_memory
@@ -71,6 +72,7 @@ def grid_cases(archs: Sequence[str] = ARCH_NAMES, widths_mult: Sequence[int] = W
     return cases
 
 
+@timing.timed("overhead")
 def overhead_grid(archs: Sequence[str] = ARCH_NAMES, widths_mult: Sequence[int] = WIDTHS_MULT,
                   windows: Sequence[int] = WINDOWS, ctx_lens: Sequence[int] = CTX_LENS, d_in: int = 640,
                   k: int = 32, repeats: int = 5, batch: int = 8, centre: tuple[int, int, int] | None = None,
