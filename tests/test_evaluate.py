@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from trsae.evaluate import evaluate_sae, evaluate_saes, train_mean
+from trsae.lm import load_model
 from trsae.metrics import next_token_targets
 from trsae.saes import SAEConfig, make_sae
 
@@ -118,3 +119,34 @@ def test_evaluation_reads_the_tokens_test_tokens_names(tiny_store):
     res = evaluate_saes({"s": sae}, tiny_store, max_seqs=3, batch_size=2, with_logits=False, density_tokens=64)["s"]
     assert res["token_stats"]["n_seqs"] == 3
     assert res["token_stats"]["n_tokens_eval"] == test_tokens(tiny_store, 3).shape[0]
+
+
+def test_later_calls_reuse_the_reference_passes_and_give_the_same_numbers(tiny_model, tiny_store, monkeypatch):
+    """A second call on the same model, store, tokens and mean runs only its SAEs' spliced passes, and each SAE's
+    results equal those of a call that ran every pass itself; another model object or mean runs them again."""
+    import trsae.evaluate as ev
+
+    saes = _saes(tiny_store.d_model)
+    mean_D = train_mean(tiny_store)
+    fresh = {}
+    for n in saes:
+        ev._last_references.clear()
+        fresh[n] = evaluate_saes({n: saes[n]}, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)[n]
+    calls = []
+    real = ev.logits_with_replacement
+    monkeypatch.setattr(ev, "logits_with_replacement", lambda *a, **kw: calls.append(a[3] if len(a) > 3 else None)
+                        or real(*a, **kw))
+    ev._last_references.clear()
+    first = evaluate_saes({"topk": saes["topk"]}, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)
+    assert len(calls) == 4  # the 4 test sequences in one batch: clean, zero, mean and one spliced pass
+    calls.clear()
+    second = evaluate_saes({"trsae": saes["trsae"]}, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D)
+    assert len(calls) == 1  # the spliced pass only
+    assert first["topk"] == fresh["topk"] and second["trsae"] == fresh["trsae"]
+    calls.clear()
+    evaluate_saes({"topk": saes["topk"]}, tiny_store, tiny_model, max_seqs=8, mean_D=mean_D + 1)
+    assert len(calls) == 4
+    calls.clear()
+    other = load_model("tiny-gpt2", seed=0)  # the same weights in another object (tests may edit a model's weights)
+    evaluate_saes({"topk": saes["topk"]}, tiny_store, other, max_seqs=8, mean_D=mean_D)
+    assert len(calls) == 4

@@ -35,6 +35,7 @@ a batch top-k in training) the evaluated batches are also encoded with the train
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -117,6 +118,21 @@ def density_stats(saes: dict[str, SAE], store: ActivationStore, density_tokens: 
     return {name: f.compute() for name, f in feats.items()}
 
 
+_last_references: dict = {}
+
+
+def _references(model: LoadedModel, key: tuple) -> dict:
+    """The clean, zero- and mean-ablated passes of each evaluation batch (``{sequence ids: (CleanLogits, ablated
+    stats)}``) for this model object and ``key`` (store, split, batch size, ablation mean), kept across calls:
+    the experiments evaluate one store's SAEs in several calls (comparison, frontier, training-length curve),
+    which would otherwise repeat those passes each time. Only the latest model and key are kept (the clean
+    softmax is ``[tokens, vocabulary]``)."""
+    if _last_references.get("model") is not model or _last_references.get("key") != key:
+        _last_references.clear()
+        _last_references.update(model=model, key=key, batches={})
+    return _last_references["batches"]
+
+
 @timed("evaluate")
 @torch.no_grad()
 def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedModel | None = None,
@@ -126,7 +142,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     dense latents from `density_stats` over ``density_tokens`` train tokens (see the module docstring).
 
     The clean, zero- and mean-ablated forward passes, and their softmaxes over the vocabulary, are shared by all
-    SAEs; each SAE adds one spliced pass and one log-normaliser (`trsae.metrics.CleanLogits`).
+    SAEs, and by later calls on the same model, store, tokens and ablation mean; each SAE adds one spliced pass
+    and one log-normaliser (`trsae.metrics.CleanLogits`).
     """
     for name, sae in saes.items():
         if sae.cfg.d_in != store.d_model:
@@ -149,13 +166,19 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         if mean_D is None:
             mean_D = train_mean(store)
     layer, scale = store.manifest["layer"], store.norm_scale
+    if with_logits:
+        refs = _references(model, (store.manifest["config_hash"], str(store.path), split, batch_size,
+                                   hashlib.sha256(mean_D.double().cpu().numpy().tobytes()).hexdigest()))
     n_seqs = 0
     for b in store.first(split, max_seqs, batch_size):
         if with_logits:
-            targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
-            ref = CleanLogits(logits_with_replacement(model, layer, b.ids_BT), targets_BT, tmask_BT)
-            ablated = {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill)), v)
-                       for v, fill in (("zero", None), ("mean", mean_D))}
+            seqs = tuple(b.seq_B.tolist())
+            if seqs not in refs:
+                targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
+                ref = CleanLogits(logits_with_replacement(model, layer, b.ids_BT), targets_BT, tmask_BT)
+                refs[seqs] = ref, {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill)), v)
+                                   for v, fill in (("zero", None), ("mean", mean_D))}
+            ref, ablated = refs[seqs]
         for name, sae in saes.items():
             if sae.predicts:
                 novel_BTF, pred_BTF = sae.encode_parts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)
