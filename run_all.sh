@@ -118,14 +118,21 @@ case "$mode" in
       python -m trsae params "$params" "$nb" > "$views/$(basename "$nb" .ipynb).yaml"
       python -m papermill --log-output -f "$views/$(basename "$nb" .ipynb).yaml" "$nb" \
         "notebooks/executed/$(basename "$nb")" --cwd notebooks
-      echo "$(basename "$nb"): $(( $(date +%s) - t0 )) s" | tee -a "figures/timings_$profile.txt"
+      echo "$(basename "$nb"): $(( $(date +%s) - t0 )) s"
     done
     echo "all notebooks: $(( $(date +%s) - start )) s"
     if [ "$paper" = 1 ] && [ -f paper/paper.tex ]; then
+      t0=$(date +%s)
       # the checks of the test command (every figure, table and number from figures/), then the PDF
       python -m trsae check-paper paper/paper.tex figures
       (cd paper && latexmk -pdf -interaction=nonstopmode -quiet paper.tex)
       echo "wrote paper/paper.pdf"
+      python -m trsae timing figures/profile_times.csv --record paper $(( $(date +%s) - t0 ))
     fi
+    # each notebook wrote its seconds per phase to figures/profile_times.csv; the README states the default's
+    if [ "$profile" = cpu ]; then
+      python -m trsae timing figures/profile_times.csv --readme README.md --label 'the cpu profile (`./run_all.sh`)'
+    fi
+    python -m trsae timing figures/profile_times.csv
     ;;
 esac

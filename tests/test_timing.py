@@ -64,3 +64,18 @@ def test_write_replaces_one_notebooks_rows_and_adds_the_unclaimed_time(clock, tm
     table = timing.summary(rows)
     assert table.splitlines()[0] == "| phase | 01_baseline | 02_temporal | total |"
     assert "| **total** | 2 | 2 | 4 |" in table
+
+
+def test_the_readme_section_is_replaced_between_its_markers(tmp_path):
+    rows = [{"notebook": "01", "phase": "train", "detail": "", "seconds": 5.0, "calls": 1},
+            {"notebook": "paper", "phase": "paper", "detail": "", "seconds": 2.0, "calls": 1}]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nbefore\n\n{timing.BEGIN}\nold table\n{timing.END}\n\nafter\n")
+    timing.write_readme(readme, rows, "a run", "t.csv")
+    timing.write_readme(readme, rows, "a run", "t.csv")  # idempotent
+    text = readme.read_text()
+    assert text.startswith("# T\n\nbefore\n\n" + timing.BEGIN) and text.endswith(timing.END + "\n\nafter\n")
+    assert "old table" not in text and "7 s in all" in text and "| train | 5 | 0 | 5 |" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="timing markers"):
+        timing.write_readme(readme, rows, "a run", "t.csv")

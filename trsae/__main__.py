@@ -89,10 +89,15 @@ def _dashboard(a: argparse.Namespace) -> None:
 def _timing(a) -> None:
     from trsae import timing
 
+    if a.record:
+        timing.record(a.csv, a.record[0], a.record[0], float(a.record[1]))
     rows = timing.read(a.csv)
     if not rows:
         raise ValueError(f"no timing table at {a.csv}: run the notebooks (./run_all.sh) first")
-    print(timing.summary(rows))
+    if a.readme:
+        timing.write_readme(a.readme, rows, a.label, a.csv)
+    else:
+        print(timing.summary(rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     tm = sub.add_parser("timing", help="seconds per notebook and phase, from the notebooks' profile_times.csv "
                                        "(Markdown)")
     tm.add_argument("csv", nargs="?", default="figures/profile_times.csv")
+    tm.add_argument("--record", nargs=2, metavar=("NAME", "SECONDS"),
+                    help="first add one row (e.g. the paper's build): NAME's rows replaced by NAME SECONDS")
+    tm.add_argument("--readme", help="write the table into this README's timing section instead of printing it")
+    tm.add_argument("--label", default="./run_all.sh", help="what was run, for the README's sentence")
     tm.set_defaults(fn=_timing)
     d = sub.add_parser("dashboard", help="a static feature dashboard (opens from disk) of one or two SAEs")
     d.add_argument("--store", required=True)

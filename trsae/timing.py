@@ -3,7 +3,8 @@ passes, density, pursuit, probes, dashboards, ...) adds its seconds to a per-pro
 table to ``figures/profile_times.csv`` at its end. Phases nest; time is charged to the innermost one, so the
 phases of one notebook add up to (at most) its wall time and nothing is counted twice.
 
-``python -m trsae timing [CSV]`` prints the table the README's timing section is made of.
+``python -m trsae timing [CSV]`` prints the table; ``./run_all.sh`` (default profile) puts it into the README's
+timing section (``--readme``), with the paper's build as one more row.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import csv
 import functools
 import os
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -89,11 +91,15 @@ def write(path: str | os.PathLike, notebook: str, wall_s: float | None = None) -
         mine.append({"notebook": notebook, "phase": "other", "detail": "", "seconds": max(wall_s - claimed, 0.0),
                      "calls": 1})
     rows += mine
+    _write_rows(path, rows)
+    return rows
+
+
+def _write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     lines = [",".join(COLUMNS)]
     for r in rows:
         lines.append(",".join([r["notebook"], r["phase"], r["detail"], f"{r['seconds']:.1f}", str(r["calls"])]))
     atomic_write_text(path, "\n".join(lines) + "\n")
-    return rows
 
 
 def summary(rows: list[dict]) -> str:
@@ -111,3 +117,29 @@ def summary(rows: list[dict]) -> str:
     tot = [sum(v for (nb, _), v in by.items() if nb == n) for n in notebooks]
     out.append("| **total** | " + " | ".join(f"{v:,.0f}" for v in tot) + f" | {sum(tot):,.0f} |")
     return "\n".join(out)
+
+
+BEGIN, END = "<!-- timing: written by `python -m trsae timing --readme`; do not edit by hand -->", "<!-- /timing -->"
+
+
+def record(path: str | os.PathLike, notebook: str, phase_name: str, seconds: float) -> list[dict]:
+    """Replace ``notebook``'s rows with one row (e.g. ``paper``, timed by ``run_all.sh``)."""
+    rows = [r for r in read(path) if r["notebook"] != notebook]
+    rows.append({"notebook": notebook, "phase": phase_name, "detail": "", "seconds": float(seconds), "calls": 1})
+    _write_rows(path, rows)
+    return rows
+
+
+def write_readme(readme: str | os.PathLike, rows: list[dict], label: str, source: str) -> None:
+    """Put `summary` of ``rows`` (read from ``source``; ``label`` says what was run) between the README's timing
+    markers."""
+    p = Path(readme)
+    text = p.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise ValueError(f"{p} needs exactly one pair of timing markers:\n{BEGIN}\n{END}")
+    total = sum(r["seconds"] for r in rows)
+    intro = textwrap.fill(f"Seconds per phase of {label}, {total:,.0f} s in all (`{source}`; each phase's own "
+                          f"time, without the phases nested in it):", width=120)
+    block = f"{BEGIN}\n{intro}\n\n{summary(rows)}\n{END}"
+    head, rest = text.split(BEGIN)
+    atomic_write_text(p, head + block + rest.split(END, 1)[1])
