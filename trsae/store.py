@@ -159,16 +159,7 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
     with phase("harvest", cfg.model):
         for s in todo:
             lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
-            acts = []
-            for b in range(lo, hi, cfg.batch_size):
-                with fixed_threads(threads):
-                    a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
-                if not torch.isfinite(a_BTD).all():
-                    raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
-                                     f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
-                acts.append(a_BTD)
-                bar.update(a_BTD.shape[0] * a_BTD.shape[1])
-            acts_NTD = torch.cat(acts)
+            acts_NTD = _shard_acts(model, cfg, ids_NT, lo, hi, compute, threads, bar)
             ids = ids_NT[lo:hi]
             valid = model.special_mask(ids) & is_train[lo:hi, None]
             sq = acts_NTD.double().pow(2).sum(-1)[valid].sum().item()
@@ -187,19 +178,40 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
         ranks.barrier()  # rank 0 finishes the manifest
         return ActivationStore(out, allow_partial=True)
     _absorb_entries(out, manifest, man_path)
-    bar.close()
     if len(manifest["shards"]) == n_shards:
-        sq = sum(sh["train_sq_norm"] for sh in manifest["shards"])
-        n = sum(sh["train_tokens"] for sh in manifest["shards"])
-        if n == 0:
-            raise StoreError("no ordinary training tokens were harvested; ask for more tokens")
-        manifest["norm_scale"] = float(np.sqrt(model.d_model / (sq / n)))
-        manifest["mean_sq_norm"] = sq / n
-        manifest["token_count"] = cfg.n_seq * cfg.ctx_len
-        manifest["complete"] = True
-        atomic_write_json(man_path, manifest)
+        _complete(manifest, man_path, model.d_model, cfg.n_seq * cfg.ctx_len)
     ranks.barrier()
     return ActivationStore(out, allow_partial=True)
+
+
+def _shard_acts(model: LoadedModel, cfg: HarvestConfig, ids_NT: torch.Tensor, lo: int, hi: int,
+                compute: torch.dtype, threads: int, bar) -> torch.Tensor:
+    """The layer's activations of sequences ``lo … hi-1``, ``batch_size`` at a time on ``threads`` threads;
+    non-finite values are refused."""
+    acts = []
+    for b in range(lo, hi, cfg.batch_size):
+        with fixed_threads(threads):
+            a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
+        if not torch.isfinite(a_BTD).all():
+            raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
+                             f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
+        acts.append(a_BTD)
+        bar.update(a_BTD.shape[0] * a_BTD.shape[1])
+    return torch.cat(acts)
+
+
+def _complete(manifest: dict, man_path: Path, d_model: int, token_count: int) -> None:
+    """Mark a store whose shards are all listed complete, with the input scale from its training tokens:
+    ``norm_scale`` = sqrt(d / E||x||^2) over the ordinary training tokens of every shard."""
+    sq = sum(sh["train_sq_norm"] for sh in manifest["shards"])
+    n = sum(sh["train_tokens"] for sh in manifest["shards"])
+    if n == 0:
+        raise StoreError("no ordinary training tokens were harvested; ask for more tokens")
+    manifest["norm_scale"] = float(np.sqrt(d_model / (sq / n)))
+    manifest["mean_sq_norm"] = sq / n
+    manifest["token_count"] = token_count
+    manifest["complete"] = True
+    atomic_write_json(man_path, manifest)
 
 
 def _entry_path(out: Path, s: int) -> Path:

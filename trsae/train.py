@@ -166,8 +166,8 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
         return _train(sae_cfg, cfg, store, out, run_info, ranks, progress, max_steps)
 
 
-def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Path, run_info: dict, ranks: Ranks,
-           progress: bool, max_steps: int | None) -> SAE:
+def _open_run(out: Path, run_info: dict, ranks: Ranks) -> Path:
+    """Check that ``out`` holds this run or none (writing its run.json), drop damaged log lines; the log's path."""
     out.mkdir(parents=True, exist_ok=True)
     old = read_run_info(out)
     if old is not None:
@@ -183,6 +183,40 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     if log_path.exists() and ranks.main:
         _drop_damaged_log_lines(log_path)
     ranks.barrier()
+    return log_path
+
+
+@torch.no_grad()
+def _count_firing_(sae: SAE, codes_MF: torch.Tensor, since_fired_F: torch.Tensor, ranks: Ranks) -> None:
+    """One step of the dead-latent clocks (steps since each latent fired on any rank), and the sparsity's
+    running buffers (BatchTopK's threshold) averaged over ranks."""
+    fired = ranks.sum_((codes_MF > 0).any(0).long()) > 0
+    since_fired_F += 1
+    since_fired_F[fired] = 0
+    if ranks.world > 1:
+        for buf in sae.sparsity.buffers():
+            ranks.sum_(buf).div_(ranks.world)
+
+
+@torch.no_grad()
+def _log_record(sae: SAE, out_: ForwardOutput, batch, codes_MF: torch.Tensor, since_fired_F: torch.Tensor,
+                dead_steps: int, step: int, tokens_per_step: int, lr: float, tok_per_s: float) -> dict:
+    """One line of metrics.jsonl: the step's loss terms, L0, FVU on its batch, dead latents, throughput."""
+    x = batch.acts_BTD[batch.mask_BT]
+    err = (out_.x_hat_BTD[batch.mask_BT] - x).pow(2).sum()
+    fvu = (err / (x - x.mean(0)).pow(2).sum()).item()
+    dead_F = since_fired_F >= dead_steps
+    rec = {"step": step, "tokens": step * tokens_per_step, "lr": lr,
+           "loss": out_.loss.item(), **{k: v.item() for k, v in out_.losses.items()},
+           "l0": (codes_MF > 0).sum(-1).float().mean().item(), "fvu": fvu,
+           "n_dead": int(dead_F.sum()), "dead_frac": dead_F.float().mean().item(), "tok_per_s": tok_per_s}
+    rec.update(sae.encoder.log_stats())
+    return rec
+
+
+def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Path, run_info: dict, ranks: Ranks,
+           progress: bool, max_steps: int | None) -> SAE:
+    log_path = _open_run(out, run_info, ranks)
     if (out / "sae" / "config.json").exists():
         return load_sae(out / "sae")
 
@@ -221,32 +255,17 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
             out_ = train_step(sae, opt, batch.acts_BTD, batch.mask_BT, batch.pos_BT,
                               dead_F=since_fired_F >= dead_steps, ranks=ranks)
             sched.step()
-            with torch.no_grad():
-                codes = out_.codes_BTF[batch.mask_BT]
-                fired = ranks.sum_((codes > 0).any(0).long()) > 0
-                since_fired_F += 1
-                since_fired_F[fired] = 0
-                if ranks.world > 1:
-                    for buf in sae.sparsity.buffers():
-                        ranks.sum_(buf).div_(ranks.world)
+            codes_MF = out_.codes_BTF[batch.mask_BT].detach()
+            _count_firing_(sae, codes_MF, since_fired_F, ranks)
             step += 1
             tok0 += int(batch.mask_BT.sum())
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
-                with torch.no_grad():
-                    x = batch.acts_BTD[batch.mask_BT]
-                    err = (out_.x_hat_BTD[batch.mask_BT] - x).pow(2).sum()
-                    fvu = (err / (x - x.mean(0)).pow(2).sum()).item()
-                rec = {"step": step, "tokens": step * tokens_per_step, "lr": sched.get_last_lr()[0],
-                       "loss": out_.loss.item(), **{k: v.item() for k, v in out_.losses.items()},
-                       "l0": (codes > 0).sum(-1).float().mean().item(), "fvu": fvu,
-                       "n_dead": int((since_fired_F >= dead_steps).sum()),
-                       "dead_frac": (since_fired_F >= dead_steps).float().mean().item(),
-                       "tok_per_s": tok0 / (time.perf_counter() - t0)}
-                rec.update(sae.encoder.log_stats())
+                rec = _log_record(sae, out_, batch, codes_MF, since_fired_F, dead_steps, step, tokens_per_step,
+                                  sched.get_last_lr()[0], tok0 / (time.perf_counter() - t0))
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", fvu=f"{fvu:.3f}")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", l0=f"{rec['l0']:.1f}", fvu=f"{rec['fvu']:.3f}")
             if step % cfg.checkpoint_every == 0 or step == stop_at:
                 checkpoint()
                 saved = step
