@@ -2,8 +2,9 @@
 
 For the SAEs of `trsae.experiments.temporal_specs` (TopK, Matryoshka, TRSAE) and `trsae.experiments.field_specs`
 (T-SAE, TFA, TFA (matched), TRSAE-pred) at one shape, on random activations: the median seconds of a training step
-(forward, backward, Adam) and of an inference encode, and each as a ratio to TopK's, measured interleaved in one
-run (this machine is shared and noisy: read the ratios).
+(`trsae.train.train_step`: forward, backward, Adam, decoder projection and renormalisation) and of an inference
+encode, and each as a ratio to TopK's, measured interleaved in one run (this machine is shared and noisy: read the
+ratios).
 
     python benchmarks/bench_field.py --d 640 --width-mult 8 --k 32 --batch 8 --ctx 128 --repeats 5
 """
@@ -17,7 +18,7 @@ import time
 import torch
 
 from trsae import experiments
-from trsae.overhead import make_batch
+from trsae.overhead import encode_step, make_batch, make_optimizer, train_step
 from trsae.saes import make_sae
 
 
@@ -36,17 +37,13 @@ def main() -> None:
     specs = {n: base[n] for n in ("TopK", "Matryoshka", "TRSAE")} | experiments.field_specs(a.d, width, a.k, a.window)
     x_BTD, mask_BT = make_batch(a.batch, a.ctx, a.d)
     saes = {n: make_sae(c) for n, c in specs.items()}
-    opts = {n: torch.optim.Adam(s.parameters(), lr=1e-4) for n, s in saes.items()}
+    opts = {n: make_optimizer(s) for n, s in saes.items()}
 
-    def step(name: str) -> None:
-        sae = saes[name].train()
-        opts[name].zero_grad(set_to_none=True)
-        sae(x_BTD, mask_BT=mask_BT).loss.backward()
-        opts[name].step()
+    def step(name: str) -> None:  # the trainer's own step (decoder projection and renormalisation included)
+        train_step(saes[name], opts[name], x_BTD, mask_BT)
 
     def encode(name: str) -> None:
-        with torch.no_grad():
-            saes[name].eval().encode(x_BTD, mask_BT=mask_BT)
+        encode_step(saes[name], x_BTD, mask_BT)
 
     times: dict[str, dict[str, list[float]]] = {n: {"train": [], "encode": []} for n in saes}
     for name in saes:  # warm-up
