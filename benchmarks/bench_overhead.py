@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tables", type=Path, help="write <stem>.md/.csv/.tex here")
     a = p.parse_args(argv)
 
-    env = O.environment()
+    env = O.machine()
     print(json.dumps(env))
     centre = O.grid_centre(a.widths, a.windows, a.ctx_lens)
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
                            memory=not a.no_memory, device=a.device, threads=a.threads,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
-    summary = O.summarize(rows, centre)
+    summary = O.summarize_grid(rows, centre)
     print(f"d={a.d} k={a.k} B={a.batch} repeats={a.repeats} threads={rows[0]['threads']} device={a.device} "
           f"centre (F/d, w, T)={centre} wall={wall:.0f} s")
     print(report.format_table(rows))

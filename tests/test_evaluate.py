@@ -112,8 +112,8 @@ def test_ablations_replace_bos_and_the_mean_comes_from_train(tiny_model, tiny_st
 
 def test_evaluation_reads_the_tokens_test_tokens_names(tiny_store):
     """With a max_seqs that is not a multiple of the batch size, the evaluation still reads exactly the first
-    max_seqs test sequences: the tokens `trsae.cache.test_tokens` returns as the evaluation's."""
-    from trsae.cache import test_tokens
+    max_seqs test sequences: the tokens `trsae.runner.test_tokens` returns as the evaluation's."""
+    from trsae.runner import test_tokens
 
     sae = make_sae(SAEConfig.build(tiny_store.d_model, 32, "topk", k=4)).eval()
     res = evaluate_saes({"s": sae}, tiny_store, max_seqs=3, batch_size=2, with_logits=False, density_tokens=64)["s"]

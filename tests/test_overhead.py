@@ -236,7 +236,7 @@ def test_overhead_grid_rows_tables_figure_macros(tmp_path):
         assert r["params"] == O.param_count(cfg)["total"]
         assert r["flops_train"] == O.flops_per_token(cfg, True, r["tokens"])
     centre = O.grid_centre(widths, windows, ctx_lens)
-    summary = O.summarize(rows, centre)
+    summary = O.summarize_grid(rows, centre)
     assert summary["window_lo"] == 1 and summary["window_hi"] == 4
     assert {"trsae_train_ratio", "trsae_t_exponent_train", "trsae_f_exponent_train",
             "trsae_mem_per_token_ratio"} <= set(summary)
@@ -263,7 +263,7 @@ def test_summarize_exponents_and_paired_ratios_on_synthetic_rows():
             base /= 1.2
         times[c] = {"train": [base, 2 * base, 3 * base], "encode": [base, base, base]}
     rows = _rows(cases, cfgs, times, {}, batch=1)
-    s = O.summarize(rows, (2, 16, 64))
+    s = O.summarize_grid(rows, (2, 16, 64))
     assert s["trsae_train_ratio"] == pytest.approx(1.5)
     assert s["window_train_ratio"] == pytest.approx(1.2)
     assert s["trsae_t_exponent_train"] == pytest.approx(1.0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trsae import analysis, cache, experiments
+from trsae import analysis, experiments, runner
 from trsae.config import HarvestConfig, TrainConfig
 
 
@@ -22,13 +22,13 @@ def _rounded(x, digits=4):
 
 
 def _run(work, tiny_model):
-    store = cache.ensure_store(HarvestConfig(model="tiny-gpt2", layer=1, data="brown", tokens=4096, ctx_len=32,
+    store = runner.ensure_store(HarvestConfig(model="tiny-gpt2", layer=1, data="brown", tokens=4096, ctx_len=32,
                                              seqs_per_shard=16, batch_size=4), work, model=tiny_model)
     specs = experiments.temporal_specs(store.d_model, 4 * store.d_model, k=4, window=4)
     specs.pop("TopK-wide")
     train_cfg = TrainConfig(tokens=2048, batch_size=4, crop_len=32)
-    evaluate = cache.Evaluator(store, model=tiny_model, max_seqs=4)
-    per_seed = cache.train_and_evaluate(specs, [0, 1], train_cfg, store, evaluate, work, progress=False)
+    evaluate = runner.Evaluator(store, model=tiny_model, max_seqs=4)
+    per_seed = runner.train_and_evaluate(specs, [0, 1], train_cfg, store, evaluate, work, progress=False)
     return per_seed, analysis.summarize(per_seed)
 
 

@@ -128,7 +128,7 @@ def strongest(per_seed: dict[str, list[dict]], names: list[str]) -> dict:
 
 
 def amortisation(ceil: dict[str, list[dict]], twins: dict[str, str]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The amortisation ceiling (`trsae.cache.ceilings` per seed) summarised: ``(per_sae, closed)``.
+    """The amortisation ceiling (`trsae.runner.ceilings` per seed) summarised: ``(per_sae, closed)``.
 
     ``per_sae[name]["ceiling"]``: each SAE's encoder FVU, the pursuit's FVU on its dictionary and their ratio
     (means ± se over seeds). ``closed[temporal]["ceiling"]``, seed by seed against its per-token twin: the twin's
@@ -147,7 +147,7 @@ def amortisation(ceil: dict[str, list[dict]], twins: dict[str, str]) -> tuple[di
 
 
 def at_l0(points: list[tuple[float, float, float]], l0: float) -> float | None:
-    """A frontier's value at ``l0``: ``points`` are (L0, value, se) as `trsae.cache.frontier` gives them, linearly
+    """A frontier's value at ``l0``: ``points`` are (L0, value, se) as `trsae.runner.frontier` gives them, linearly
     interpolated in log L0 between the two points around ``l0``; None outside the frontier's L0 range (a frontier is
     never extrapolated)."""
     pts = sorted((float(a), float(v)) for a, v, _ in points)
@@ -161,7 +161,7 @@ def at_l0(points: list[tuple[float, float, float]], l0: float) -> float | None:
 def matched_l0(runs: dict[str, list[dict]], name: str, ev_points: list[tuple[float, float, float]],
                ce_points: list[tuple[float, float, float]]) -> dict:
     """SAE ``name`` against a baseline at the SAE's own L0, seed by seed: the baseline's FVU (1 − pooled EV) and CE
-    gap (1 − CE-loss score) read off its frontiers ``ev_points`` and ``ce_points`` (`trsae.cache.frontier`, one seed)
+    gap (1 − CE-loss score) read off its frontiers ``ev_points`` and ``ce_points`` (`trsae.runner.frontier`, one seed)
     at each run's measured L0 by `at_l0`, as ``{"fvu_ratio", "ce_gap_ratio", "l0"}`` aggregated over seeds; a run
     whose L0 lies outside the frontier has no ratio (every run outside: the ratios are None)."""
     rows = []
@@ -179,7 +179,7 @@ def field_versus(runs: dict[str, list[dict]], names: list[str], best: str, ceil:
                  ) -> dict[str, dict]:
     """Each of ``names`` against the strongest per-token baseline ``best``, seed by seed: `versus` (FVU and CE-gap
     ratios, whether each is apart from 1 by two standard errors), ``"meets"``: whether each ratio's mean is at or
-    below ``target`` (the issue's goal, a mean, not a claim), and with ``ceil`` (`trsae.cache.ceilings` per seed)
+    below ``target`` (the issue's goal, a mean, not a claim), and with ``ceil`` (`trsae.runner.ceilings` per seed)
     ``ceiling.gap_closed``: the share of ``twin``'s amortisation gap on its own dictionary that the SAE's FVU closes,
     (FVU_twin − FVU_sae) / (FVU_twin − FVU_pursuit on the twin's dictionary), with FVU_twin the pursuit pass's own.
     With ``frontier`` (``twin``'s explained-variance and CE-loss-score frontiers over k) ``"matched"``: `matched_l0`,

@@ -361,7 +361,7 @@ class ActivationStore:
     def first(self, split: str, n_seqs: int, batch_size: int = 4) -> Iterator[Batch]:
         """The first ``n_seqs`` whole sequences of ``split`` in store order, ``batch_size`` at a time (the last batch
         cut to what is left): the one definition of "the evaluation's tokens", shared by the evaluation, the
-        pursuit ceiling, `trsae.cache.test_tokens` and the dashboards, whatever batch size each reads them in."""
+        pursuit ceiling, `trsae.runner.test_tokens` and the dashboards, whatever batch size each reads them in."""
         left = n_seqs
         for b in self.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
             if left <= 0:

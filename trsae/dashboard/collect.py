@@ -15,7 +15,7 @@ from torch import Tensor
 
 from trsae.saes import SAE
 from trsae.saes.context import feature_map
-from trsae.saes.temporal import TRSAEEncoder
+from trsae.saes.trsae import TRSAEEncoder
 from trsae.store import ActivationStore
 
 

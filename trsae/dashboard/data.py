@@ -16,7 +16,7 @@ from trsae.dashboard.collect import (Pass, densities, histograms, pick_examples,
 from trsae.dashboard.weights import logit_extremes, nearest, strengths
 from trsae.saes import SAE
 from trsae.saes.context import bucket_bounds
-from trsae.saes.temporal import TRSAEEncoder
+from trsae.saes.trsae import TRSAEEncoder
 
 INDEX_COLUMNS = ("id", "density", "max", "label", "f1", "ctx", "pos", "match", "match_cos", "top_tokens")
 """Fields of an index row, in order (``label``/``f1`` None without labels, ``ctx``/``pos`` None for a per-token

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from trsae.saes import SAE
-from trsae.saes.temporal import TRSAEEncoder
+from trsae.saes.trsae import TRSAEEncoder
 
 
 def final_norm(hf: torch.nn.Module) -> torch.nn.Module | None:

@@ -3,7 +3,7 @@ with ratios to TopK and the headline numbers of notebook 05.
 
 In the grid every case runs once per round, in a fresh random order each round, after one warm-up step; ratios
 to TopK at the same (F, T) are medians over rounds of the per-round (paired) ratios, so drifts of a shared machine
-cancel. Memory is affine in T only once activations dominate (see `trsae.overhead.measure`); `summarize`
+cancel. Memory is affine in T only once activations dominate (see `trsae.overhead.measure`); `summarize_grid`
 reports the marginal KiB per token between the two longest contexts.
 """
 
@@ -202,7 +202,7 @@ def _paired_ratio(a: dict[str, Any], b: dict[str, Any], mode: str) -> float:
     return statistics.median(x / y for x, y in zip(a[f"{mode}_times"], b[f"{mode}_times"]))
 
 
-def summarize(rows: list[dict[str, Any]], centre: tuple[int, int, int]) -> dict[str, float]:
+def summarize_grid(rows: list[dict[str, Any]], centre: tuple[int, int, int]) -> dict[str, float]:
     """Headline numbers at `centre` (F0, w0, T0): time ratios to TopK per arch, TRSAE window ratio
     (largest w over w = 4, or over the smallest w; paired per round), scaling exponents of time (and of
     TRSAE memory) in T and F, and memory / FLOP / parameter ratios. Missing cases are left out."""

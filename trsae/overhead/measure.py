@@ -44,7 +44,7 @@ from trsae.train import train_step
 _MIB = 2.0**20
 
 
-def environment() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     """Versions, device, threads and the machine's load (timings on a shared machine are noisy)."""
     cpu = platform.processor()
     try:

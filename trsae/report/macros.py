@@ -352,12 +352,12 @@ _OVERHEAD_NAMES = {
     "trsae_t_exponent_mem": "TExponentMem", "trsae_mem_kib_per_token": "MemPerTokenKiB",
     "trsae_mem_per_token_ratio": "MemPerTokenRatio", "trsae_f_exponent_train": "FExponent",
     "topk_f_exponent_train": "FExponentTopk"}
-"""`trsae.overhead.summarize` key -> macro name after the prefix."""
+"""`trsae.overhead.summarize_grid` key -> macro name after the prefix."""
 
 
 def overhead_macros(summary: dict[str, float], centre: tuple[int, int, int], d_in: int, k: int) -> dict:
     """05's setup and headline ratios, exponents and per-token memory (`OVERHEAD`) from
-    `trsae.overhead.summarize`'s output; a missing or non-finite number is left out."""
+    `trsae.overhead.summarize_grid`'s output; a missing or non-finite number is left out."""
     F0, w0, T0 = centre
     return _prefixed(OVERHEAD, {"DIn": d_in, "K": k, "WidthMult": F0, "Window": w0, "CtxLen": T0,
                                 **{name: summary[key] for key, name in _OVERHEAD_NAMES.items()

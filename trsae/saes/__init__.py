@@ -22,7 +22,7 @@ enter a loss or a statistic; `pos_BT` holds absolute positions (per-token encode
 from trsae.saes.config import SAEConfig, part_names  # noqa: F401
 from trsae.saes.encoders import TokenEncoder, TokenEncoderConfig  # noqa: F401
 from trsae.saes.sparsity import (BatchTopK, BatchTopKConfig, ReLUConfig, ReLUL1, TopK, TopKConfig)  # noqa: F401
-from trsae.saes.temporal import TRSAEEncoder, TRSAEEncoderConfig  # noqa: F401
+from trsae.saes.trsae import TRSAEEncoder, TRSAEEncoderConfig  # noqa: F401
 from trsae.saes.tsae import TSAEEncoder, TSAEEncoderConfig  # noqa: F401
 from trsae.saes.tfa import TFAEncoder, TFAEncoderConfig  # noqa: F401
 from trsae.saes.jumprelu import JumpReLU, JumpReLUConfig  # noqa: F401

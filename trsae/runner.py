@@ -1,5 +1,6 @@
-"""Cached steps the notebooks call: a store, a trained SAE, an evaluation, each reused when everything it depends
-on is unchanged and recomputed otherwise. A cache key is a hash of the configuration *and* of the code
+"""The experiment runner the notebooks call: stores, trained SAEs and evaluations (comparisons, frontiers, the
+training-length budgets, ceilings), each cached and reused when everything it depends on is unchanged and
+recomputed otherwise. A cache key is a hash of the configuration *and* of the code
 (`code_version`: every ``trsae/**/*.py``), so changed code never reuses results that the current code would
 not produce.
 
@@ -202,7 +203,7 @@ def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: A
     return out
 
 
-def training_length(specs: dict[str, SAEConfig], budget_seeds: dict[int, list[int]], train_cfg: TrainConfig,
+def train_budgets(specs: dict[str, SAEConfig], budget_seeds: dict[int, list[int]], train_cfg: TrainConfig,
                     store: ActivationStore, evaluate: Evaluator, work: str | os.PathLike,
                     progress: bool = True) -> dict[int, dict[str, list[dict]]]:
     """Every named config trained for each budget of ``budget_seeds`` (training tokens -> seeds; more tokens than

@@ -4,7 +4,7 @@ harvest, run or evaluation."""
 import shutil
 from pathlib import Path
 
-from trsae import cache
+from trsae import runner
 from trsae.config import HarvestConfig, TrainConfig
 from trsae.saes import SAEConfig
 
@@ -14,29 +14,29 @@ class _Store:
 
 
 def _keys(work):
-    return (cache.store_dir(HarvestConfig(model="tiny-gpt2", layer=1, data="brown", tokens=4096), work),
-            cache.run_dir(SAEConfig.build(8, 32, "topk", k=4), TrainConfig(tokens=2048), _Store(), work),
-            cache.Evaluator(_Store(), split="test", max_seqs=4).path(Path(work) / "run"))
+    return (runner.store_dir(HarvestConfig(model="tiny-gpt2", layer=1, data="brown", tokens=4096), work),
+            runner.run_dir(SAEConfig.build(8, 32, "topk", k=4), TrainConfig(tokens=2048), _Store(), work),
+            runner.Evaluator(_Store(), split="test", max_seqs=4).path(Path(work) / "run"))
 
 
 def test_code_version_changes_with_any_source_file(tmp_path):
     src = tmp_path / "trsae"
-    shutil.copytree(cache.PACKAGE, src, ignore=shutil.ignore_patterns("__pycache__"))
-    before = cache.source_hash(src)
-    assert before == cache.source_hash(src) and len(before) == 16
+    shutil.copytree(runner.PACKAGE, src, ignore=shutil.ignore_patterns("__pycache__"))
+    before = runner.source_hash(src)
+    assert before == runner.source_hash(src) and len(before) == 16
     (src / "report" / "figures.py").write_text((src / "report" / "figures.py").read_text() + "\n# changed\n")
-    assert cache.source_hash(src) != before
-    changed = cache.source_hash(src)
+    assert runner.source_hash(src) != before
+    changed = runner.source_hash(src)
     (src / "new_module.py").write_text("")
-    assert cache.source_hash(src) != changed  # a new file counts too
-    assert cache.source_hash(src / "report") != cache.source_hash(src)
+    assert runner.source_hash(src) != changed  # a new file counts too
+    assert runner.source_hash(src / "report") != runner.source_hash(src)
 
 
 def test_every_cache_key_includes_the_code_version(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "code_version", lambda: "a" * 16)
+    monkeypatch.setattr(runner, "code_version", lambda: "a" * 16)
     a = _keys(tmp_path)
     assert a == _keys(tmp_path)  # the same code and configuration: the same folders
-    monkeypatch.setattr(cache, "code_version", lambda: "b" * 16)
+    monkeypatch.setattr(runner, "code_version", lambda: "b" * 16)
     b = _keys(tmp_path)
     assert all(x != y for x, y in zip(a, b)), (a, b)
     assert b[0].parent == tmp_path / "stores" and b[1].parent == tmp_path / "runs"
@@ -44,9 +44,10 @@ def test_every_cache_key_includes_the_code_version(tmp_path, monkeypatch):
 
 def _counting_evaluator(store, monkeypatch):
     calls = []
-    real = cache.evaluate_saes
-    monkeypatch.setattr(cache, "evaluate_saes", lambda saes, *a, **k: calls.append(sorted(saes)) or real(saes, *a, **k))
-    return cache.Evaluator(store, split="test", max_seqs=2, with_logits=False, density_tokens=64), calls
+    real = runner.evaluate_saes
+    monkeypatch.setattr(runner, "evaluate_saes",
+                        lambda saes, *a, **k: calls.append(sorted(saes)) or real(saes, *a, **k))
+    return runner.Evaluator(store, split="test", max_seqs=2, with_logits=False, density_tokens=64), calls
 
 
 def test_training_length_trains_each_budget_and_evaluates_once(tmp_path, tiny_store, monkeypatch):
@@ -59,18 +60,18 @@ def test_training_length_trains_each_budget_and_evaluates_once(tmp_path, tiny_st
              "TRSAE": SAEConfig.build(tiny_store.d_model, 32, "topk", "trsae", k=4, window=2)}
     epoch = tiny_store.n_tokens("train")
     budgets = analysis.budget_seeds([128, 256, 3 * epoch], 256, [0, 1])  # the largest: three epochs
-    per_budget = cache.training_length(specs, budgets, cfg, tiny_store, evaluate, tmp_path)
+    per_budget = runner.train_budgets(specs, budgets, cfg, tiny_store, evaluate, tmp_path)
     assert len(calls) == 1 and len(calls[0]) == 2 * (1 + 2 + 2)  # every run in one evaluation
     for tokens, seeds in budgets.items():
         for name, spec in specs.items():
             runs = per_budget[tokens][name]
             assert len(runs) == len(seeds)
             for seed, res in zip(seeds, runs):
-                assert res["run"] == str(cache.run_dir(spec, TrainConfig(**{**cfg.__dict__, "tokens": tokens,
+                assert res["run"] == str(runner.run_dir(spec, TrainConfig(**{**cfg.__dict__, "tokens": tokens,
                                                                             "seed": seed}), tiny_store, tmp_path))
                 assert read_log(res["run"])[-1]["step"] == -(-tokens // 64)  # 64 tokens a step, past the epoch
     # the main budget's runs are the comparison's own: training them again finds them cached
-    again = cache.train_and_evaluate(specs, [0, 1], cfg, tiny_store, evaluate, tmp_path)
+    again = runner.train_and_evaluate(specs, [0, 1], cfg, tiny_store, evaluate, tmp_path)
     assert [r["run"] for r in again["TRSAE"]] == [r["run"] for r in per_budget[256]["TRSAE"]]
     assert len(calls) == 1  # nothing left to evaluate
 
@@ -80,7 +81,7 @@ def test_frontier_evaluates_every_setting_in_one_pass(tmp_path, tiny_store, monk
     cfg = TrainConfig(tokens=128, batch_size=2, crop_len=32, lr=1e-3)
     base = SAEConfig.build(tiny_store.d_model, 32, "topk", k=4)
     sweep = {"TopK": [base.replace(k=2), base.replace(k=6)], "Top-K-b": [base.replace(k=3)]}
-    pts = cache.frontier(sweep, cfg, tiny_store, evaluate, tmp_path, ("sparsity", "l0"))
+    pts = runner.frontier(sweep, cfg, tiny_store, evaluate, tmp_path, ("sparsity", "l0"))
     assert len(calls) == 1 and len(calls[0]) == 3
     assert [round(p[0]) for p in pts["TopK"]] == [2, 6] and [round(p[0]) for p in pts["Top-K-b"]] == [3]
     assert all(p[0] == p[1] for ps in pts.values() for p in ps)  # the metric asked for (here L0 itself)
