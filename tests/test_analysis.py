@@ -97,15 +97,17 @@ def test_training_length_rows_against_hand_computed_values():
     per_budget = {300_000: {"a": [_res(0.90, 0.95), _res(0.80, 0.90)], "b": [_res(0.80, 0.90), _res(0.60, 0.80)]},
                   75_000: {"a": [_res(0.5, 0.6)], "b": [_res(0.0, 0.2)]}}
     table = analysis.training_length(per_budget, "a", "b")
-    assert list(table) == ["75k tokens", "300k tokens"] and analysis.budget_label(1_200_000) == "1.2M tokens"
-    v = table["300k tokens"]["versus"]
+    assert list(table) == [75_000, 300_000]
+    assert list(report.by_budget(table)) == ["75k tokens", "300k tokens"]
+    assert report.budget_label(1_200_000) == "1.2M tokens"
+    v = table[300_000]["versus"]
     assert v["fvu_a"]["values"] == pytest.approx([0.1, 0.2]) and v["fvu_b"]["mean"] == pytest.approx(0.3)
     assert v["ce_b"]["values"] == pytest.approx([0.9, 0.8])
-    assert table["75k tokens"]["paired"]["fvu_ratio"]["mean"] == pytest.approx(0.5)  # 0.5 / 1.0
-    assert table["75k tokens"]["paired"]["ce_gap_ratio"]["mean"] == pytest.approx(0.5)  # 0.4 / 0.8
+    assert table[75_000]["paired"]["fvu_ratio"]["mean"] == pytest.approx(0.5)  # 0.5 / 1.0
+    assert table[75_000]["paired"]["ce_gap_ratio"]["mean"] == pytest.approx(0.5)  # 0.4 / 0.8
     # both seeds halve the FVU: apart from 1; one seed never is; ratios 0.5 and 1.4 straddle 1
-    assert table["300k tokens"]["apart_from_one"] == {"fvu_ratio": True, "ce_gap_ratio": True}
-    assert not any(table["75k tokens"]["apart_from_one"].values())
+    assert table[300_000]["apart_from_one"] == {"fvu_ratio": True, "ce_gap_ratio": True}
+    assert not any(table[75_000]["apart_from_one"].values())
     mixed = {"a": [_res(0.95, 0.9), _res(0.44, 0.9)], "b": [_res(0.9, 0.9), _res(0.6, 0.9)]}
     assert not analysis.versus(mixed, "a", "b")["apart_from_one"]["fvu_ratio"]
 

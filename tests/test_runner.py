@@ -50,7 +50,7 @@ def _counting_evaluator(store, monkeypatch):
     return runner.Evaluator(store, split="test", max_seqs=2, with_logits=False, density_tokens=64), calls
 
 
-def test_training_length_trains_each_budget_and_evaluates_once(tmp_path, tiny_store, monkeypatch):
+def test_train_budgets_trains_each_budget_and_evaluates_once(tmp_path, tiny_store, monkeypatch):
     from trsae import analysis
     from trsae.train import read_log
 

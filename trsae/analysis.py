@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from trsae.metrics import aggregate_seeds
-from trsae.report.values import budget_label
 
 
 def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
@@ -243,10 +242,10 @@ def versus(runs: dict[str, list[dict]], a: str, b: str) -> dict:
     return out
 
 
-def training_length(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str) -> dict[str, dict]:
-    """`versus` at each training budget (``per_budget[tokens][name]``: per-seed results), by increasing budget,
-    keyed by `budget_label`."""
-    return {budget_label(t): versus(per_budget[t], a, b) for t in sorted(per_budget)}
+def training_length(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str) -> dict[int, dict]:
+    """`versus` at each training budget (``per_budget[tokens][name]``: per-seed results), keyed by the budget in
+    tokens, by increasing budget (`trsae.report.by_budget` labels them for a table)."""
+    return {t: versus(per_budget[t], a, b) for t in sorted(per_budget)}
 
 
 def length_trend(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str, main_tokens: int,

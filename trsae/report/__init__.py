@@ -22,5 +22,5 @@ from trsae.report.macros import (ABLATION, BASELINE, INTERP, MACRO_FILES, OVERHE
 from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, format_table,  # noqa: F401
                                  results_table, text_table, write_results, write_tables)
 from trsae.report.values import (PROBE_WORDS, ROW_WORDS, SINGLE_SEED_MARK, SINGLE_SEED_NOTE, Panel,  # noqa: F401
-                                 format_mean_se, format_number, group_thousands, metric_n, metric_value, row_label,
+                                 budget_label, by_budget, format_mean_se, format_number, group_thousands, metric_n, metric_value, row_label,
                                  se_decimals)

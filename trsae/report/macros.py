@@ -197,10 +197,11 @@ def _trend_words(trend: dict) -> str:
     return ("moves toward 1" if trend["toward_one"] else "moves away from 1") + ", by more than two standard errors"
 
 
-def length_macros(table: dict[str, dict], budget_seeds: dict[int, list[int]], main_tokens: int, epoch_tokens: int,
+def length_macros(table: dict[int, dict], budget_seeds: dict[int, list[int]], main_tokens: int, epoch_tokens: int,
                   trends: dict[str, dict]) -> dict:
     """02's training-length curve (`TEMPORAL`): the budgets, the largest one's epochs over the training split, the
-    versus rows (`trsae.analysis.versus`) at the main and at the largest budget, and per ratio (``trends``:
+    versus rows (``table``: `trsae.analysis.training_length`, by budget in tokens) at the main and at the largest
+    budget, and per ratio (``trends``:
     ``{"fvu_ratio" | "ce_gap_ratio": trsae.analysis.length_trend}``) its change from the one to the other."""
     top = max(budget_seeds)
     out = _prefixed(TEMPORAL, {
@@ -208,7 +209,7 @@ def length_macros(table: dict[str, dict], budget_seeds: dict[int, list[int]], ma
         "LengthLargest": budget_label(top), "LengthMain": budget_label(main_tokens),
         "LengthEpochs": top / epoch_tokens, "LengthSeedsLargest": len(budget_seeds[top])})
     for which, tokens in (("Main", main_tokens), ("Largest", top)):
-        res = table[budget_label(tokens)]
+        res = table[tokens]
         for section, keys in (("versus", ("fvu_a", "fvu_b", "ce_a", "ce_b")), ("paired", ("fvu_ratio", "ce_gap_ratio"))):
             for key in keys:
                 out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", which, key), res[section][key]))

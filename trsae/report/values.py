@@ -57,6 +57,11 @@ def budget_label(tokens: int) -> str:
     return f"{tokens / 1e6:g}M tokens" if tokens >= 1_000_000 else f"{tokens / 1e3:g}k tokens"
 
 
+def by_budget(table: dict[int, dict]) -> dict[str, dict]:
+    """A table keyed by training budget (tokens) with `budget_label` column headings, by increasing budget."""
+    return {budget_label(t): table[t] for t in sorted(table)}
+
+
 def group_thousands(text: str, latex: bool = False) -> str:
     """Thousands separators in the integer part of a fixed-notation number of five or more integer digits."""
     sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
