@@ -1,5 +1,6 @@
-"""One interface, tested once for every SAE variant (the three per-token baselines and the TRSAE encoder on each
-sparsity), plus the format-1 checkpoints written before the SAE was composed of parts."""
+"""One interface, tested once for every SAE variant: every registered encoder on every registered sparsity (a part
+registered tomorrow is tested here without a new line), plus the format-1 checkpoints written before the SAE was
+composed of parts."""
 
 from __future__ import annotations
 
@@ -13,20 +14,30 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from trsae.saes import SAE, ForwardOutput, SAEConfig, TopKConfig, load_sae, make_sae
-from trsae.saes.config import PartConfig, register_part
+from trsae.saes.config import PartConfig, part_names, register_part
 from trsae.saes.sparse_ops import batch_topk_pairs
 from trsae.saes.sparsity import ReLUL1
 
 D, F, K, B, T = 16, 64, 4, 3, 8
 
-VARIANTS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka", "trsae-topk", "trsae-batchtopk", "trsae-relu",
-            "trsae-jumprelu", "trsae-matryoshka"]
+VARIANTS = [s if e == "token" else f"{e}-{s}" for e in part_names("encoder") for s in part_names("sparsity")]
+"""``<sparsity>`` for the per-token encoder, else ``<encoder>-<sparsity>``: from the registry."""
 SPARSE_LOSS = {"relu": {"l1"}, "topk": {"aux"}, "batchtopk": {"aux"}, "jumprelu": {"l0"},
                "matryoshka": {"aux", "inner_4", "inner_8", "inner_16", "inner_32"}}
+ENCODER_LOSS = {"token": set(), "trsae": {"pos_l1", "gate"}, "tsae": {"contrast"}, "tfa": set()}
+
+
+def encoder_of(variant: str) -> str:
+    return variant.split("-")[0] if "-" in variant else "token"
+
+
+DENSE_VARIANTS = [v for v in VARIANTS if encoder_of(v) in ("token", "trsae")]
+"""Variants the dense autograd reference below covers (T-SAE's contrastive term and TFA's prediction have their
+own reference tests in tests/test_field_temporal.py)."""
 
 
 def make_cfg(variant: str, **kw) -> SAEConfig:
-    encoder = "trsae" if variant.startswith("trsae") else "token"
+    encoder = encoder_of(variant)
     if encoder == "trsae":
         kw.setdefault("window", 3)
         kw.setdefault("ctx_init", 0.5)
@@ -75,8 +86,7 @@ def test_shapes_and_loss_terms(variant):
     assert out.loss.shape == ()
     torch.testing.assert_close(out.loss, torch.stack(list(out.losses.values())).sum())
     expected = {"mse"} | SPARSE_LOSS[mechanism(variant)]
-    if variant.startswith("trsae"):
-        expected |= {"pos_l1", "gate"}
+    expected |= ENCODER_LOSS[encoder_of(variant)]
     assert set(out.losses) == expected
     assert sae.encode(x_BTD, mask_BT=mask_BT).shape == (B, T, F)
     assert sae.decode(out.codes_BTF).shape == (B, T, D)
@@ -149,11 +159,11 @@ def test_batch_topk_pairs_matches_flat_topk(adversarial):
 def test_codes_nonnegative_and_pos_ignored_by_per_token_saes(variant):
     sae = build(variant).eval()
     x_BTD, mask_BT = batch()
-    codes_BTF = sae.encode(x_BTD, mask_BT=mask_BT)
-    assert (codes_BTF >= 0).all() and (codes_BTF > 0).any()
-    if not variant.startswith("trsae"):
+    novel_BTF, _ = sae.encode_parts(x_BTD, mask_BT=mask_BT)  # TFA adds a signed prediction to these
+    assert (novel_BTF >= 0).all() and (novel_BTF > 0).any()
+    if encoder_of(variant) != "trsae":  # the only encoder that reads positions
         pos_BT = torch.arange(T).expand(B, T) + 1000
-        assert torch.equal(codes_BTF, sae.encode(x_BTD, pos_BT, mask_BT))
+        assert torch.equal(sae.encode(x_BTD, mask_BT=mask_BT), sae.encode(x_BTD, pos_BT, mask_BT))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -304,7 +314,8 @@ def test_decoder_normalisation(variant):
     if mechanism(variant) in ("relu", "jumprelu"):  # encoder and thresholds compensate: the same function
         after = sae(x_BTD, mask_BT)
         torch.testing.assert_close(after.x_hat_BTD, before.x_hat_BTD, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(after.loss, before.loss, rtol=1e-5, atol=1e-6)
+        if encoder_of(variant) != "tsae":  # T-SAE's contrast compares codes, whose per-latent scale changed
+            torch.testing.assert_close(after.loss, before.loss, rtol=1e-5, atol=1e-6)
     sae.W_dec.grad = torch.randn(F, D)
     sae.remove_parallel_grad_()
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(F), rtol=0, atol=1e-5)
@@ -326,7 +337,9 @@ def test_aux_loss_only_with_dead_latents(variant):
     # the aux loss reaches dead latents that the main loss never selects
     sae.zero_grad()
     out.losses["aux"].backward()
-    unused_F = dead_F & (out.codes_BTF[mask_BT] == 0).all(0)
+    pred_NF = sae.encoder.prepare(x_BTD, None, mask_BT, sae.b_dec, sae.W_dec).pred_NF  # TFA's dense prediction
+    novel_BTF = out.codes_BTF - (0 if pred_NF is None else pred_NF.reshape(out.codes_BTF.shape))
+    unused_F = dead_F & (novel_BTF[mask_BT] == 0).all(0)
     assert unused_F.any() and (sae.W_enc.grad[:, unused_F].abs().sum(0) > 0).any()
 
 
@@ -399,7 +412,7 @@ def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
     return loss
 
 
-@pytest.mark.parametrize("variant,kw", [(v, {}) for v in VARIANTS]
+@pytest.mark.parametrize("variant,kw", [(v, {}) for v in DENSE_VARIANTS]
                          + [("trsae-topk", dict(per_token_gates=True)),
                             ("trsae-batchtopk", dict(per_token_gates=True, d_v=8, d_ctx=6))])
 def test_sparse_training_path_matches_dense_autograd(variant, kw):
