@@ -1,9 +1,16 @@
-"""SAE training throughput against this machine's float32 matmul rate, measured in the same run.
+"""SAE training throughput against its floor, and what bounds the TopK step, measured side by side in one run.
 
-Prints, for a TopK (and optionally other) SAE training step on random activations of the given shape:
-tokens/s, achieved GFLOP/s (FLOPs from `trsae.overhead.flops_per_token`, which counts what the code runs), the
-dense float32 matmul GFLOP/s of a [B·T, d] x [d, F] product (the encoder's own shape), and their ratio
-(target: TopK training at >= 60 % of the matmul rate). Repeats are interleaved; medians are reported.
+The floor of a training step is the encoder's own matmul: tokens/s = (this machine's float32 rate for the
+``[B·T, d] x [d, F]`` product, measured here) / (2·d·F). Everything else a TopK step does (the top-k selection,
+the sparse decode, the sparse backward, the loss terms, Adam and the decoder renormalisation) is overhead over
+it. Prints, per SAE family, tokens/s, the share of the floor it reaches, and its step time over TopK's; then the
+TopK step taken apart, each piece timed alone in the same interleaved repeats (medians):
+
+    encoder matmul   x @ W_enc + b_enc                    (the floor)
+    top-k            torch.topk over the pre-activations [B·T, F]
+    forward          the SAE's whole forward (loss terms included), minus the two above
+    backward         loss.backward() of that forward
+    optimizer        Adam, the decoder-gradient projection and the row renormalisation (train_step minus the rest)
 
     python benchmarks/bench_train.py --d 640 --width 5120 --k 32 --batch 8 --ctx 128 --repeats 7
 """
@@ -13,19 +20,39 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import defaultdict
+from typing import Callable
 
 import torch
 
-from trsae.overhead import flops_per_token, make_batch, make_config, make_optimizer, train_step
+from trsae.overhead import make_batch, make_config, make_optimizer, train_step
 from trsae.saes import make_sae
 
 
-def matmul_gflops(n: int, d: int, f: int) -> float:
-    a, b = torch.randn(n, d), torch.randn(d, f)
-    a @ b
+def _time(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
-    a @ b
-    return 2 * n * d * f / (time.perf_counter() - t) / 1e9
+    fn()
+    return time.perf_counter() - t
+
+
+def topk_pieces(d: int, width: int, k: int, x_BTD: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, Callable]:
+    """Callables for the pieces of one TopK training step, on one SAE (the step's own code for the whole)."""
+    sae = make_sae(make_config("topk", d, width, k)).train()
+    opt = make_optimizer(sae)
+    x_ND = x_BTD.reshape(-1, d)
+    W, b = sae.encoder.W_enc.detach(), sae.encoder.b_enc.detach()
+    z_NF = torch.addmm(b, x_ND, W)
+
+    def forward():
+        return sae(x_BTD, mask_BT=mask_BT)
+
+    def forward_backward():
+        opt.zero_grad(set_to_none=True)
+        forward().loss.backward()
+
+    return {"encoder matmul": lambda: torch.addmm(b, x_ND, W), "top-k": lambda: z_NF.topk(k, dim=1, sorted=False),
+            "forward": forward, "forward+backward": forward_backward,
+            "step": lambda: train_step(sae, opt, x_BTD, mask_BT)}
 
 
 def main() -> None:
@@ -42,23 +69,35 @@ def main() -> None:
     x_BTD, mask_BT = make_batch(a.batch, a.ctx, a.d)
     saes = {arch: make_sae(make_config(arch, a.d, a.width, a.k)) for arch in a.archs}
     opts = {arch: make_optimizer(s) for arch, s in saes.items()}
-    for arch in a.archs:  # warm-up
-        train_step(saes[arch], opts[arch], x_BTD, mask_BT)
-    times = {arch: [] for arch in a.archs}
-    mm = []
+    steps = {arch: (lambda arch=arch: train_step(saes[arch], opts[arch], x_BTD, mask_BT)) for arch in a.archs}
+    pieces = topk_pieces(a.d, a.width, a.k, x_BTD, mask_BT)
+    todo = {**{f"train {arch}": fn for arch, fn in steps.items()}, **{f"piece {k}": fn for k, fn in pieces.items()}}
+    for fn in todo.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = defaultdict(list)
     for _ in range(a.repeats):
-        mm.append(matmul_gflops(n, a.d, a.width))
-        for arch in a.archs:
-            t = time.perf_counter()
-            train_step(saes[arch], opts[arch], x_BTD, mask_BT)
-            times[arch].append(time.perf_counter() - t)
-    peak = statistics.median(mm)
-    print(f"float32 matmul [{n}x{a.d}] @ [{a.d}x{a.width}]: {peak:.1f} GFLOP/s (median of {a.repeats})")
+        for name, fn in todo.items():
+            times[name].append(_time(fn))
+    t = {name: statistics.median(v) for name, v in times.items()}
+    mm = t["piece encoder matmul"]
+    rate = 2 * n * a.d * a.width / mm / 1e9
+    floor = n / mm
+    print(f"float32 encoder matmul [{n}x{a.d}] @ [{a.d}x{a.width}]: {rate:.1f} GFLOP/s, {mm * 1e3:.1f} ms; "
+          f"floor {floor:,.0f} tok/s (medians of {a.repeats})")
     for arch in a.archs:
-        t = statistics.median(times[arch])
-        fl = flops_per_token(saes[arch].cfg, train=True, n_tokens=n) * n
-        print(f"{arch:10s} train {n / t:9.0f} tok/s  {fl / t / 1e9:7.1f} GFLOP/s  = {fl / t / 1e9 / peak:5.1%} "
-              f"of matmul  ({fl / n / 1e6:.2f} MFLOP/token)")
+        s = t[f"train {arch}"]
+        rel = f"  {s / t['train topk']:.2f}x TopK's step" if "topk" in a.archs else ""
+        print(f"{arch:10s} train {n / s:9,.0f} tok/s = {(n / s) / floor:5.1%} of the floor{rel}")
+    step = t["piece step"]
+    parts = {"encoder matmul": mm, "top-k": t["piece top-k"],
+             "forward, rest": t["piece forward"] - mm - t["piece top-k"],
+             "backward": t["piece forward+backward"] - t["piece forward"],
+             "optimizer + renorm": step - t["piece forward+backward"]}
+    print(f"TopK step {step * 1e3:.1f} ms = {mm / step:.1%} floor; its pieces:")
+    for name, v in parts.items():
+        print(f"  {name:20s} {v * 1e3:7.1f} ms  {v / step:6.1%} of the step  {v / mm:5.2f}x the matmul")
+    bound = max((k for k in parts if k != "encoder matmul"), key=parts.get)
+    print(f"largest cost beside the matmul: {bound} ({parts[bound] / step:.0%} of the step)")
 
 
 if __name__ == "__main__":
