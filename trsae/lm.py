@@ -228,7 +228,6 @@ def fixed_threads(n: int) -> Iterator[None]:
     thread setting or load the resuming process meets."""
     if n < 1:
         raise ValueError(f"need at least one thread, got {n}")
-    _mkl_dynamic_off()
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

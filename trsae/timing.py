@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import io
 import os
 import textwrap
 import time
@@ -96,10 +97,11 @@ def write(path: str | os.PathLike, notebook: str, wall_s: float | None = None) -
 
 
 def _write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
-    lines = [",".join(COLUMNS)]
-    for r in rows:
-        lines.append(",".join([r["notebook"], r["phase"], r["detail"], f"{r['seconds']:.1f}", str(r["calls"])]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows([r["notebook"], r["phase"], r["detail"], f"{r['seconds']:.1f}", r["calls"]] for r in rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def summary(rows: list[dict]) -> str:
