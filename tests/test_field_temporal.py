@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as tnf
 
 from trsae.evaluate import evaluate_sae
 from trsae.saes import SAEConfig, make_sae
 from trsae.saes.tfa import past_attention
-from trsae.saes.tsae import contrastive_loss
+from trsae.saes.tsae import contrastive_loss, token_pairs
 
 D, F = 16, 64
 
@@ -26,7 +27,7 @@ def _batch(B=3, T=10, seed=0):
 
 
 def naive_contrastive(h_BTH, mask_BT, tau):
-    """Pair by pair: anchors h_t, positives h_{t-1}, negatives the positives of other sequences."""
+    """Pair by pair, cosine logits: anchors h_t, positives h_{t-1}, negatives the positives of other sequences."""
     B, T, _ = h_BTH.shape
     pairs = [(b, t) for b in range(B) for t in range(1, T)
              if mask_BT[b, t] and mask_BT[b, t - 1] and h_BTH[b, t].abs().sum() > 0 and h_BTH[b, t - 1].abs().sum() > 0]
@@ -44,6 +45,10 @@ def naive_contrastive(h_BTH, mask_BT, tau):
     return 0.5 * (fwd + bwd)
 
 
+def _contrast(h_NH, mask_N, B, T, how="adjacent", **kw):
+    return float(contrastive_loss(h_NH, *token_pairs(mask_N, B, T, how, torch.Generator().manual_seed(0)), **kw))
+
+
 def test_contrastive_matches_naive_loop():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(3, 6, 5, generator=g).relu()
@@ -51,7 +56,7 @@ def test_contrastive_matches_naive_loop():
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[:, 0] = False
     mask[2, 4] = False
-    got = float(contrastive_loss(h.reshape(18, 5), mask.reshape(-1), 3, 6, 0.3))
+    got = _contrast(h.reshape(18, 5), mask.reshape(-1), 3, 6, logits="cosine", temperature=0.3)
     assert got == pytest.approx(naive_contrastive(h, mask, 0.3), rel=1e-5)
 
 
@@ -62,10 +67,85 @@ def test_contrastive_closed_form_for_constant_orthogonal_sequences():
     h = torch.zeros(B, T, B)
     for b in range(B):
         h[b, :, b] = 1.0 + b
-    got = float(contrastive_loss(h.reshape(B * T, B), torch.ones(B * T, dtype=torch.bool), B, T, tau))
-    assert got == pytest.approx(math.log(1 + (B - 1) * (T - 1) * math.exp(-1 / tau)), rel=1e-6)
+    ones = torch.ones(B * T, dtype=torch.bool)
+    for how in ("adjacent", "random"):  # any earlier token of a constant sequence is the same positive
+        got = _contrast(h.reshape(B * T, B), ones, B, T, how, logits="cosine", temperature=tau)
+        assert got == pytest.approx(math.log(1 + (B - 1) * (T - 1) * math.exp(-1 / tau)), rel=1e-6)
     shuffled = h.reshape(B * T, B)[torch.randperm(B * T, generator=torch.Generator().manual_seed(0))]
-    assert float(contrastive_loss(shuffled, torch.ones(B * T, dtype=torch.bool), B, T, tau)) > got + 1.0
+    assert _contrast(shuffled, ones, B, T, logits="cosine", temperature=tau) > got + 1.0
+
+
+def test_random_pairs_are_uniform_over_earlier_valid_tokens():
+    """The reference's ``--temporal r``: each valid token's positive is drawn uniformly among the valid tokens before
+    it in its sequence (counted over many draws against the exact 1 / (number of earlier valid tokens))."""
+    B, T = 2, 7
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, 0] = False  # BOS
+    mask[1, 3] = False  # a special token mid-sequence is neither anchor nor positive
+    gen = torch.Generator().manual_seed(0)
+    counts: dict[tuple[int, int], int] = {}
+    draws = 4000
+    for _ in range(draws):
+        anchors, positives, seq = token_pairs(mask.reshape(-1), B, T, "random", gen)
+        for a, p, b in zip(anchors.tolist(), positives.tolist(), seq.tolist()):
+            assert a // T == p // T == b and p < a and mask.reshape(-1)[p]
+            counts[(a, p)] = counts.get((a, p), 0) + 1
+    for a in range(B * T):
+        earlier = [p for p in range(a - a % T, a) if mask.reshape(-1)[p]]
+        if not mask.reshape(-1)[a] or not earlier:
+            assert not any(key[0] == a for key in counts)
+            continue
+        for p in earlier:
+            assert counts[(a, p)] / draws == pytest.approx(1 / len(earlier), abs=0.03)
+
+
+def test_pairs_take_positives_from_the_margin_but_never_anchors():
+    """With a crop's left margin (context tokens that are not trained on), anchors are trained tokens only and
+    positives may be margin tokens."""
+    B, T, margin = 3, 8, 3
+    ctx = torch.ones(B, T, dtype=torch.bool)
+    ctx[:, 0] = False
+    mask = ctx.clone()
+    mask[:, :margin] = False
+    seen_margin = False
+    for how in ("random", "adjacent"):
+        for seed in range(20):
+            a, p, _ = token_pairs(mask.reshape(-1), B, T, how, torch.Generator().manual_seed(seed), ctx.reshape(-1))
+            assert mask.reshape(-1)[a].all() and ctx.reshape(-1)[p].all() and (p < a).all()
+            seen_margin |= bool((~mask.reshape(-1)[p]).any())
+        assert a.numel() == B * (T - margin)  # every trained token has an earlier context token
+    assert seen_margin
+
+
+def test_tsae_loss_is_the_reference_objective_in_this_projects_units():
+    """T-SAE's loss against a transcription of the authors' ``TemporalMatryoshkaBatchTopKTrainer.loss``
+    (AI4LIFE-GROUP/temporal-saes @ 8daecb2) on raw activations: 1/2 [0.2 E||x - x_hat_inner||^2 + 0.8 E||x - x_hat||^2]
+    + 0.1 x symmetric cross-entropy of raw dot products of the high-level codes over the pairs (token, earlier token).
+    Ours works on s x with a per-dimension MSE at weight 1, so ours = reference x s^2 / (0.4 d). Two-token sequences
+    make every pair's negatives other sequences, as in the reference's shuffled buffer."""
+    B, T, s = 12, 2, 0.37
+    cfg = SAEConfig.build(D, F, "matryoshka", "tsae", k=6, prefix_fracs=[0.25], level_weights=[0.25],
+                          high_frac=0.25, input_scale=s)
+    sae = make_sae(cfg).double().train()
+    with torch.no_grad():
+        sae.encoder.b_enc.normal_(0, 0.2, generator=torch.Generator().manual_seed(4))
+        sae.b_dec.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    x_raw = torch.randn(B, T, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3.0
+    with torch.no_grad():
+        out = sae(x_raw * s)
+    ours = float(out.losses["mse"] + out.losses["inner_16"] + out.losses["contrast"])
+    f_raw = out.codes_BTF.detach().reshape(B * T, F) / s  # the SAE of raw activations: b_dec / s, codes / s
+    W, b_raw, H = sae.W_dec.detach(), sae.b_dec.detach() / s, 16
+    x = x_raw.reshape(B * T, D)
+    inner = ((x - (f_raw[:, :H] @ W[:H] + b_raw)) ** 2).sum(1).mean()
+    outer = ((x - (f_raw @ W + b_raw)) ** 2).sum(1).mean()
+    h_now, h_then = f_raw[1::2, :H], f_raw[0::2, :H]  # each sequence's one pair: (token 1, token 0)
+    logits = h_now @ h_then.T
+    labels = torch.arange(B)
+    contrast = (tnf.cross_entropy(logits, labels) + tnf.cross_entropy(logits.T, labels)) / 2
+    reference = 0.5 * (0.2 * inner + 0.8 * outer) + 0.1 * contrast
+    assert float(contrast) > 0.1  # the term is not negligible in this case
+    assert ours == pytest.approx(float(reference) * s * s / (0.4 * D), rel=1e-9)
 
 
 def test_tsae_contrast_reaches_only_high_level_latents():

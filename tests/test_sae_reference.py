@@ -1,6 +1,6 @@
 """The JumpReLU and Matryoshka BatchTopK parts against SAELens's own implementations (sae-lens 6.54.12, the optional
-extra): the straight-through functions' values and gradients, JumpReLU's first-batch threshold, and the
-Matryoshka training losses on equal weights and inputs."""
+extra): the straight-through functions' values and gradients, JumpReLU's first-batch thresholds and its dead-latent
+pre-activation loss, and the Matryoshka training losses on equal weights and inputs."""
 
 import os
 
@@ -60,7 +60,7 @@ def test_jumprelu_starts_at_mean_l0_k_and_its_l0_loss_is_saelens_quadratic():
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    ours = make_sae(SAEConfig.build(D, F, "jumprelu", k=K)).train()
+    ours = make_sae(SAEConfig.build(D, F, "jumprelu", k=K, init="pooled")).train()
     x = _x()
     out = ours(x)
     assert (out.codes_BTF > 0).sum(-1).float().mean() == K  # first batch: threshold at the (K N)-th value
@@ -79,6 +79,55 @@ def test_jumprelu_starts_at_mean_l0_k_and_its_l0_loss_is_saelens_quadratic():
     # SAELens sums the squared error over dimensions, this project averages: both terms carry a factor D
     torch.testing.assert_close(mine.losses["mse"] * D, res.losses["mse_loss"])
     torch.testing.assert_close(mine.losses["l0"] * D, res.losses["l0_loss"])
+
+
+def test_jumprelu_per_latent_start_fires_every_latent_on_its_share():
+    """Each latent's first threshold is its own (n+1)-th largest pre-activation, n = round(k V / F): on the first
+    batch every latent fires on exactly n tokens (distinct random values), whatever its scale."""
+    V = 200
+    ours = make_sae(SAEConfig.build(D, F, "jumprelu", k=K)).train()
+    with torch.no_grad():
+        ours.W_enc.mul_(torch.linspace(0.1, 3.0, F))  # latents of very different scales
+        ours.encoder.b_enc.copy_(torch.linspace(-2.0, 0.5, F))
+    x = _x(n=V)
+    out = ours(x)
+    n = round(K * V / F)
+    z = ours.pre_acts(x)[0].detach()
+    for f in range(F):  # the naive way: sort each latent's values
+        top = torch.sort(z[:, f], descending=True).values
+        assert float(ours.sparsity.threshold[f].detach()) == pytest.approx(max(float(top[n]), 0.0))
+    fires_F = (out.codes_BTF[0] > 0).sum(0)
+    above = ours.sparsity.threshold > 0  # a latent whose (n+1)-th value is negative starts at 0: all its positives
+    assert (fires_F[above] == n).all() and torch.equal(fires_F[~above], (z[:, ~above] > 0).sum(0))
+    assert above.sum() > F // 2
+    pooled = make_sae(SAEConfig.build(D, F, "jumprelu", k=K, init="pooled")).train()
+    with torch.no_grad():
+        for a, b in zip(pooled.parameters(), ours.parameters()):
+            a.copy_(b)
+        pooled.sparsity.threshold.fill_(-1.0)
+    assert ((pooled(x).codes_BTF[0] > 0).sum(0) == 0).sum() > 0  # the pooled start leaves latents silent
+
+
+def test_jumprelu_pre_act_loss_is_saelens():
+    from sae_lens.saes.jumprelu_sae import calculate_pre_act_loss
+
+    coeff = 0.3
+    ours = make_sae(SAEConfig.build(D, F, "jumprelu", k=K, pre_act_coeff=coeff)).train()
+    with torch.no_grad():
+        ours.sparsity.threshold.copy_(torch.rand(F, generator=torch.Generator().manual_seed(3)))
+        ours.W_dec.mul_(torch.linspace(0.5, 2.0, F)[:, None])  # the term weighs by decoder norms
+    dead_F = torch.zeros(F, dtype=torch.bool)
+    dead_F[::3] = True
+    x = _x()
+    mine = ours(x, dead_F=dead_F)
+    z = ours.pre_acts(x)[0]
+    theirs = calculate_pre_act_loss(coeff, ours.sparsity.threshold, z, dead_F, ours.W_dec.norm(dim=1))
+    torch.testing.assert_close(mine.losses["pre_act"], theirs)
+    assert float(theirs) > 0
+    mine.losses["pre_act"].backward()
+    assert ours.W_enc.grad[:, ~dead_F].abs().sum() == 0  # only the dead latents' encoder rows move
+    assert ours.W_enc.grad[:, dead_F].abs().sum() > 0
+    assert float(ours(x).losses["pre_act"]) == 0  # no dead latents, no term
 
 
 def test_matryoshka_losses_match_saelens():

@@ -22,7 +22,7 @@ D, F, K, B, T = 16, 64, 4, 3, 8
 
 VARIANTS = [s if e == "token" else f"{e}-{s}" for e in part_names("encoder") for s in part_names("sparsity")]
 """``<sparsity>`` for the per-token encoder, else ``<encoder>-<sparsity>``: from the registry."""
-SPARSE_LOSS = {"relu": {"l1"}, "topk": {"aux"}, "batchtopk": {"aux"}, "jumprelu": {"l0"},
+SPARSE_LOSS = {"relu": {"l1"}, "topk": {"aux"}, "batchtopk": {"aux"}, "jumprelu": {"l0", "pre_act"},
                "matryoshka": {"aux", "inner_4", "inner_8", "inner_16", "inner_32"}}
 ENCODER_LOSS = {"token": set(), "trsae": {"pos_l1", "gate"}, "tsae": {"contrast"}, "tfa": set()}
 
@@ -385,8 +385,10 @@ def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
     loss = ((x_hat_ND - x_ND).pow(2).sum(1) / D)[m_N].mean()
     if mech == "relu":
         loss = loss + sp.l1_coeff * (codes_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
-    elif mech == "jumprelu":
+    elif mech == "jumprelu":  # the quadratic L0 penalty, and SAELens's pre-activation loss on the dead latents
         loss = loss + sp.l0_coeff * (2 / K * (step_NF.sum(1) - K).pow(2))[m_N].mean()
+        gap_NF = (sae.sparsity.threshold - z_NF).relu() * dead_F.float()
+        loss = loss + sp.pre_act_coeff * (gap_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
     else:
         e_VD = (x_ND - x_hat_ND).detach()[m_N]
         dead_G = dead_F.nonzero().squeeze(1)

@@ -159,6 +159,55 @@ def test_windows_are_whole_and_never_mix_sequences(tiny_store, shuffle, crop_len
     assert n == (32 * (32 // crop_len)) // 6 * 6
 
 
+@pytest.mark.parametrize("context", [3, 8])
+def test_crops_carry_their_left_margin_as_context_only(tiny_store, context):
+    """With a left margin, each crop is the same crop as without one (same order), preceded by the ``context``
+    tokens before it in its sequence: read as context (`ctx_BT`), never trained on (`mask_BT`); before the
+    sequence's start, padding that is neither."""
+    kw = {"batch_size": 6, "crop_len": 8, "seed": 2, "epochs": 1}
+    plain = list(tiny_store.batches("train", **kw))
+    margin = list(tiny_store.batches("train", context=context, **kw))
+    assert len(plain) == len(margin)
+    padded = 0
+    for a, b in zip(plain, margin):
+        assert b.acts_BTD.shape[1] == context + 8
+        crop = b.without_margin(context)
+        for name in ("acts_BTD", "mask_BT", "pos_BT", "ids_BT", "seq_B"):
+            assert torch.equal(getattr(crop, name), getattr(a, name))
+        assert not b.mask_BT[:, :context].any()
+        for acts_TD, ids_T, pos_T, ctx_T, seq in zip(b.acts_BTD, b.ids_BT, b.pos_BT, b.ctx_BT, b.seq_B):
+            ref_acts, ref_ids = tiny_store.sequence(int(seq))
+            start = int(pos_T[context])
+            for t in range(context):  # the margin: the tokens before the crop, or padding
+                p = start - context + t
+                if p < 0:
+                    padded += 1
+                    assert not ctx_T[t] and not acts_TD[t].any()
+                    continue
+                assert int(pos_T[t]) == p and ids_T[t] == ref_ids[p]
+                torch.testing.assert_close(acts_TD[t], ref_acts[p] * tiny_store.norm_scale)
+                assert bool(ctx_T[t]) == (int(ref_ids[p]) != 50256)
+        assert torch.equal(b.ctx_BT[:, context:], b.mask_BT[:, context:])
+    assert padded > 0  # crops at a sequence's start were among them
+    with pytest.raises(ValueError, match="context"):
+        next(tiny_store.batches("train", batch_size=2, crop_len=32, context=1))
+
+
+@pytest.mark.parametrize("batch_size, crop_len", [(5, 8), (8, 8), (3, 16)])
+def test_a_shuffled_epoch_is_every_crop_once_in_batches_of_distinct_sequences(tiny_store, batch_size, crop_len):
+    """Decorrelated batches: in a "crop"-shuffled epoch every crop of the split comes exactly once, and each batch
+    takes its crops from distinct sequences (a buffer of the tiny store's 5 shards holds more sequences than a
+    batch)."""
+    seen = []
+    for b in tiny_store.batches("train", batch_size=batch_size, crop_len=crop_len, seed=4, epochs=1,
+                                buffer_shards=5):
+        assert len(set(b.seq_B.tolist())) == batch_size
+        seen += [(int(s), int(p)) for s, p in zip(b.seq_B, b.pos_BT[:, 0])]
+    every = sorted((int(s), p) for s in tiny_store.splits["train"] for p in range(0, 32, crop_len))
+    n_full = len(every) // batch_size * batch_size
+    assert len(seen) == len(set(seen)) == n_full and set(seen) <= set(every)
+
+
 def test_bos_never_reaches_training_tokens(tiny_store):
     saw_bos = False
     for b in tiny_store.batches("train", batch_size=4, crop_len=8, seed=0, epochs=1):
@@ -208,3 +257,6 @@ def test_first_sequences_are_the_same_whatever_the_batch_size(tiny_store, n_seqs
     assert all(len(b.seq_B) <= batch_size for b in got)
     one = torch.cat([b.acts_BTD for b in tiny_store.first("train", n_seqs, 1)])
     assert torch.equal(torch.cat([b.acts_BTD for b in got]), one)
+    for skip in (0, 1, batch_size, 2 * batch_size + 1):  # a later part of the same sequences
+        later = [int(s) for b in tiny_store.first("train", n_seqs, batch_size, skip=skip) for s in b.seq_B]
+        assert later == want[skip:]

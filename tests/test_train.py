@@ -101,6 +101,35 @@ def test_batchtopk_threshold_gives_l0_k_on_training_data(tmp_path, tiny_store):
     assert torch.cat(l0).mean().item() == pytest.approx(4, rel=0.1)
 
 
+def test_the_margin_reaches_temporal_encoders_only(tiny_store, tmp_path):
+    """A per-token SAE trained with a left margin trains exactly as without one (it never reads the margin); a
+    TRSAE's pre-activations at a crop's tokens, with a margin as long as its window, equal those of the whole
+    sequence at the same positions (its window is complete at the crop's first tokens)."""
+    from trsae.saes import make_sae
+
+    base = TrainConfig(tokens=8 * 16 * 4, batch_size=8, crop_len=16, lr=1e-3)
+    cfg = _cfg(tiny_store)
+    plain = train_sae(cfg, base, tiny_store, tmp_path / "plain", progress=False)
+    margin = train_sae(cfg, dataclasses.replace(base, context=8), tiny_store, tmp_path / "margin", progress=False)
+    for a, b in zip(plain.state_dict().values(), margin.state_dict().values()):
+        assert torch.equal(a, b)
+
+    w = 4
+    tr = make_sae(SAEConfig.build(tiny_store.d_model, 64, "topk", "trsae", k=4, window=w, w_start=w)).eval()
+    with torch.no_grad():
+        tr.encoder.U.normal_(0, 0.5)  # the context visibly moves the pre-activations
+    b = next(tiny_store.batches("train", batch_size=6, crop_len=16, context=w, seed=0))
+    z_BTF = tr.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT, ctx_BT=b.ctx_BT).detach()
+    no_ctx = tr.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT).detach()
+    assert not torch.allclose(z_BTF[:, w], no_ctx[:, w])  # without the margin as context, a crop's start differs
+    for i, seq in enumerate(b.seq_B):
+        acts, ids = tiny_store.sequence(int(seq))
+        whole_TF = tr.pre_acts((acts * tiny_store.norm_scale)[None].to(b.acts_BTD.dtype),
+                               mask_BT=(ids != 50256)[None]).detach()[0]
+        pos_T = b.pos_BT[i, w:]
+        torch.testing.assert_close(z_BTF[i, w:], whole_TF[pos_T], rtol=1e-5, atol=1e-5)
+
+
 def test_trsae_temporal_parameters_get_their_own_learning_rate():
     from trsae.saes import make_sae
 

@@ -105,6 +105,10 @@ class TrainConfig:
     crop_len: int = 128
     """Tokens per training crop (a run of consecutive tokens of one stored sequence); must divide the store's
     context length. Not the TRSAE attention window, which is `TRSAEEncoderConfig.window`."""
+    context: int = 0
+    """Tokens before each crop that an encoder reading context (a TRSAE, TFA, T-SAE's pairs) sees as a left
+    margin, so that a crop's first tokens still have their window; the margin is not trained on or counted, and a
+    per-token SAE never reads it. At most the store's context length minus `crop_len`."""
     shuffle: str = "crop"
     """Shuffle whole crops ("crop") or whole sequences ("sequence"); never single tokens."""
     lr: float = 4e-4
@@ -123,6 +127,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "crop_len", "lr", "checkpoint_every", "log_every"):
             _positive(name, getattr(self, name))
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
+            raise ValueError(f"context must be an int >= 0, got {self.context!r}")
         if not 0 < self.dead_window_frac <= 1:
             raise ValueError(f"dead_window_frac must be in (0, 1], got {self.dead_window_frac}")
         if self.shuffle not in ("crop", "sequence"):

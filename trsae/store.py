@@ -27,6 +27,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as tnf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -49,7 +50,8 @@ class StoreError(RuntimeError):
 
 
 class Batch(NamedTuple):
-    """A batch of crops: ``B`` crops of ``T`` consecutive tokens, each from one sequence."""
+    """A batch of crops: ``B`` crops of ``T`` consecutive tokens, each from one sequence (with a left margin of
+    context tokens when `ActivationStore.batches` is asked for one)."""
 
     acts_BTD: torch.Tensor
     """Activations in the store's `ActivationStore.dtype`, multiplied by its normalisation scalar (E‖x‖² = d on
@@ -62,6 +64,13 @@ class Batch(NamedTuple):
     """Token ids."""
     seq_B: torch.Tensor
     """Global sequence index of each crop."""
+    ctx_BT: torch.Tensor
+    """True on the ordinary tokens a temporal encoder may read as context: `mask_BT`'s and, in a crop's left
+    margin, the ordinary tokens there (which `mask_BT` leaves out: they are read, not trained on or scored)."""
+
+    def without_margin(self, context: int) -> "Batch":
+        """The crops alone: the first ``context`` tokens (the margin) cut off."""
+        return Batch(*(t[:, context:] if t.dim() > 1 else t for t in self))
 
 
 # --- atomic file writes -------------------------------------------------------------------------------
@@ -256,6 +265,27 @@ def _read_manifest(path: Path) -> dict:
 
 # --- reading ------------------------------------------------------------------------------------------
 
+def _distinct_rounds(w: np.ndarray, per_seq: int, batch_size: int, first: int, rng: np.random.Generator
+                     ) -> np.ndarray:
+    """The crops ``w`` (``[n_seq * per_seq, 2]``, each sequence's crops consecutive) in a random order whose
+    batches — a first one of ``first`` crops (what completes the batch the previous group began), then runs of
+    ``batch_size`` — each take crops of distinct sequences: every batch draws, among the sequences with crops
+    left, those with the most left (ties at random), so the buffer's sequences take turns and the last batches
+    are distinct too as long as ``batch_size`` sequences have crops left."""
+    n_seq = len(w) // per_seq
+    crops = [list(rng.permutation(per_seq)) for _ in range(n_seq)]  # each sequence's crops, in random order
+    left = np.full(n_seq, per_seq)
+    out, size = [], first or batch_size
+    while left.sum():
+        key = rng.random(n_seq) - left  # most crops left first, ties at random
+        take = np.argsort(key)[:min(size, int((left > 0).sum()))]
+        take = take[rng.permutation(len(take))]
+        out += [s * per_seq + crops[s].pop() for s in take]
+        left[take] -= 1
+        size = batch_size
+    return w[np.asarray(out, dtype=np.int64)]
+
+
 class ActivationStore:
     """A finished (or, with ``allow_partial``, a partial) store, read shard by shard."""
 
@@ -335,8 +365,10 @@ class ActivationStore:
         return len(self.splits[split]) * self.ctx_len
 
     def _crop_order(self, split: str, crop_len: int, shuffle: str | None, seed: int, epoch: int,
-                      buffer_shards: int) -> np.ndarray:
-        """``[n_crops, 2]`` (sequence, start) pairs of one epoch, shuffled within groups of shards."""
+                      buffer_shards: int, batch_size: int = 1) -> np.ndarray:
+        """``[n_crops, 2]`` (sequence, start) pairs of one epoch, shuffled within groups of shards; with "crop",
+        every batch (aligned run of ``batch_size``) takes its crops from distinct sequences where the buffer
+        holds that many (`_distinct_rounds`)."""
         seqs = self.splits[split]
         per_seq = self.ctx_len // crop_len
         shard_of = seqs // self.manifest["seqs_per_shard"]
@@ -354,28 +386,37 @@ class ActivationStore:
                 gs = rng.permutation(gs)
             w = np.stack(np.meshgrid(gs, np.arange(per_seq) * crop_len, indexing="ij"), -1).reshape(-1, 2)
             if shuffle == "crop":
-                w = w[rng.permutation(len(w))]
+                w = _distinct_rounds(w, per_seq, batch_size, -sum(map(len, out)) % batch_size, rng)
             out.append(w)
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
-    def first(self, split: str, n_seqs: int, batch_size: int = 4) -> Iterator[Batch]:
+    def first(self, split: str, n_seqs: int, batch_size: int = 4, skip: int = 0) -> Iterator[Batch]:
         """The first ``n_seqs`` whole sequences of ``split`` in store order, ``batch_size`` at a time (the last batch
         cut to what is left): the one definition of "the evaluation's tokens", shared by the evaluation, the
-        pursuit ceiling, `trsae.runner.test_tokens` and the dashboards, whatever batch size each reads them in."""
-        left = n_seqs
-        for b in self.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False):
+        pursuit ceiling, `trsae.runner.test_tokens` and the dashboards, whatever batch size each reads them in.
+        ``skip``: leave out the first ``skip`` of them (a later part of the same tokens)."""
+        left, skip = n_seqs - skip, max(skip, 0)
+        pos = 0
+        for b in self.batches(split, batch_size=batch_size, shuffle=None, epochs=1, drop_last=False,
+                              start=skip // batch_size):
             if left <= 0:
                 return
-            if len(b.seq_B) > left:
-                b = Batch(*(t[:left] for t in b))
+            lo = skip - skip // batch_size * batch_size if pos == 0 else 0
+            pos += 1
+            if lo or len(b.seq_B) - lo > left:
+                b = Batch(*(t[lo:lo + left] for t in b))
             left -= len(b.seq_B)
             yield b
 
     def batches(self, split: str = "train", batch_size: int = 32, crop_len: int | None = None,
                 shuffle: str | None = "crop", seed: int = 0, start: int = 0, epochs: int | None = None,
-                buffer_shards: int = 4, drop_last: bool = True) -> Iterator[Batch]:
+                buffer_shards: int = 4, drop_last: bool = True, context: int = 0) -> Iterator[Batch]:
         """Stream batches of whole crops (runs of consecutive tokens of one sequence), starting at batch ``start``
         (a resumable data cursor).
+
+        ``context``: each crop comes with the ``context`` tokens before it in its sequence as a left margin
+        (``T = context + crop_len``), marked in `Batch.ctx_BT` but not in `Batch.mask_BT`; before a sequence's
+        start the margin is padding (zero activations, id 0, position 0, in neither mask).
 
         ``shuffle``: "crop" (crops permuted within a buffer of ``buffer_shards`` shards), "sequence"
         (sequences permuted, their crops kept in order) or None (in order). Epochs repeat with a new
@@ -388,27 +429,33 @@ class ActivationStore:
             raise ValueError(f"crop_len {crop_len} must divide the store's context length {self.ctx_len}")
         if shuffle not in ("crop", "sequence", None):
             raise ValueError(f"shuffle must be 'crop', 'sequence' or None, got {shuffle!r}")
+        if not 0 <= context <= self.ctx_len - crop_len:
+            raise ValueError(f"context {context} must be in 0 .. ctx_len - crop_len = {self.ctx_len - crop_len}")
         n_crops = len(self.splits[split]) * (self.ctx_len // crop_len)
         if n_crops == 0:
             raise StoreError(f"the {split} split of {self.path} is empty")
         if drop_last and n_crops < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the {n_crops} crops of the {split} split")
         per_epoch = n_crops // batch_size if drop_last else -(-n_crops // batch_size)
-        pos_T = torch.arange(crop_len)
         b = start
         while epochs is None or b < epochs * per_epoch:
             epoch, j = divmod(b, per_epoch)
             if j == 0 or b == start:
-                order = self._crop_order(split, crop_len, shuffle, seed, epoch, buffer_shards)
+                order = self._crop_order(split, crop_len, shuffle, seed, epoch, buffer_shards, batch_size)
             chunk = order[j * batch_size:(j + 1) * batch_size]
             acts, ids = [], []
             for seq, st in chunk:
                 a_TD, i_T = self.sequence(int(seq))
-                acts.append(a_TD[st:st + crop_len])
-                ids.append(i_T[st:st + crop_len])
+                lo, pad = st - context, max(0, context - st)
+                acts.append(tnf.pad(a_TD[max(lo, 0):st + crop_len], (0, 0, pad, 0)))
+                ids.append(tnf.pad(i_T[max(lo, 0):st + crop_len], (pad, 0)))
             ids_BT = torch.stack(ids).long()
-            yield Batch(acts_BTD=torch.stack(acts).to(self.dtype) * self.norm_scale,
-                        mask_BT=~torch.isin(ids_BT, self._special.long()),
-                        pos_BT=torch.as_tensor(chunk[:, 1:2]) + pos_T,
-                        ids_BT=ids_BT, seq_B=torch.as_tensor(chunk[:, 0]))
+            pos_BT = torch.as_tensor(chunk[:, 1:2]) - context + torch.arange(context + crop_len)
+            real_BT = pos_BT >= 0
+            ctx_BT = ~torch.isin(ids_BT, self._special.long()) & real_BT
+            mask_BT = ctx_BT.clone()
+            mask_BT[:, :context] = False
+            yield Batch(acts_BTD=torch.stack(acts).to(self.dtype) * self.norm_scale, mask_BT=mask_BT,
+                        pos_BT=pos_BT.clamp_min(0), ids_BT=ids_BT, seq_B=torch.as_tensor(chunk[:, 0]),
+                        ctx_BT=ctx_BT)
             b += 1

@@ -89,14 +89,14 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x_BTD: torch.Tensor, mask_BT: torch.Tensor,
                pos_BT: torch.Tensor | None = None, dead_F: torch.Tensor | None = None,
-               ranks: Ranks | None = None) -> ForwardOutput:
+               ranks: Ranks | None = None, ctx_BT: torch.Tensor | None = None) -> ForwardOutput:
     """One optimiser step, the same for the trainer, the overhead timings and the benchmarks: forward (with the
     AuxK loss over `dead_F`), backward, gradients averaged over `ranks`, the decoder gradient made orthogonal to
     unit-norm rows, Adam, decoder rows renormalised (in training mode). Returns the forward's output (loss terms,
     codes)."""
     unit_norm = sae.sparsity.unit_norm
     sae.train()
-    out = sae(x_BTD, mask_BT=mask_BT, pos_BT=pos_BT, dead_F=dead_F)
+    out = sae(x_BTD, mask_BT=mask_BT, pos_BT=pos_BT, dead_F=dead_F, ctx_BT=ctx_BT)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     if ranks is not None:
@@ -107,6 +107,12 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x_BTD: torch.Tensor, mask_B
     if unit_norm:
         sae.normalize_decoder_()
     return out
+
+
+def _margin(sae: SAE, cfg: TrainConfig) -> int:
+    """The left margin of the training crops: `TrainConfig.context` for an encoder that reads context, else none
+    (a per-token SAE would only spend time encoding it)."""
+    return cfg.context if sae.encoder.reads_context else 0
 
 
 @torch.no_grad()
@@ -133,10 +139,11 @@ def calibrate_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: in
     model's pre-activations on ``n_batches`` training batches (a stream of its own seed)."""
     zs = []
     for i, b in enumerate(store.batches("train", batch_size=cfg.batch_size, crop_len=cfg.crop_len,
-                                        shuffle=cfg.shuffle, seed=cfg.seed + 1)):
+                                        shuffle=cfg.shuffle, seed=cfg.seed + 1, context=_margin(sae, cfg))):
         if i >= n_batches:
             break
-        zs.append(sae.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT)[b.mask_BT].flatten())
+        z_BTF = sae.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT, ctx_BT=b.ctx_BT)
+        zs.append(z_BTF[b.mask_BT].flatten())
     sae.sparsity.calibrate_(torch.cat(zs), sae.cfg.width)
 
 
@@ -157,6 +164,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
         raise RunError(f"SAE d_in {sae_cfg.d_in} does not match the store's d_model {store.d_model}")
     if store.ctx_len % cfg.crop_len:
         raise RunError(f"crop_len {cfg.crop_len} must divide the store's context length {store.ctx_len}")
+    if cfg.context > store.ctx_len - cfg.crop_len:
+        raise RunError(f"context {cfg.context} leaves no room for the crop: at most the store's context length "
+                       f"{store.ctx_len} minus crop_len {cfg.crop_len}")
     sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale, seed=cfg.seed)  # one seed: the run's
     run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
@@ -242,7 +252,7 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
                                 "rng": _rng_state(), "run": run_info})
 
     batches = store.batches("train", batch_size=cfg.batch_size, crop_len=cfg.crop_len, shuffle=cfg.shuffle,
-                            seed=cfg.seed, start=step)
+                            seed=cfg.seed, start=step, context=_margin(sae, cfg))
     bar = tqdm(total=total, initial=step, desc=f"train {sae_cfg.label}", unit="step",
                disable=not (progress and ranks.main))
     stop_at = total if max_steps is None else min(total, step + max_steps)
@@ -253,7 +263,7 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
             batch = ranks.shard(next(batches))
             sae.encoder.on_step(step, total)
             out_ = train_step(sae, opt, batch.acts_BTD, batch.mask_BT, batch.pos_BT,
-                              dead_F=since_fired_F >= dead_steps, ranks=ranks)
+                              dead_F=since_fired_F >= dead_steps, ranks=ranks, ctx_BT=batch.ctx_BT)
             sched.step()
             codes_MF = out_.codes_BTF[batch.mask_BT].detach()
             _count_firing_(sae, codes_MF, since_fired_F, ranks)

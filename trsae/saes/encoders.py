@@ -38,9 +38,18 @@ class EncState:
     L0. None for every other encoder."""
     pred_ND: Tensor | None = None
     """``pred_NF @ W_dec`` (no b_dec), computed once by the encoder."""
+    ctx_N: Tensor | None = None
+    """Tokens an encoder may read as context where that is not `mask_N` (a training crop's left margin: read, not
+    trained on); None: `mask_N`."""
+    input_scale: float = 1.0
+    """`SAEConfig.input_scale` s (the inputs here are s x): loss terms defined on raw activations convert with it."""
     xin_ND: Tensor | None = None
     """What the per-token term reads when it is not `x_ND`: the input less the decoded prediction, so the novel
     code encodes what the prediction leaves. `x_ND` stays the reconstruction target."""
+
+    @property
+    def context_N(self) -> Tensor:
+        return self.mask_N if self.ctx_N is None else self.ctx_N
 
     @property
     def enc_in_ND(self) -> Tensor:
@@ -66,9 +75,14 @@ class TokenEncoder(nn.Module):
 
     predicts = False
     """True for an encoder that sets `EncState.pred_NF` (it then needs `W_dec_FD` in `prepare`)."""
+    reads_context = False
+    """True for an encoder (or its loss) that reads other tokens than the one it encodes: only such an encoder
+    is given a training crop's left margin (`trsae.config.TrainConfig.context`)."""
 
     def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor,
-                W_dec_FD: Tensor | None = None) -> EncState:
+                W_dec_FD: Tensor | None = None, ctx_BT: Tensor | None = None) -> EncState:
+        """The batch's state. ``mask_BT``: the tokens encoded for the loss and the metrics; ``ctx_BT``: the tokens a
+        temporal encoder may read as context, where they differ (None: ``mask_BT``)."""
         B, T, D = x_BTD.shape
         if D != self.W_enc.shape[0]:
             raise ValueError(f"expected inputs [B, T, {self.W_enc.shape[0]}], got {tuple(x_BTD.shape)}")
@@ -77,7 +91,8 @@ class TokenEncoder(nn.Module):
         else:
             mask_N = mask_BT.reshape(B * T).bool()
         bias_F = self.b_enc - b_dec_D @ self.W_enc
-        return EncState(x_BTD.reshape(B * T, D), bias_F, mask_N, B, T)
+        ctx_N = None if ctx_BT is None else ctx_BT.reshape(B * T).bool()
+        return EncState(x_BTD.reshape(B * T, D), bias_F, mask_N, B, T, ctx_N=ctx_N)
 
     def dense(self, st: EncState) -> Tensor:
         """``z_NF`` for every token and latent (autograd-capable)."""

@@ -11,11 +11,24 @@ forward values and gradients numerically):
 - ``l0_t = sum_f Step(z_tf, theta_f)`` with ``Step = H(z - theta)``, whose backward reaches theta only:
   ``-sum_t (1 / bw) rect((z - theta) / bw) g``.
 - loss ``l0 = l0_coeff * mean_valid_t (2 / k) (l0_t - k)^2``.
+- ``pre_act = pre_act_coeff * mean_valid_t sum_f dead_f relu(theta_f - z_tf) ||W_dec[f]||`` (SAELens's
+  ``calculate_pre_act_loss``, Anthropic's January 2025 revival term) over the latents the trainer counts as dead:
+  the only gradient a dead latent's encoder gets, so nothing stays dead for good.
 
-Differences from SAELens, chosen for short CPU runs: the threshold starts at the value that gives the first
-training batch a mean L0 of exactly k (the (k·N + 1)-th largest pre-activation; SAELens starts at 0.01, and Adam
-moves it by about lr per step, far too slowly for a few hundred steps), unless `init_threshold` is set; the MSE
-here is per dimension, so the default coefficient is SAELens's 1.0 divided by d_in.
+Initialisation. SAELens starts every threshold at 0.01 (`init_threshold`), where nearly every latent fires; Adam
+then moves a threshold by about lr per step, which a run of a few hundred steps cannot afford. Here, by default
+(``init="per_latent"``), each latent's threshold starts at its own (n+1)-th largest pre-activation on the first
+training batch's V valid tokens, n = round(k V / F): every latent fires on the same share k / F of that batch,
+so the mean L0 starts at k and every latent starts with a gradient. ``init="pooled"`` keeps one threshold for all
+latents (the (k V + 1)-th largest pre-activation of the batch): mean L0 k as well, but the latents whose
+pre-activations sit below the pooled tail never fire and get no gradient (31 % of them stayed dead over 100k
+tokens of gemma-3-270m layer 6). The MSE here is per dimension, so the L0 coefficient is SAELens's divided by
+d_in.
+
+Settings for short runs, measured on gemma-3-270m layer 6 at 300k training tokens (val split): at
+``threshold_lr_mult`` 1 the thresholds lag the encoder and the mean L0 ends at 62 for a target of 32; at 10 it ends
+near 37 with 12 % dead latents; the pre-activation loss at ``pre_act_coeff`` 1 / d_in (the L0 penalty's weight)
+brings the dead latents under 1 % (SAELens's 3e-6, in these units, changed nothing).
 """
 
 from __future__ import annotations
@@ -77,13 +90,22 @@ class JumpReLUConfig(PartConfig):
     bandwidth: float = 0.05
     """Width of the rectangle kernel of the straight-through estimators (SAELens default)."""
     init_threshold: float | None = None
-    """Initial threshold of every latent. None -> set on the first training batch to give it mean L0 = k."""
-    threshold_lr_mult: float = 1.0
-    """Learning-rate multiplier of the thresholds."""
+    """Initial threshold of every latent (SAELens: 0.01). None -> set on the first training batch by `init`."""
+    init: str = "per_latent"
+    """How the first training batch sets the thresholds when `init_threshold` is None: "per_latent" (each
+    latent fires on a share k / F of the batch) or "pooled" (one threshold, the batch's mean L0 = k)."""
+    pre_act_coeff: float | None = None
+    """Weight of the dead latents' pre-activation loss (0 turns it off). None -> ``1 / d_in``, the L0 penalty's
+    weight (SAELens's 3e-6 for Anthropic's setup, in this module's units, revived no latent in a 300-step run)."""
+    threshold_lr_mult: float = 10.0
+    """Learning-rate multiplier of the thresholds: Adam moves a threshold by about lr x this per step, and at 1 the
+    thresholds of a few-hundred-step run lag the encoder (mean L0 62 for a target of 32 on gemma-3-270m)."""
 
     def validate(self) -> None:
         check_int("k", self.k, lo=1)
-        for name in ("l0_coeff", "init_threshold"):
+        if self.init not in ("per_latent", "pooled"):
+            raise ValueError(f"init must be 'per_latent' or 'pooled', got {self.init!r}")
+        for name in ("l0_coeff", "init_threshold", "pre_act_coeff"):
             if getattr(self, name) is not None:
                 check_float(name, getattr(self, name), lo=0.0)
         check_float("bandwidth", self.bandwidth)
@@ -96,6 +118,8 @@ class JumpReLUConfig(PartConfig):
             raise ValueError(f"k={self.k} must be <= width={width}")
         if self.l0_coeff is None:
             self.l0_coeff = 1.0 / d_in
+        if self.pre_act_coeff is None:
+            self.pre_act_coeff = 1.0 / d_in
 
 
 @register_part("sparsity", "jumprelu", JumpReLUConfig)
@@ -120,10 +144,15 @@ class JumpReLU(Sparsity):
 
     @torch.no_grad()
     def _start(self, z_NF: Tensor, mask_N: Tensor) -> None:
-        if float(self.threshold[0]) < 0:  # first training batch: mean L0 = k
-            z = z_NF[mask_N].flatten()  # z > theta keeps exactly the k N largest: theta is the (k N + 1)-th
-            n_keep = min(self.cfg.k * int(mask_N.sum()) + 1, z.numel())
-            self.threshold.fill_(float(torch.topk(z, n_keep).values[-1].clamp_min(0)))
+        if float(self.threshold[0]) < 0:  # first training batch: mean L0 = k (z > theta keeps the values above)
+            z_VF = z_NF[mask_N]
+            V, F = z_VF.shape
+            if self.cfg.init == "per_latent":  # theta_f: latent f's (n + 1)-th largest, n = k V / F
+                n = min(max(1, round(self.cfg.k * V / F)), V - 1)
+                self.threshold.copy_(z_VF.kthvalue(V - n, dim=0).values)
+            else:  # one theta: the batch's (k V + 1)-th largest
+                n_keep = min(self.cfg.k * V + 1, z_VF.numel())
+                self.threshold.fill_(float(torch.topk(z_VF.flatten(), n_keep).values[-1]))
         self.threshold.clamp_(min=0.0)  # as SAELens: below 0 the gate would pass negative pre-activations
 
     def codes(self, enc, st, dead_F=None, update=False) -> Codes:
@@ -131,6 +160,7 @@ class JumpReLU(Sparsity):
         if update and self.training:
             self._start(z_NF.detach(), st.mask_N)
         st.extra["z_NF"] = z_NF
+        st.extra["dead_F"] = dead_F
         return Codes(dense_NF=JumpReLUFn.apply(z_NF, self.threshold, self.cfg.bandwidth))
 
     def activate(self, z_NF: Tensor, mask_N: Tensor) -> Tensor:
@@ -150,4 +180,12 @@ class JumpReLU(Sparsity):
         l0_N = StepFn.apply(st.extra["z_NF"], self.threshold, self.cfg.bandwidth).sum(1)
         maskf_N = st.mask_N.to(l0_N.dtype)
         per_token_N = 2.0 / k * (l0_N - k).pow(2)
-        return {"l0": self.cfg.l0_coeff * (per_token_N * maskf_N).sum() / maskf_N.sum().clamp_min(1.0)}
+        n_valid = maskf_N.sum().clamp_min(1.0)
+        out = {"l0": self.cfg.l0_coeff * (per_token_N * maskf_N).sum() / n_valid}
+        dead_F = st.extra.get("dead_F")
+        if dead_F is None or self.cfg.pre_act_coeff == 0 or not bool(dead_F.any()):
+            out["pre_act"] = l0_N.new_zeros(())
+        else:
+            gap_NF = (self.threshold - st.extra["z_NF"]).relu() * dead_F.to(l0_N.dtype)
+            out["pre_act"] = self.cfg.pre_act_coeff * ((gap_NF @ W_dec_FD.norm(dim=1)) * maskf_N).sum() / n_valid
+        return out

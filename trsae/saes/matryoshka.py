@@ -6,7 +6,8 @@ Checked against SAELens 6.54.12 (``sae_lens/saes/matryoshka_batchtopk_sae.py``,
 ``MatryoshkaBatchTopKTrainingSAE.training_forward_pass``): the outer level is the ordinary loss, each inner level
 ``w`` adds the MSE of ``f[:, :w] @ W_dec[:w] + b_dec`` with the same codes, unweighted; the AuxK loss is the
 BatchTopK one over the whole dictionary (SAELens's default ``use_matryoshka_aux_loss=False``). Inference is
-BatchTopK's threshold rule.
+BatchTopK's threshold rule. ``level_weights`` weighs the inner levels against the outer one (weight 1), for
+trainers that weigh them (T-SAE's reference: 0.2 : 0.8, so 0.25, `trsae.saes.tsae`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,18 @@ class MatryoshkaConfig(BatchTopKConfig):
     """Inner levels as fractions of the width (strictly increasing, below 1); the outer level is the whole
     dictionary."""
 
+    level_weights: list[float] | None = None
+    """Weight of each inner level's MSE, the outer level's (the ordinary MSE) being 1. None -> 1 each (SAELens)."""
+
     def validate(self) -> None:
         super().validate()
+        if self.level_weights is not None:
+            self.level_weights = list(self.level_weights)
+            if len(self.level_weights) != len(self.prefix_fracs):
+                raise ValueError(f"level_weights {self.level_weights} needs one weight per inner level "
+                                 f"(prefix_fracs {list(self.prefix_fracs)})")
+            for i, w in enumerate(self.level_weights):
+                check_float(f"level_weights[{i}]", w, lo=0.0)
         self.prefix_fracs = list(self.prefix_fracs)
         for i, frac in enumerate(self.prefix_fracs):
             check_float(f"prefix_fracs[{i}]", frac)
@@ -51,9 +62,10 @@ class Matryoshka(BatchTopK):
         N, D = st.x_ND.shape
         maskf_N = st.mask_N.to(st.x_ND.dtype)
         n_valid = maskf_N.sum().clamp_min(1.0)
-        for w in self.cfg.widths(W_dec_FD.shape[0]):
+        widths = self.cfg.widths(W_dec_FD.shape[0])
+        for w, weight in zip(widths, self.cfg.level_weights or [1.0] * len(widths)):
             keep_M = codes.cols_M < w
             inner_ND = decode_pairs(codes.rows_M[keep_M], codes.cols_M[keep_M], codes.vals_M[keep_M], W_dec_FD, N)
             err_N = (inner_ND + b_dec_D - st.x_ND).pow(2).sum(1) / D
-            out[f"inner_{w}"] = (err_N * maskf_N).sum() / n_valid
+            out[f"inner_{w}"] = weight * (err_N * maskf_N).sum() / n_valid
         return out

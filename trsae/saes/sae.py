@@ -66,9 +66,10 @@ class SAE(nn.Module):
         return self.encoder.b_enc
 
     # ----------------------------------------------------------------- public API
-    def pre_acts(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None) -> Tensor:
+    def pre_acts(self, x_BTD: Tensor, pos_BT: Tensor | None = None, mask_BT: Tensor | None = None,
+                 ctx_BT: Tensor | None = None) -> Tensor:
         """Pre-activations ``z_BTF`` (dense, differentiable)."""
-        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec, ctx_BT=ctx_BT)
         return self.encoder.dense(st).reshape(st.B, st.T, -1)
 
     def activate(self, z_BTF: Tensor, mask_BT: Tensor | None = None) -> Tensor:
@@ -120,13 +121,15 @@ class SAE(nn.Module):
         return x_hat_ND if st.pred_ND is None else x_hat_ND + st.pred_ND
 
     def forward(self, x_BTD: Tensor, mask_BT: Tensor | None = None, pos_BT: Tensor | None = None,
-                dead_F: Tensor | None = None) -> ForwardOutput:
+                dead_F: Tensor | None = None, ctx_BT: Tensor | None = None) -> ForwardOutput:
         """Reconstruction, codes and every loss term, averaged over the tokens where `mask_BT` is True.
 
         `dead_F` (bool ``[F]``): latents the trainer counts as dead, for the AuxK loss of TopK-style parts. In
-        training mode a sparsity may update running state (BatchTopK's threshold).
+        training mode a sparsity may update running state (BatchTopK's threshold). `ctx_BT`: the tokens a temporal
+        encoder may read as context where they differ from `mask_BT` (a training crop's left margin).
         """
-        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec)
+        st = self.encoder.prepare(x_BTD, pos_BT, mask_BT, self.b_dec, self.W_dec, ctx_BT=ctx_BT)
+        st.input_scale = self.cfg.input_scale
         N, D = st.x_ND.shape
         maskf_N = st.mask_N.to(st.x_ND.dtype)
         n_valid = maskf_N.sum().clamp_min(1.0)

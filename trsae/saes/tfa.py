@@ -89,6 +89,7 @@ class TFAEncoder(TokenEncoder):
 
     cfg: TFAEncoderConfig
     predicts = True
+    reads_context = True
 
     def __init__(self, cfg: TFAEncoderConfig, d_in: int, width: int, W_dec_FD: Tensor, gen: torch.Generator):
         super().__init__(cfg, d_in, width, W_dec_FD, gen)
@@ -115,11 +116,12 @@ class TFAEncoder(TokenEncoder):
         return p_NF
 
     def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor,
-                W_dec_FD: Tensor | None = None) -> EncState:
+                W_dec_FD: Tensor | None = None, ctx_BT: Tensor | None = None) -> EncState:
         if W_dec_FD is None:
             raise ValueError("the TFA encoder needs the decoder (W_dec_FD) to project its prediction")
-        st = super().prepare(x_BTD, pos_BT, mask_BT, b_dec_D)
-        p_NF = self.raw_prediction(st, mask_BT) * st.mask_N[:, None]
+        st = super().prepare(x_BTD, pos_BT, mask_BT, b_dec_D, ctx_BT=ctx_BT)
+        keys_BT = None if mask_BT is None and ctx_BT is None else st.context_N.reshape(st.B, st.T)
+        p_NF = self.raw_prediction(st, keys_BT) * st.mask_N[:, None]
         dp_ND = p_NF @ W_dec_FD
         proj_N1 = (dp_ND * (st.x_ND - b_dec_D)).sum(1, keepdim=True) / (dp_ND.norm(dim=1, keepdim=True) + 1e-6) ** 2
         st.pred_NF = p_NF * proj_N1

@@ -1,25 +1,43 @@
 """The T-SAE encoder (Bhalla, Oesterling, Verdun, Lakkaraju & Calmon, "Temporal Sparse Autoencoders", ICLR 2026):
-the per-token encoder, plus a contrastive loss that pulls the codes of adjacent tokens together on a "high-level"
-share of the latents (the first ``high_frac`` of the dictionary; the paper splits 20 : 80).
+the per-token encoder, plus a contrastive loss that pulls together the codes of two tokens of one context on a
+"high-level" share of the latents (the first ``high_frac`` of the dictionary; the paper splits 20 : 80).
 
 T-SAE pairs this with a Matryoshka BatchTopK sparsity whose inner level is that high-level share, so the first
-latents must also reconstruct on their own (`trsae.experiments.temporal_specs` builds it with
-``prefix_fracs=[high_frac]``). Inference is per-token: the loss shapes the dictionary, not how a code is computed.
+latents must also reconstruct on their own (`trsae.experiments.field_specs` builds it with ``prefix_fracs=[0.2]``
+and the reference's level weights). Inference is per-token: the loss shapes the dictionary, not how a code is
+computed.
 
-The contrastive term is InfoNCE on cosine similarities, as the paper describes it. This port was written from the
-paper; the authors' code is now public (``AI4LIFE-GROUP/temporal-saes``, ``dictionary_learning/dictionary_learning/
-trainers/temporal_sequence_top_k.py``) and differs from it: there the loss is the squared error summed over the
-dimensions of raw activations plus 0.1 x the contrastive term, its logits are raw dot products (no cosine, no
-temperature), the Matryoshka levels are weighted 0.2 : 0.8, and gradients are clipped at 1 (issue #25 aligns the
-port with it; until then the paper's T-SAE row measures this port's settings). For
-every valid adjacent pair (t-1, t) of a sequence whose high-level codes are both non-zero, the anchor is
-``h_t / ||h_t||`` and its positive ``h_{t-1} / ||h_{t-1}||``; the negatives are the positives of the pairs of OTHER
-sequences in the batch ("tokens from other samples"). With ``s_ij = a_i . p_j / temperature`` over the pairs the
-loss is the mean of both directions' cross-entropies ``-log softmax_j(s_ij)[i]``, times ``contrast_coeff``.
+Ported from the authors' code, ``AI4LIFE-GROUP/temporal-saes`` at commit 8daecb2
+(``dictionary_learning/dictionary_learning/trainers/temporal_sequence_top_k.py``, ``TemporalMatryoshkaBatchTopK
+Trainer.loss``; pairs from ``buffer.py`` with ``--temporal r``; settings from ``train_temporal.py``). There, on raw
+activations x (no input normalisation),
 
-The paper's weight of the term was not available here. ``contrast_coeff`` = 0.05 is set by hand, not tuned:
-at chance the term is about log(number of negatives), ~7 for a batch of 8 sequences of 128 tokens, so it starts
-at about a third of the reconstruction loss of an untrained SAE (FVU 1 on inputs scaled to E||x||^2 = d).
+    loss = 1/2 [0.2 E||x - x_hat_inner||^2 + 0.8 E||x - x_hat||^2] + auxk_alpha aux + 0.1 C,
+    C = 1/2 [CE(h h'^T, I) + CE(h' h^T, I)],
+
+with h the high-level codes of each token, h' those of its pair — a uniformly random earlier token of the same
+context (BOS removed) — and the logits raw dot products over all pairs of the batch. This project's loss has the
+per-dimension MSE of inputs scaled by s (``E||s x||^2 = d``) at weight 1, so the same objective divided by
+``0.4 d / s^2`` is
+
+    mse + 0.25 inner + (0.1 / 0.4) (s^2 / d) C(h_s / s),
+
+where h_s = s h are the codes of the scaled input: ``contrast_coeff = 0.25`` with ``logits="dot"`` computes that
+(`EncState.input_scale` carries s), and the Matryoshka part's ``level_weights=[0.25]`` the inner term.
+
+Kept different, and why:
+
+- Negatives: the reference's batches come from a shuffled buffer of about a thousand contexts, so a pair's
+  negatives are almost all other contexts; a batch here holds few sequences, so pairs of the same sequence are not
+  negatives of each other (the positive stays).
+- AuxK keeps this project's weight (`trsae.saes.sparsity`): the reference's 1/32 of a unit-free term beside a
+  squared error summed over raw dimensions vanishes on gemma's residual norms; keeping it favours T-SAE.
+- Gradient clipping at norm 1 and the reference's learning rate (3e-4 with 1,000 warm-up steps) are not copied:
+  every SAE here trains with one optimiser schedule, tuned the same way for all.
+
+``logits="cosine"`` keeps the paper's description (InfoNCE on cosine similarities over ``temperature``, pairs with
+an all-zero code dropped), with ``contrast_coeff`` then the term's weight as it stands; ``pairs="adjacent"``
+pairs each token with the one before it.
 """
 
 from __future__ import annotations
@@ -40,10 +58,17 @@ class TSAEEncoderConfig(PartConfig):
 
     high_frac: float = 0.2
     """Share of the latents (the first ones) that are "high-level" and enter the contrastive loss."""
-    contrast_coeff: float = 0.05
-    """Weight of the contrastive loss."""
+    contrast_coeff: float = 0.25
+    """Weight of the contrastive loss beside the MSE. With ``logits="dot"`` it is converted from the reference's
+    units (module docstring): 0.25 is the reference's 0.1 over the 0.4 weight of its outer reconstruction level."""
+    logits: str = "dot"
+    """"dot": raw dot products of the codes of raw activations (the reference); "cosine": cosine similarity over
+    `temperature` (the paper's description)."""
     temperature: float = 0.1
-    """Temperature of the InfoNCE softmax over cosine similarities."""
+    """Temperature of the cosine logits (unused by "dot")."""
+    pairs: str = "random"
+    """Each token's positive: "random" (a uniformly random earlier valid token of its sequence, as the reference's
+    ``--temporal r``) or "adjacent" (the token before it)."""
 
     def validate(self) -> None:
         check_float("high_frac", self.high_frac)
@@ -53,30 +78,52 @@ class TSAEEncoderConfig(PartConfig):
         check_float("temperature", self.temperature)
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.logits not in ("dot", "cosine"):
+            raise ValueError(f"logits must be 'dot' or 'cosine', got {self.logits!r}")
+        if self.pairs not in ("random", "adjacent"):
+            raise ValueError(f"pairs must be 'random' or 'adjacent', got {self.pairs!r}")
 
     def n_high(self, width: int) -> int:
         return max(1, round(self.high_frac * width))
 
 
-def adjacent_pairs(mask_N: Tensor, B: int, T: int) -> tuple[Tensor, Tensor]:
-    """(rows of t, sequence of each) for every t >= 1 whose token and previous token are both valid."""
-    n_N = torch.arange(B * T, device=mask_N.device)
-    ok_N = (n_N % T != 0) & mask_N & torch.roll(mask_N, 1)
-    rows_P = ok_N.nonzero().squeeze(1)
-    return rows_P, rows_P // T
+def token_pairs(mask_N: Tensor, B: int, T: int, how: str, gen: torch.Generator | None = None,
+                ctx_N: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows of each anchor, rows of its positive, sequence of each pair) over B sequences of T tokens: every valid
+    token (`mask_N`) with an earlier context token (`ctx_N`, default `mask_N`) in its sequence; the positive is the
+    previous token ("adjacent", which must be a context token) or one of the earlier context tokens drawn uniformly
+    with `gen` ("random")."""
+    mask_BT = mask_N.reshape(B, T)
+    ctx_BT = mask_BT if ctx_N is None else ctx_N.reshape(B, T)
+    if how == "adjacent":
+        ok_BT = mask_BT.clone()
+        ok_BT[:, 1:] &= ctx_BT[:, :-1]
+        ok_BT[:, 0] = False
+        rows_P = ok_BT.reshape(-1).nonzero().squeeze(1)
+        return rows_P, rows_P - 1, rows_P // T
+    before_BT = torch.cumsum(ctx_BT.long(), dim=1) - ctx_BT.long()  # context tokens strictly before t
+    ok_BT = mask_BT & (before_BT > 0)
+    rows_P = ok_BT.reshape(-1).nonzero().squeeze(1)
+    seq_P = rows_P // T
+    u_P = torch.rand(rows_P.numel(), generator=gen, dtype=torch.float64).to(rows_P.device)
+    pick_P = (u_P * before_BT.reshape(-1)[rows_P]).long()  # the pick-th earlier context token (0-based)
+    valid_first_BT = torch.sort((~ctx_BT).long(), dim=1, stable=True).indices  # context positions first, in order
+    pos_P = valid_first_BT[seq_P, pick_P]
+    return rows_P, seq_P * T + pos_P, seq_P
 
 
-def contrastive_loss(h_NH: Tensor, mask_N: Tensor, B: int, T: int, temperature: float) -> Tensor:
-    """The T-SAE InfoNCE term over the high-level codes ``h_NH`` of B sequences of T tokens (module docstring);
-    0 when fewer than two sequences hold a usable pair."""
-    rows_P, seq_P = adjacent_pairs(mask_N, B, T)
-    a_PH, p_PH = h_NH[rows_P], h_NH[rows_P - 1]
-    keep_P = (a_PH.detach().abs().sum(1) > 0) & (p_PH.detach().abs().sum(1) > 0)
-    a_PH, p_PH, seq_P = a_PH[keep_P], p_PH[keep_P], seq_P[keep_P]
+def contrastive_loss(h_NH: Tensor, anchors_P: Tensor, positives_P: Tensor, seq_P: Tensor, logits: str,
+                     temperature: float = 1.0, logit_scale: float = 1.0) -> Tensor:
+    """Symmetric InfoNCE over the pairs (`anchors_P`, `positives_P`) of the codes ``h_NH``: the logits between
+    pair i's anchor and pair j's positive are ``logit_scale h_a . h_p`` ("dot") or their cosine over
+    `temperature`; pairs of the same sequence are not negatives of each other. 0 with fewer than two sequences."""
+    a_PH, p_PH = h_NH[anchors_P], h_NH[positives_P]
+    if logits == "cosine":
+        keep_P = (a_PH.detach().abs().sum(1) > 0) & (p_PH.detach().abs().sum(1) > 0)
+        a_PH, p_PH, seq_P = tnf.normalize(a_PH[keep_P], dim=1), tnf.normalize(p_PH[keep_P], dim=1), seq_P[keep_P]
     if seq_P.numel() == 0 or int(seq_P.unique().numel()) < 2:
         return h_NH.sum() * 0.0
-    a_PH, p_PH = tnf.normalize(a_PH, dim=1), tnf.normalize(p_PH, dim=1)
-    s_PP = a_PH @ p_PH.T / temperature
+    s_PP = a_PH @ p_PH.T * (logit_scale if logits == "dot" else 1.0 / temperature)
     same_PP = seq_P[:, None] == seq_P[None, :]
     same_PP.fill_diagonal_(False)  # the positive stays; other pairs of the same sequence are no negatives
     s_PP = s_PP.masked_fill(same_PP, float("-inf"))
@@ -86,9 +133,19 @@ def contrastive_loss(h_NH: Tensor, mask_N: Tensor, B: int, T: int, temperature: 
 
 @register_part("encoder", "tsae", TSAEEncoderConfig)
 class TSAEEncoder(TokenEncoder):
-    """The per-token encoder with T-SAE's contrastive loss on the first `n_high` latents."""
+    """The per-token encoder with T-SAE's contrastive loss on the first `n_high` latents. The random pairs of a
+    training step are drawn from a generator seeded with the step (`on_step`), so a step's loss is a function of
+    the weights, the batch and the step, and a resumed run draws the same pairs."""
 
     cfg: TSAEEncoderConfig
+    reads_context = True  # its loss pairs a token with an earlier one
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.step = 0
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.step = step
 
     def losses(self, st: EncState, W_dec_FD: Tensor, codes=None) -> dict[str, Tensor]:
         if codes is None or self.cfg.contrast_coeff == 0:
@@ -101,5 +158,12 @@ class TSAEEncoder(TokenEncoder):
             keep_M = codes.cols_M < H
             h_NH = st.x_ND.new_zeros(N, H).index_put((codes.rows_M[keep_M], codes.cols_M[keep_M]),
                                                      codes.vals_M[keep_M], accumulate=True)
-        return {"contrast": self.cfg.contrast_coeff * contrastive_loss(h_NH, st.mask_N, st.B, st.T,
-                                                                       self.cfg.temperature)}
+        gen = torch.Generator().manual_seed(self.step)
+        anchors_P, positives_P, seq_P = token_pairs(st.mask_N, st.B, st.T, self.cfg.pairs, gen, st.ctx_N)
+        weight = self.cfg.contrast_coeff
+        scale = 1.0
+        if self.cfg.logits == "dot":  # codes of raw activations are h / s; the term's weight converts by s^2 / d
+            s2 = st.input_scale ** 2
+            weight, scale = weight * s2 / st.x_ND.shape[1], 1.0 / s2
+        return {"contrast": weight * contrastive_loss(h_NH, anchors_P, positives_P, seq_P, self.cfg.logits,
+                                                      self.cfg.temperature, scale)}
