@@ -1,6 +1,7 @@
 """Re-execute the notebooks in place with their smoke-sized defaults (what nbval checks in CI) and strip what must
-not be committed from cells marked ``# NBVAL_IGNORE_OUTPUT``: their stderr streams (tqdm progress bars, warnings)
-and their pictures (dashboard screenshots: megabytes of base64, and in figures/ anyway).
+not be committed from cells marked ``# NBVAL_IGNORE_OUTPUT``: their stderr streams (tqdm progress bars, warnings),
+their progress widgets (with the widget state in the notebook's metadata) and their pictures (dashboard
+screenshots: megabytes of base64, and in figures/ anyway).
 
     python notebooks/refresh.py [notebooks/02_temporal.ipynb ...]     # default: every notebooks/[0-9][0-9]_*.ipynb
 
@@ -18,13 +19,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
 def strip(path: Path) -> None:
     nb = json.loads(path.read_text())
+    nb.get("metadata", {}).pop("widgets", None)  # ipywidgets' saved state of the progress bars
     for cell in nb["cells"]:
         if cell["cell_type"] == "code" and "".join(cell["source"]).startswith("# NBVAL_IGNORE_OUTPUT"):
             cell["outputs"] = [o for o in cell.get("outputs", [])
                                if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
-                               and not (o.get("output_type") == "display_data" and "image/png" in o.get("data", {}))]
+                               and not (o.get("output_type") == "display_data"
+                                        and ("image/png" in o.get("data", {}) or WIDGET in o.get("data", {})))]
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 

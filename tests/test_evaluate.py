@@ -121,6 +121,27 @@ def test_evaluation_reads_the_tokens_test_tokens_names(tiny_store):
     assert res["token_stats"]["n_tokens_eval"] == test_tokens(tiny_store, 3).shape[0]
 
 
+def test_store_only_metrics_read_more_sequences_than_the_lm_metrics(tiny_model, tiny_store):
+    """With ``recon_seqs`` beyond ``max_seqs`` the reconstruction, sparsity and persistence metrics are those of the
+    first recon_seqs sequences (as an evaluation of that many without the LM gives), and CE / KL stay those of the
+    first max_seqs (as an evaluation of max_seqs alone gives). max_seqs is a multiple of the batch size, so that the
+    batches are the same (the legacy explained variance averages per batch)."""
+    saes = _saes(tiny_store.d_model)
+    mean_D = train_mean(tiny_store)
+    kw = {"split": "train", "density_tokens": 64}  # the tiny store's test split holds 2 sequences
+    both = evaluate_saes(saes, tiny_store, tiny_model, max_seqs=4, mean_D=mean_D, recon_seqs=9, **kw)
+    lm = evaluate_saes(saes, tiny_store, tiny_model, max_seqs=4, mean_D=mean_D, **kw)
+    store_only = evaluate_saes(saes, tiny_store, max_seqs=9, with_logits=False, **kw)
+    for name in saes:
+        assert both[name]["model_performance_preservation"] == lm[name]["model_performance_preservation"]
+        assert both[name]["model_behavior_preservation"] == lm[name]["model_behavior_preservation"]
+        for section in ("reconstruction_quality", "sparsity"):
+            assert both[name][section] == pytest.approx(store_only[name][section], rel=1e-9)
+            assert both[name][section] != pytest.approx(lm[name][section], rel=1e-9)
+        assert both[name]["temporal_codes"] == store_only[name]["temporal_codes"] != lm[name]["temporal_codes"]
+        assert both[name]["token_stats"]["n_seqs"] == 4 and both[name]["token_stats"]["n_seqs_recon"] == 9
+
+
 def test_later_calls_reuse_the_reference_passes_and_give_the_same_numbers(tiny_model, tiny_store, monkeypatch):
     """A second call on the same model, store, tokens and mean runs only its SAEs' spliced passes, and each SAE's
     results equal those of a call that ran every pass itself; another model object or mean runs them again."""

@@ -301,6 +301,7 @@ class _Store:
 class _Train:
     tokens = 40000
     dead_window_frac = 0.1
+    batch_size, crop_len, context = 32, 32, 16
 
 
 def test_notebook_macros_carry_their_files_prefix(tmp_path):
@@ -309,7 +310,7 @@ def test_notebook_macros_carry_their_files_prefix(tmp_path):
     usage = {"per_seed": [{"open_gate_frac": 0.25, "positional_frac": 0.5}]}
     twins = {"TRSAE": {"paired": {"fvu_ratio": _leaf(0.95), "ce_gap_ratio": _leaf(0.9)}}}
     made = {
-        R.SETUP: R.setup_macros("smoke", _Store(), _Train(), 8, 32, [0, 1], 4, 100_000),
+        R.SETUP: R.setup_macros("smoke", _Store(), _Train(), 8, 32, [0, 1], 4, 100_000, 20_000),
         R.BASELINE: R.baseline_macros(summary, rows),
         R.TEMPORAL: R.temporal_macros(summary, rows, usage, 0.1, 10.0, 16, twins,
                                       {"best": "TopK", "second": "TRSAE", "lead": _leaf(0.02), "separated": False}),
@@ -319,8 +320,13 @@ def test_notebook_macros_carry_their_files_prefix(tmp_path):
     assert set(made[R.SETUP]) == {"setupProfile", "setupModel", "setupLayer", "setupData", "setupHarvestTokens",
                                   "setupCtxLen", "setupTrainTokens", "setupDModel", "setupWidthMult", "setupWidth",
                                   "setupK", "setupSeeds", "setupEvalSeqs", "setupTestSeqs", "setupDensityTokens",
-                                  "setupDeadWindowFrac"}
+                                  "setupDeadWindowFrac", "setupBatchCrops", "setupCropLen", "setupContext",
+                                  "setupReconTokens"}
     assert made[R.SETUP]["setupData"] == "brown + sotu" and made[R.SETUP]["setupTestSeqs"] == 12
+    assert made[R.SETUP]["setupReconTokens"] == 20_000 and made[R.SETUP]["setupContext"] == 16
+    untuned = R.tuning_macros(None, 4e-4, None, (4e-4, 8e-4), 0.1, 0.1)["setupTuning"]
+    tuned = R.tuning_macros({"TopK": 8e-4}, 4e-4, 0.003, (4e-4, 8e-4), 0.1, 0.1)["setupTuning"]
+    assert "not tuned" in untuned and "0.0004" in untuned and "validation" in tuned and "0.003," in tuned
     assert made[R.BASELINE] == {"baseTopKLZero": "32.000", "baseTopKLZeroPm": r"\ensuremath{32.000 \pm 0.010}",
                                 "baseTRSAELZero": "31.000", "baseTRSAELZeroPm": r"\ensuremath{31.000 \pm 0.010}"}
     assert made[R.TEMPORAL]["tmpOpenGateFrac"] == 0.25 and made[R.TEMPORAL]["tmpWindow"] == 16

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trsae harvest | train | eval | dashboard | check-params | params``.
+"""Command line: ``python -m trsae harvest | train | eval | tune | dashboard | check-params | params | timing``.
 
 Every bad input ends with one line ``error: <what is wrong and what to do>`` and exit status 2; a training stopped
 by SIGTERM or Ctrl-C checkpoints, says so in one line ``stopped: ...`` and exits with 128 + the signal's number.
@@ -44,6 +44,13 @@ def _eval(a: argparse.Namespace) -> None:
     from trsae.evaluate import eval_from_args
 
     eval_from_args(a)
+
+
+def _tune(a: argparse.Namespace) -> None:
+    from trsae.tuning import LR_GRID, tune_from_params
+
+    md, chosen = tune_from_params(a.params, a.out, tuple(a.lrs or LR_GRID), progress=not a.quiet)
+    print(f"wrote {md} and {chosen}")
 
 
 def _check_params(a: argparse.Namespace) -> None:
@@ -135,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--store", required=True)
     e.add_argument("--sae", required=True)
     e.add_argument("--split", default="test", choices=["val", "test"])
-    e.add_argument("--max-seqs", type=int, default=64)
+    e.add_argument("--max-seqs", type=int, default=64, help="sequences of the CE / KL metrics (LM passes)")
+    e.add_argument("--recon-seqs", type=int, default=160,
+                   help="sequences of the reconstruction, sparsity and persistence metrics (store only)")
     e.add_argument("--density-tokens", type=int, default=100_000,
                    help="training tokens over which dead / dense latents are counted")
     e.add_argument("--data-dir", default=None)
@@ -163,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--readme", help="write the table into this README's timing section instead of printing it")
     tm.add_argument("--label", default="./run_all.sh", help="what was run, for the README's sentence")
     tm.set_defaults(fn=_timing)
+    tu = sub.add_parser("tune", help="choose each SAE family's learning rate (and ReLU + L1's L1 weight) on the "
+                                     "val split, for a parameter file's profile")
+    tu.add_argument("params")
+    tu.add_argument("--out", default="params/tuning", help="folder of <profile>.md (the table) and <profile>.yaml")
+    tu.add_argument("--lrs", type=float, nargs="+", default=None, help="the learning-rate grid (default: "
+                    "trsae.tuning.LR_GRID)")
+    tu.add_argument("--quiet", action="store_true")
+    tu.set_defaults(fn=_tune)
     d = sub.add_parser("dashboard", help="a static feature dashboard (opens from disk) of one or two SAEs")
     d.add_argument("--store", required=True)
     d.add_argument("--sae", required=True, action="append", help="run or SAE folder; twice to compare two")

@@ -12,7 +12,8 @@ its zero-ablation hook):
   the training-split mean (`train_mean`) at every position;
 - cross-entropy / KL are scored at positions that read an ordinary token and predict one
   (`trsae.metrics.next_token_targets`), the same positions for every variant;
-- reconstruction metrics are in model units (the store's ``norm_scale`` undone) over ordinary tokens only.
+- reconstruction metrics are in model units (the store's ``norm_scale`` undone) over ordinary tokens only, and
+  read (with L0 and persistence) on more sequences than CE / KL (``recon_seqs``): they need no LM pass.
 
 An SAE whose encoder predicts codes from earlier tokens (TFA; a TRSAE with ``pred_k``) is scored on all its codes,
 novel plus predicted: ``sparsity.l0`` counts every non-zero (the matched comparison), ``sparsity.l0_novel`` the novel
@@ -36,6 +37,7 @@ a batch top-k in training) the evaluated batches are also encoded with the train
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -137,9 +139,12 @@ def _references(model: LoadedModel, key: tuple) -> dict:
 @torch.no_grad()
 def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedModel | None = None,
                   split: str = "test", max_seqs: int = 64, batch_size: int = 4, mean_D: torch.Tensor | None = None,
-                  with_logits: bool = True, density_tokens: int = 100_000) -> dict[str, dict]:
-    """Core metrics of each SAE on the first ``max_seqs`` whole sequences of ``split`` (SAEBench-shaped); dead /
-    dense latents from `density_stats` over ``density_tokens`` train tokens (see the module docstring).
+                  with_logits: bool = True, density_tokens: int = 100_000,
+                  recon_seqs: int = 0) -> dict[str, dict]:
+    """Core metrics of each SAE on whole sequences of ``split`` (SAEBench-shaped): CE / KL (LM passes) on the first
+    ``max_seqs``; reconstruction, sparsity and code persistence, which need no LM, on the first
+    ``max(max_seqs, recon_seqs)`` (read from the store alone); dead / dense latents from `density_stats` over
+    ``density_tokens`` train tokens (see the module docstring).
 
     The clean, zero- and mean-ablated forward passes, and their softmaxes over the vocabulary, are shared by all
     SAEs, and by later calls on the same model, store, tokens and ablation mean; each SAE adds one spliced pass
@@ -170,8 +175,10 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         refs = _references(model, (store.manifest["config_hash"], str(store.path), split, batch_size,
                                    hashlib.sha256(mean_D.double().cpu().numpy().tobytes()).hexdigest()))
     n_seqs = 0
-    for b in store.first(split, max_seqs, batch_size):
-        if with_logits:
+    store_only = store.first(split, max(max_seqs, recon_seqs), batch_size, skip=max_seqs)
+    for b in itertools.chain(store.first(split, max_seqs, batch_size), store_only):
+        lm_pass = with_logits and n_seqs < max_seqs
+        if lm_pass:
             seqs = tuple(b.seq_B.tolist())
             if seqs not in refs:
                 targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
@@ -194,7 +201,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                 codes_tr_BTF = _train_mode_codes(sae, b.acts_BTD, b.pos_BT, b.mask_BT)
                 recon_train[name].update(b.acts_BTD / scale, sae.decode(codes_tr_BTF) / scale, codes_tr_BTF,
                                          b.mask_BT)
-            if with_logits:
+            if lm_pass:
                 spliced = logits_with_replacement(model, layer, b.ids_BT, splice(sae, b.mask_BT, b.pos_BT))
                 logit[name].add_clean(ref)
                 logit[name].add("sae", ref.stats(spliced, name))
@@ -206,7 +213,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     out = {}
     for name, sae in saes.items():
         r = recon[name].compute()
-        token_stats = {"n_seqs": n_seqs, "n_tokens_eval": r["n_tokens"], "split": split}
+        token_stats = {"n_seqs": min(n_seqs, max_seqs), "n_seqs_recon": n_seqs, "n_tokens_eval": r["n_tokens"],
+                       "split": split}
         cfg = {"sae": sae.cfg.to_dict(),
                "store": {k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len", "config_hash")}}
         token_stats["n_tokens_density"] = dens[name]["n_tokens"]
@@ -255,7 +263,8 @@ def eval_from_args(a) -> None:
     sae_dir = Path(a.sae) / "sae" if (Path(a.sae) / "sae").is_dir() else Path(a.sae)
     sae = load_sae(sae_dir)
     check_sae_matches_store(sae_dir, sae, store)
-    res = evaluate_sae(sae, store, split=a.split, max_seqs=a.max_seqs, density_tokens=a.density_tokens)
+    res = evaluate_sae(sae, store, split=a.split, max_seqs=a.max_seqs, density_tokens=a.density_tokens,
+                       recon_seqs=a.recon_seqs)
     if a.out:
         write_json_atomic(a.out, res)
         print(f"wrote {a.out}")

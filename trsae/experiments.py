@@ -148,7 +148,7 @@ def field_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: flo
     """The published temporal SAEs and the selective temporal decoder, at the width and L0 k of `temporal_specs`:
 
     - "T-SAE" (Bhalla et al. 2026): a Matryoshka BatchTopK whose inner level is the 20 % "high-level" share, plus
-      the contrastive loss on those latents (`trsae.saes.tsae`); L0 k.
+      the contrastive loss on those latents, at the authors' settings (`trsae.saes.tsae`); L0 k.
     - "TFA" (Lubana et al. 2025) as published: k novel codes and a dense prediction (`trsae.saes.tfa`), so its L0
       counting every code is far above k; its novel L0 is k.
     - "TRSAE-pred": the TRSAE (its encoder as in `temporal_specs`) with the selective temporal decoder: ``pred_k``
@@ -159,10 +159,24 @@ def field_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: flo
     pred_k = k // 4 if pred_k is None else pred_k
     if not 0 < pred_k < k:
         raise ValueError(f"pred_k={pred_k} must be in 1 .. k-1 = {k - 1}: the novel codes get k - pred_k")
-    return {"T-SAE": SAEConfig.build(d_in, width, "matryoshka", "tsae", k=k, prefix_fracs=[0.2], high_frac=0.2),
+    return {"T-SAE": SAEConfig.build(d_in, width, "matryoshka", "tsae", k=k, prefix_fracs=[0.2],
+                                     level_weights=[0.25], high_frac=0.2),
             "TFA": SAEConfig.build(d_in, width, "topk", "tfa", k=k),
             "TRSAE-pred": SAEConfig.build(d_in, width, "topk", "trsae", k=k - pred_k, pred_k=pred_k, window=window,
                                           curriculum_frac=curriculum_frac, **trsae_kw)}
+
+
+CONTRAST_ROWS = [("sparsity", "l0", "L0"),
+                 ("reconstruction_quality", "explained_variance", "explained variance (pooled)"),
+                 ("model_performance_preservation", "ce_loss_score", "CE-loss score (zero abl.)"),
+                 ("temporal_codes", "persistence", "codes also active at t-1 (share)")]
+"""Rows of T-SAE's contrastive-weight sweep (`contrast_sweep`), read on the val split: what the weight trades."""
+
+
+def contrast_sweep(cfg: SAEConfig, mults: list[float]) -> dict[str, SAEConfig]:
+    """T-SAE (``cfg``, at the authors' weight) with its contrastive weight times each of ``mults`` (0: none),
+    named "x<mult>" in increasing order; "x1" is ``cfg`` itself."""
+    return {f"x{m:g}": cfg.replace(contrast_coeff=cfg.encoder.contrast_coeff * m) for m in sorted(mults)}
 
 
 LENGTH_PAIR = ("TRSAE", "TopK")

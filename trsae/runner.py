@@ -114,13 +114,21 @@ def shared_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     return _MODELS[name, dtype]
 
 
+RECON_SEQS = 160
+"""Test sequences of the store-only metrics (reconstruction, sparsity, persistence): 20k ordinary tokens at the
+profiles' 128-token contexts, or the whole split where it is smaller."""
+
+
 class Evaluator:
-    """Evaluates SAEs of one store against one model; results are cached in each run folder."""
+    """Evaluates SAEs of one store against one model; results are cached in each run folder. CE / KL on the first
+    ``max_seqs`` sequences of the split, the store-only metrics on the first ``max(max_seqs, recon_seqs)``
+    (`trsae.evaluate.evaluate_saes`)."""
 
     def __init__(self, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
-                 max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True, density_tokens: int = 100_000):
+                 max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True, density_tokens: int = 100_000,
+                 recon_seqs: int = RECON_SEQS):
         self.store, self.split, self.max_seqs, self.batch_size = store, split, max_seqs, batch_size
-        self.with_logits, self.density_tokens = with_logits, density_tokens
+        self.with_logits, self.density_tokens, self.recon_seqs = with_logits, density_tokens, recon_seqs
         self._model = model
         self._mean = None
 
@@ -133,7 +141,7 @@ class Evaluator:
     def path(self, run: Path) -> Path:
         key = config_hash({"split": self.split, "max_seqs": self.max_seqs, "logits": self.with_logits,
                            "batch_size": self.batch_size, "density_tokens": self.density_tokens,
-                           "code": code_version()})
+                           "recon_seqs": self.recon_seqs, "code": code_version()})
         return Path(run) / f"eval-{self.split}-{key}.json"
 
     def __call__(self, runs: dict[Path, SAE]) -> dict[Path, dict]:
@@ -144,16 +152,24 @@ class Evaluator:
                 self._mean = train_mean(self.store)
             res = evaluate_saes(todo, self.store, self.model if self.with_logits else None, split=self.split,
                                 max_seqs=self.max_seqs, batch_size=self.batch_size, mean_D=self._mean,
-                                with_logits=self.with_logits, density_tokens=self.density_tokens)
+                                with_logits=self.with_logits, density_tokens=self.density_tokens,
+                                recon_seqs=self.recon_seqs)
             for r, v in res.items():
                 write_json_atomic(self.path(Path(r)), v)
         return {r: json.loads(self.path(r).read_text()) for r in runs}
 
 
+def family_train(train_cfg: TrainConfig, name: str, lrs: dict[str, float] | None, **kw) -> TrainConfig:
+    """``train_cfg`` for the SAE family ``name``: its tuned learning rate from ``lrs`` (`trsae.tuning`), else
+    ``train_cfg.lr``; ``kw`` changes other fields."""
+    return dataclasses.replace(train_cfg, lr=(lrs or {}).get(name, train_cfg.lr), **kw)
+
+
 def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig,
                        store: ActivationStore, evaluate: Evaluator, work: str | os.PathLike,
-                       progress: bool = True) -> dict[str, list[dict]]:
-    """Train every named SAE config with every seed (cached), then evaluate them; per-seed results by name.
+                       progress: bool = True, lrs: dict[str, float] | None = None) -> dict[str, list[dict]]:
+    """Train every named SAE config with every seed (cached; each family at its learning rate in ``lrs``, see
+    `family_train`), then evaluate them; per-seed results by name.
 
     Each result also carries ``training``: steps, tokens, the last logged training loss terms and tokens/s.
     """
@@ -161,7 +177,7 @@ def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg:
     for name, sae_cfg in specs.items():
         runs[name] = []
         for seed in seeds:
-            sae, run = ensure_sae(sae_cfg, dataclasses.replace(train_cfg, seed=seed), store, work, progress)
+            sae, run = ensure_sae(sae_cfg, family_train(train_cfg, name, lrs, seed=seed), store, work, progress)
             runs[name].append((run, sae))
     results = evaluate({run: sae for rs in runs.values() for run, sae in rs})
     out: dict[str, list[dict]] = {}
@@ -179,23 +195,25 @@ def train_and_evaluate(specs: dict[str, SAEConfig], seeds: list[int], train_cfg:
 
 def compare(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,
             work: str | os.PathLike, eval_seqs: int, model: LoadedModel | None = None, progress: bool = True,
-            density_tokens: int = 100_000) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """`train_and_evaluate` on the first ``eval_seqs`` test sequences (dead / dense latents over ``density_tokens``
-    training tokens), and the means ± standard errors over seeds (`trsae.analysis.summarize`):
+            density_tokens: int = 100_000, lrs: dict[str, float] | None = None
+            ) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """`train_and_evaluate` with CE / KL on the first ``eval_seqs`` test sequences, the store-only metrics on the
+    first `RECON_SEQS` (dead / dense latents over ``density_tokens`` training tokens), and the means ± standard errors over seeds (`trsae.analysis.summarize`):
     ``(per_seed, summary)``."""
     evaluate = Evaluator(store, model, max_seqs=eval_seqs, density_tokens=density_tokens)
-    per_seed = train_and_evaluate(specs, seeds, train_cfg, store, evaluate, work, progress)
+    per_seed = train_and_evaluate(specs, seeds, train_cfg, store, evaluate, work, progress, lrs)
     return per_seed, summarize(per_seed)
 
 
 def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: ActivationStore,
              evaluate: Evaluator, work: str | os.PathLike, metric: tuple[str, str],
-             progress: bool = True) -> dict[str, list[tuple[float, float, float]]]:
+             progress: bool = True, lrs: dict[str, float] | None = None) -> dict[str, list[tuple[float, float, float]]]:
     """``{name: [(l0, metric mean, metric se), ...]}`` over sparsity settings (one seed), for a frontier plot.
     Every setting is trained first and then all are evaluated in one pass, so they share its reference passes."""
     flat = {(name, i): c for name, cfgs in specs.items() for i, c in enumerate(cfgs)}
+    point_lrs = {f"{name}-{i}": lrs[name] for name, i in flat if name in (lrs or {})}  # a family's rate for all
     per = train_and_evaluate({f"{name}-{i}": c for (name, i), c in flat.items()}, [train_cfg.seed], train_cfg,
-                             store, evaluate, work, progress)
+                             store, evaluate, work, progress, point_lrs)
     out = {}
     for name in specs:
         out[name] = sorted((rs[0]["sparsity"]["l0"], rs[0][metric[0]][metric[1]], 0.0)
@@ -205,12 +223,13 @@ def frontier(specs: dict[str, list[SAEConfig]], train_cfg: TrainConfig, store: A
 
 def train_budgets(specs: dict[str, SAEConfig], budget_seeds: dict[int, list[int]], train_cfg: TrainConfig,
                     store: ActivationStore, evaluate: Evaluator, work: str | os.PathLike,
-                    progress: bool = True) -> dict[int, dict[str, list[dict]]]:
+                    progress: bool = True, lrs: dict[str, float] | None = None) -> dict[int, dict[str, list[dict]]]:
     """Every named config trained for each budget of ``budget_seeds`` (training tokens -> seeds; more tokens than
     the training split holds means several epochs over it), with ``train_cfg``'s schedule stretched to the budget
     (the same warm-up and decay fractions), then all evaluated in one pass: ``{tokens: {name: per-seed results}}``.
     A budget equal to ``train_cfg.tokens`` reuses the comparison's own runs (cached by content)."""
-    runs = {tokens: train_all(specs, seeds, dataclasses.replace(train_cfg, tokens=int(tokens)), store, work, progress)
+    runs = {tokens: train_all(specs, seeds, dataclasses.replace(train_cfg, tokens=int(tokens)), store, work, progress,
+                              lrs)
             for tokens, seeds in sorted(budget_seeds.items())}
     results = evaluate({run: sae for by_name in runs.values() for rs in by_name.values() for run, sae in rs})
     return {tokens: {name: [dict(results[run], run=str(run)) for run, _ in rs] for name, rs in by_name.items()}
@@ -249,14 +268,16 @@ def open_store(work_dir: str, figures_dir: str, harvest: dict, train: dict,
                progress: bool = True) -> tuple[Path, Path, ActivationStore, TrainConfig]:
     """A notebook's start, from its ``harvest`` and ``train`` parameters (fields of `HarvestConfig` and
     `TrainConfig`): its work and figures folders (`output_dirs`), the store (`ensure_store`, harvested if missing)
-    and the training config, whose crops are the store's whole contexts."""
+    and the training config (crops of the store's whole contexts unless ``train`` sets ``crop_len``)."""
     work, figures = output_dirs(work_dir, figures_dir)
     store = ensure_store(HarvestConfig(**harvest), work, progress=progress)
-    return work, figures, store, TrainConfig(crop_len=harvest["ctx_len"], **train)
+    return work, figures, store, TrainConfig(**({"crop_len": harvest["ctx_len"]} | train))
 
 
 def train_all(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfig, store: ActivationStore,
-              work: str | os.PathLike, progress: bool = True) -> dict[str, list[tuple[Path, SAE]]]:
-    """Train (or reload) every named config with every seed: ``{name: [(run folder, sae), ...]}``."""
-    return {name: [ensure_sae(cfg, dataclasses.replace(train_cfg, seed=s), store, work, progress)[::-1]
+              work: str | os.PathLike, progress: bool = True,
+              lrs: dict[str, float] | None = None) -> dict[str, list[tuple[Path, SAE]]]:
+    """Train (or reload) every named config with every seed (at its family's learning rate, `family_train`):
+    ``{name: [(run folder, sae), ...]}``."""
+    return {name: [ensure_sae(cfg, family_train(train_cfg, name, lrs, seed=s), store, work, progress)[::-1]
                    for s in seeds] for name, cfg in specs.items()}

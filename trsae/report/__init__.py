@@ -18,9 +18,10 @@ from trsae.report.macros import (ABLATION, BASELINE, INTERP, MACRO_FILES, OVERHE
                                  TEMPORAL, MacroFile, ablation_macros, baseline_macros, interp_macros, macro_name,
                                  mean_se_macros, overhead_macros, pm_text, results_macros, setup_macros,
                                  temporal_macros, write_macro_file, write_macros,
-                                 length_macros, second_model_macros, field_macros, decoder_ablation_macros)
+                                 length_macros, second_model_macros, field_macros, decoder_ablation_macros,
+                                 contrast_macros, tuning_macros)
 from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, format_table,  # noqa: F401
-                                 results_table, text_table, write_results, write_tables)
+                                 lr_table, results_table, text_table, write_results, write_tables)
 from trsae.report.values import (PROBE_WORDS, ROW_WORDS, SINGLE_SEED_MARK, SINGLE_SEED_NOTE, Panel,  # noqa: F401
                                  budget_label, by_budget, format_mean_se, format_number, group_thousands, metric_n, metric_value, row_label,
                                  se_decimals)

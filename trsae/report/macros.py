@@ -152,17 +152,43 @@ def results_macros(summary: dict[str, dict], which: MacroFile, rows: Sequence[Pa
 
 
 def setup_macros(profile: str, store, train_cfg, width_mult: int, k: int, seeds: list[int],
-                 eval_seqs: int, density_tokens: int) -> dict:
+                 eval_seqs: int, density_tokens: int, recon_tokens: int) -> dict:
     """01's experimental setup (`SETUP`), read from the store (``manifest``, ``d_model``, ``splits``) and the
-    training config (``tokens``) used; ``density_tokens``: the training tokens the dead / dense counts saw."""
+    training config (``tokens``) used; ``density_tokens``: the training tokens the dead / dense counts saw;
+    ``recon_tokens``: the test tokens of the store-only metrics (``token_stats.n_tokens_eval``)."""
     m = store.manifest
     return _prefixed(SETUP, {
         "Profile": profile, "Model": m["model"], "Layer": m["layer"],
         "Data": m["data"].replace("+", " + ").replace("_", "\\_"), "HarvestTokens": m["token_count"],
         "CtxLen": m["ctx_len"], "TrainTokens": train_cfg.tokens, "DModel": store.d_model,
+        "BatchCrops": train_cfg.batch_size, "CropLen": train_cfg.crop_len, "Context": train_cfg.context,
         "WidthMult": width_mult, "Width": width_mult * store.d_model, "K": k,
         "Seeds": len(seeds), "EvalSeqs": eval_seqs, "TestSeqs": len(store.splits["test"]),
-        "DensityTokens": density_tokens, "DeadWindowFrac": train_cfg.dead_window_frac})
+        "DensityTokens": density_tokens, "ReconTokens": recon_tokens, "DeadWindowFrac": train_cfg.dead_window_frac})
+
+
+def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: float | None,
+                  grid: Sequence[float], l0_tolerance: float, dead_limit: float) -> dict:
+    """01's tuning sentence (`SETUP`, ``\\setupTuning``): how the learning rates of Table ``tab:lrs`` were chosen
+    (`trsae.tuning`: its ``grid``, ``l0_tolerance`` and ``dead_limit``), or that the profile was not tuned (``lrs``
+    None: every family at ``base_lr``)."""
+
+    def num(v: float) -> str:
+        return f"{v:.3g}"
+
+    if not lrs:
+        text = (f"This profile is not tuned: every family trains at the learning rate {num(base_lr)} "
+                f"(Table~\\ref{{tab:lrs}}).")
+    else:
+        text = (f"Each family's learning rate is chosen on the validation split, from the grid "
+                f"{', '.join(num(v) for v in grid)} at the main budget and one seed: the rate with the lowest "
+                f"validation FVU among those whose validation L0 lies within {l0_tolerance:.0%} of the family's "
+                f"target L0 and whose dictionary has fewer than {dead_limit:.0%} dead latents "
+                f"(Table~\\ref{{tab:lrs}}).").replace("%", "\\%")
+    if relu_l1_coeff is not None:
+        text += (f" ReLU + L1's L1 weight, {num(relu_l1_coeff)}, is set on the validation split so that its L0 lands "
+                 f"at \\(k\\).")
+    return _prefixed(SETUP, {"Tuning": text})
 
 
 def baseline_macros(summary: dict[str, dict], rows: Sequence[Panel]) -> dict[str, float]:
@@ -272,6 +298,15 @@ def field_macros(summary: dict[str, dict], rows: Sequence[Panel], versus_best: d
         out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "decoder", key), decoder["paired"][key]))
         out[macro_name(TEMPORAL.prefix, "decoder", key, "separated")] = \
             "more" if decoder["apart_from_one"][key] else "not more"
+    return out
+
+
+def contrast_macros(summary: dict[str, dict], rows: Sequence[Panel]) -> dict:
+    """02's sweep of T-SAE's contrastive weight on the val split (`TEMPORAL`): ``\\tmpContrast<Name><Key>`` per
+    multiple of the authors' weight (names "x0", "x1", ... of `trsae.experiments.contrast_sweep`), and the largest
+    multiple as ``\\tmpContrastLargest``."""
+    out = results_macros({f"contrast {n}": v for n, v in summary.items()}, TEMPORAL, rows)
+    out[TEMPORAL.prefix + "ContrastLargest"] = list(summary)[-1].lstrip("x")
     return out
 
 

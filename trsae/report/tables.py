@@ -180,6 +180,19 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, s
     return "\n".join(out) + "\n"
 
 
+LR_COLUMNS = (("arch", "SAE", ""), ("lr", "learning rate", ".3g"))
+
+
+def lr_table(lrs: dict[str, float] | None, base_lr: float, stem: str | os.PathLike) -> dict[str, Path]:
+    """``<stem>.md`` and ``.tex``: the learning rate each family trains at (``lrs``, `trsae.tuning`), or
+    ``base_lr`` for every family."""
+    rows = ([{"arch": name, "lr": float(lr)} for name, lr in lrs.items()] if lrs
+            else [{"arch": "every family", "lr": float(base_lr)}])
+    stem = Path(stem)
+    return {"md": atomic_write_text(stem.with_suffix(".md"), format_table(rows, LR_COLUMNS, style="md")),
+            "tex": atomic_write_text(stem.with_suffix(".tex"), format_table(rows, LR_COLUMNS, style="tex"))}
+
+
 def write_tables(rows: list[dict[str, Any]], stem: str | os.PathLike) -> dict[str, Path]:
     """``<stem>.md`` and ``.tex`` (formatted `OVERHEAD_COLUMNS`) and ``.csv`` (every scalar field, full precision)."""
     stem = Path(stem)

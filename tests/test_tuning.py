@@ -1,0 +1,72 @@
+"""The tuning protocol (`trsae.tuning`): its rule on hand-made trials, the L1 search on a closed-form L0 curve, and
+one small tuning on the tiny store, read back from the val split independently."""
+
+import math
+
+import pytest
+import yaml
+
+from trsae import runner, tuning
+from trsae.config import TrainConfig
+from trsae.saes import SAEConfig
+
+
+def test_rule_takes_the_lowest_fvu_among_runs_at_the_target_with_few_dead_latents():
+    trials = [{"lr": 1, "fvu": 0.10, "l0": 40.0, "dead_frac": 0.0}, {"lr": 2, "fvu": 0.20, "l0": 33.0, "dead_frac": 0.0},
+              {"lr": 3, "fvu": 0.30, "l0": 31.0, "dead_frac": 0.0}, {"lr": 4, "fvu": 0.05, "l0": 32.0, "dead_frac": 0.5}]
+    assert tuning.choose_lr(trials, 32) == 2  # lr 1: lowest FVU of the living, L0 25 % off; lr 4: half dead
+    assert tuning.choose_lr(trials[:3], None) == 1  # no target: the lowest FVU
+    far = [{"lr": 1, "fvu": 0.1, "l0": 50.0, "dead_frac": 0.0}, {"lr": 2, "fvu": 0.2, "l0": 45.0, "dead_frac": 0.0}]
+    assert tuning.choose_lr(far, 32) == 2  # none at the target: the nearest L0
+
+
+@pytest.mark.parametrize("alpha, c", [(0.7, 3.0), (1.5, 0.02), (0.3, 40.0)])
+def test_l1_search_finds_the_weight_of_a_power_law_l0(alpha, c):
+    """L0 = c w^-alpha: the secant search in log-log lands within the tolerance in a few steps."""
+    target = 32
+    points = [(0.01, c * 0.01 ** -alpha)]
+    for _ in range(tuning.L1_SEARCH_RUNS):
+        w = tuning.next_l1(points, target)
+        points.append((w, c * w ** -alpha))
+        if tuning.at_target(points[-1][1], target):
+            break
+    assert tuning.at_target(points[-1][1], target), points
+    assert points[-1][0] == pytest.approx((c / target) ** (1 / alpha), rel=tuning.L0_TOLERANCE / alpha + 1e-9)
+
+
+def test_a_small_tuning_chooses_from_its_own_val_runs(tiny_store, tmp_path):
+    d, k = tiny_store.d_model, 4
+    specs = {"TopK": SAEConfig.build(d, 4 * d, "topk", k=k), "ReLU-L1": SAEConfig.build(d, 4 * d, "relu")}
+    train_cfg = TrainConfig(tokens=1_500, batch_size=4, crop_len=16, lr=4e-4)
+    tuner = tuning.Tuner(tiny_store, train_cfg, tmp_path, k)
+    result = tuner.tune(specs, lrs=(1e-4, 1e-3))
+    topk = result["trials"]["TopK"]
+    assert [t["lr"] for t in topk] == [1e-4, 1e-3] and all(t["l0"] == pytest.approx(k) for t in topk)
+    assert result["lrs"]["TopK"] == tuning.choose_lr(topk, k)
+    # each trial is the val-split evaluation of the run cached under the tuning's own config, read back here
+    cfg = runner.family_train(train_cfg, "TopK", result["lrs"])
+    sae, run = runner.ensure_sae(specs["TopK"], cfg, tiny_store, tmp_path)
+    val = runner.Evaluator(tiny_store, split="val", max_seqs=0, with_logits=False, density_tokens=1_500)({run: sae})[run]
+    chosen = next(t for t in topk if t["lr"] == result["lrs"]["TopK"])
+    assert chosen["fvu"] == pytest.approx(1 - val["reconstruction_quality"]["explained_variance"], rel=1e-12)
+    # the L1 search moved the weight and kept the run nearest the target
+    l1 = result["l1_trials"]
+    assert len({t["l1_coeff"] for t in l1}) > 1
+    final = [t for t in l1 if t["stage"] == "at the chosen rate"]
+    assert result["relu_l1_coeff"] == min(final, key=lambda t: abs(math.log(t["l0"] / k)))["l1_coeff"]
+    table = tuning.markdown(result, k, "tiny", train_cfg.tokens)
+    assert "| TopK |" in table and "**" in table and f"{result['relu_l1_coeff']:.4g}" in table
+
+
+def test_the_profiles_tuned_values_are_those_their_tuning_chose():
+    """params/<profile>.yaml holds exactly what `python -m trsae tune` wrote to params/tuning/<profile>.yaml."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for chosen in sorted((root / "params" / "tuning").glob("*.yaml")):
+        profile = yaml.safe_load((root / "params" / chosen.name).read_text())
+        choice = yaml.safe_load(chosen.read_text())
+        shared = profile["shared"]
+        assert shared["lrs"] == choice["lrs"], chosen.name
+        if "relu_l1_coeff" in choice:
+            assert profile["01_baseline"]["relu_l1_coeff"] == choice["relu_l1_coeff"], chosen.name

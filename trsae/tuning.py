@@ -1,0 +1,200 @@
+"""One tuning protocol for every SAE family, on the val split (as SAEBench tunes its baselines): each family's
+learning rate from one small grid at the main budget, and ReLU + L1's L1 weight chosen so that its L0 lands at the
+matched L0 k. The test split is never read here; it is for the paper only.
+
+    python -m trsae tune params/cpu.yaml        # writes params/tuning/cpu.md (the table) and cpu.yaml (the choice)
+
+Rule: a family's learning rate is the grid value with the lowest val FVU among those whose val L0 lies within
+`L0_TOLERANCE` of the family's target (k for the matched-L0 SAEs; no target for TFA, whose dense prediction is
+counted, and TRSAE-pred) and whose dictionary keeps dead latents under `DEAD_LIMIT`; when none qualifies, the
+value whose L0 is nearest the target, then the fewest dead latents. (High rates can buy a lower FVU with a dictionary
+half dead: TopK at 3.2e-3 on gemma-3-270m, 300k tokens, reconstructs best with 48 % of its latents dead.) ReLU + L1 first gets its L1
+weight at the base learning rate (a secant search on log L0 against log weight), then the grid at that weight,
+then its weight again at the chosen rate. Every run is one seed (the profile's first) and is cached like the
+notebooks' runs, so rerunning the command after an interruption only does what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from trsae.saes import SAEConfig
+
+LR_GRID = (4e-4, 8e-4, 1.6e-3, 3.2e-3)
+"""Learning rates tried for every family (Adam; the profiles' shared rate is 4e-4; TopK diverges at 6.4e-3)."""
+L0_TOLERANCE = 0.1
+"""A run is at its target L0 when ``|L0 / target - 1| <= L0_TOLERANCE``."""
+DEAD_LIMIT = 0.1
+"""A run qualifies only with less than this share of dead latents (`trsae.evaluate.density_stats`)."""
+L1_SEARCH_RUNS = 6
+"""At most this many runs per L1 weight search."""
+UNTARGETED = ("TFA", "TRSAE-pred")
+"""Families without an L0 target: TFA's L0 counts its dense prediction, TRSAE-pred may leave predicted slots empty."""
+
+
+def families(d_in: int, width: int, k: int, temporal: dict[str, Any]) -> dict[str, SAEConfig]:
+    """Every family the notebooks compare at the main budget (01's baselines, 02's comparison and field), once."""
+    from trsae import experiments
+
+    out = dict(experiments.baseline_specs(d_in, width, k))
+    out |= experiments.temporal_specs(d_in, width, k, **temporal)
+    out |= experiments.field_specs(d_in, width, k, **temporal)
+    return out
+
+
+def target_l0(name: str, cfg: SAEConfig, k: int) -> int | None:
+    return None if name in UNTARGETED else k
+
+
+def at_target(l0: float, target: int | None) -> bool:
+    return target is None or abs(l0 / target - 1) <= L0_TOLERANCE
+
+
+def choose_lr(trials: list[dict], target: int | None) -> float:
+    """The rule of the module docstring over ``[{"lr", "fvu", "l0", "dead_frac"}, ...]``."""
+    ok = [t for t in trials if at_target(t["l0"], target) and t["dead_frac"] < DEAD_LIMIT]
+    if ok:
+        return min(ok, key=lambda t: t["fvu"])["lr"]
+    return min(trials, key=lambda t: (0.0 if target is None else abs(t["l0"] - target), t["dead_frac"]))["lr"]
+
+
+def next_l1(points: list[tuple[float, float]], target: float) -> float:
+    """The next L1 weight of a secant search for L0 = target in log-log coordinates over ``[(weight, L0), ...]``:
+    between the nearest points on either side of the target when the search has them, else from the two latest
+    points (a factor-4 step from a single one)."""
+    logs = [(math.log(w), math.log(max(l0, 1e-3))) for w, l0 in points]
+    goal = math.log(target)
+    below = [p for p in logs if p[1] < goal]  # L0 below target: weight too high
+    above = [p for p in logs if p[1] >= goal]
+    if below and above:
+        a = min(below, key=lambda p: goal - p[1])
+        b = min(above, key=lambda p: p[1] - goal)
+    elif len(logs) >= 2:
+        a, b = logs[-2], logs[-1]
+    else:
+        return points[0][0] * (4.0 if logs[0][1] > goal else 0.25)
+    if abs(a[1] - b[1]) < 1e-9:
+        return math.exp((a[0] + b[0]) / 2)
+    w = a[0] + (goal - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
+    lo, hi = min(p[0] for p in logs) - math.log(8), max(p[0] for p in logs) + math.log(8)
+    return math.exp(min(max(w, lo), hi))
+
+
+class Tuner:
+    """Runs and scores the tuning runs of one store (cached in ``work`` like every notebook run)."""
+
+    def __init__(self, store, train_cfg, work: str | Path, k: int, progress: bool = False):
+        from trsae import runner
+
+        self.store, self.train_cfg, self.work, self.k, self.progress = store, train_cfg, Path(work), k, progress
+        self.evaluate = runner.Evaluator(store, split="val", max_seqs=0, with_logits=False,
+                                         density_tokens=min(100_000, train_cfg.tokens))
+
+    def score(self, cfg: SAEConfig, lr: float) -> dict:
+        from trsae import runner
+
+        tc = dataclasses.replace(self.train_cfg, lr=lr)
+        sae, run = runner.ensure_sae(cfg, tc, self.store, self.work, self.progress)
+        res = self.evaluate({run: sae})[run]
+        return {"lr": lr, "fvu": 1 - res["reconstruction_quality"]["explained_variance"],
+                "l0": res["sparsity"]["l0"], "dead_frac": res["sparsity"]["dead_frac"]}
+
+    def l1_search(self, cfg: SAEConfig, lr: float) -> tuple[SAEConfig, list[dict]]:
+        """The ReLU + L1 config whose val L0 is at k (or nearest it after `L1_SEARCH_RUNS` runs), and the runs."""
+        trials: list[dict] = []
+        weight = cfg.sparsity.l1_coeff
+        for _ in range(L1_SEARCH_RUNS):
+            t = self.score(cfg.replace(l1_coeff=weight), lr) | {"l1_coeff": weight}
+            trials.append(t)
+            if at_target(t["l0"], self.k):
+                break
+            weight = next_l1([(u["l1_coeff"], u["l0"]) for u in trials], self.k)
+        best = min(trials, key=lambda u: abs(math.log(max(u["l0"], 1e-3) / self.k)))
+        return cfg.replace(l1_coeff=best["l1_coeff"]), trials
+
+    def tune(self, specs: dict[str, SAEConfig], lrs: tuple[float, ...] = LR_GRID, base_lr: float | None = None) -> dict:
+        """``{"lrs": {family: lr}, "relu_l1_coeff": weight, "trials": {family: [...]}, "l1_trials": [...]}``."""
+        base_lr = self.train_cfg.lr if base_lr is None else base_lr
+        specs = dict(specs)
+        chosen: dict[str, float] = {}
+        trials: dict[str, list[dict]] = {}
+        l1_trials: list[dict] = []
+        if "ReLU-L1" in specs:
+            specs["ReLU-L1"], found = self.l1_search(specs["ReLU-L1"], base_lr)
+            l1_trials += [t | {"stage": "at the base rate"} for t in found]
+        for name, cfg in specs.items():
+            trials[name] = [self.score(cfg, lr) for lr in lrs]
+            chosen[name] = choose_lr(trials[name], target_l0(name, cfg, self.k))
+        out = {"lrs": chosen, "trials": trials}
+        if "ReLU-L1" in specs:
+            relu, found = self.l1_search(specs["ReLU-L1"], chosen["ReLU-L1"])
+            l1_trials += [t | {"stage": "at the chosen rate"} for t in found]
+            out["relu_l1_coeff"] = relu.sparsity.l1_coeff
+        out["l1_trials"] = l1_trials
+        return out
+
+
+def markdown(result: dict, k: int, profile: str, budget: int) -> str:
+    """The table that made the choice: val FVU and L0 per family and learning rate, the chosen one in bold."""
+    lrs = sorted({t["lr"] for ts in result["trials"].values() for t in ts})
+    lines = [f"# Tuning on the val split: profile {profile}",
+             "",
+             f"Written by `python -m trsae tune` (`trsae.tuning`): one seed, {budget:,} training tokens, k = {k}. "
+             f"Each cell is val FVU (L0, dead latents); the chosen learning rate of each family is in bold (lowest "
+             f"FVU among the runs within {L0_TOLERANCE:.0%} of the family's target L0 with under {DEAD_LIMIT:.0%} "
+             f"dead latents).",
+             "",
+             "| family | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for name, ts in result["trials"].items():
+        by_lr = {t["lr"]: t for t in ts}
+        cells = []
+        for lr in lrs:
+            t = by_lr.get(lr)
+            cell = "" if t is None else f"{t['fvu']:.4f} ({t['l0']:.1f}, {t['dead_frac']:.0%})"
+            cells.append(f"**{cell}**" if t is not None and lr == result["lrs"][name] else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['lrs'][name]:g} |")
+    if result.get("l1_trials"):
+        lines += ["", f"ReLU + L1's L1 weight (target L0 {k}):", "",
+                  "| stage | lr | L1 weight | val L0 | val FVU |", "|---|---|---|---|---|"]
+        lines += [f"| {t['stage']} | {t['lr']:g} | {t['l1_coeff']:.4g} | {t['l0']:.1f} | {t['fvu']:.4f} |"
+                  for t in result["l1_trials"]]
+        lines += ["", f"Chosen L1 weight: {result['relu_l1_coeff']:.4g}."]
+    return "\n".join(lines) + "\n"
+
+
+def tune_from_params(params_path: str | Path, out_dir: str | Path, lrs: tuple[float, ...] = LR_GRID,
+                     notebook: str | Path = "notebooks/02_temporal.ipynb", progress: bool = True) -> tuple[Path, Path]:
+    """Tune for a parameter file's profile, as `notebook` (02) sees it: store, budget, width, k, window, first seed,
+    and its work folder (relative to the notebook, as under papermill; ``$TRSAE_WORK_DIR`` overrides it), so the
+    runs are cached beside the notebooks'. Writes ``<out_dir>/<profile>.md`` and ``<profile>.yaml``."""
+    import yaml
+
+    from trsae import runner
+    from trsae.io import atomic_write_text
+    from trsae.params import load_params, notebook_defaults, notebook_view
+
+    nb = Path(notebook)
+    if not nb.is_file():
+        raise FileNotFoundError(f"{nb} not found: run the command from the repository's root (or pass the notebook)")
+    view = notebook_defaults(nb) | notebook_view(load_params(params_path), nb, str(params_path))
+    profile = Path(params_path).stem
+    work, _, store, train_cfg = runner.open_store(str(nb.parent / view["work_dir"]), str(nb.parent / view["figures_dir"]),
+                                                  view["harvest"], view["train"], progress=progress)
+    train_cfg = dataclasses.replace(train_cfg, seed=view["seeds"][0])
+    k, width = view["sae"]["k"], view["sae"]["width_mult"] * store.d_model
+    specs = families(store.d_model, width, k, view["temporal"])
+    result = Tuner(store, train_cfg, work, k, progress).tune(specs, lrs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, chosen = out_dir / f"{profile}.md", out_dir / f"{profile}.yaml"
+    atomic_write_text(md, markdown(result, k, profile, train_cfg.tokens))
+    choice = {"lrs": {n: float(v) for n, v in result["lrs"].items()}}
+    if "relu_l1_coeff" in result:
+        choice["relu_l1_coeff"] = float(result["relu_l1_coeff"])
+    atomic_write_text(chosen, f"# chosen by python -m trsae tune {params_path} (table: {md.name})\n"
+                      + yaml.safe_dump(choice, sort_keys=False))
+    return md, chosen
