@@ -3,7 +3,8 @@ machine's own kernels and under ``notebooks/other_cpu.env`` (the stand-in for an
 run (the variables are read when MKL and PyTorch start), alternating for ``--repeats`` rounds (this machine is shared
 and noisy: read the ratio of medians). Prints each setting's median seconds and its ratio to float32 on this
 machine's kernels, and, per dtype, how far the other kernels move the trained weights (max relative difference):
-percents in float32 after a few dozen TopK steps (the printed digits), near 1e-13 in float64.
+percents in float32 after a few dozen TopK steps (the printed digits), near 1e-13 in float64. One more float32 run
+without MKL's conditional numerical reproducibility (``MKL_CBWR`` empty; `trsae.lm` turns it on) gives its cost.
 
     python benchmarks/bench_numerics.py --steps 40 --repeats 3
 """
@@ -67,6 +68,7 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if k not in other}
     settings = {(dt, kern): ({**base, **other} if kern == "other" else base)
                 for dt in ("float32", "float64") for kern in ("here", "other")}
+    settings["float32", "cnr-off"] = {**base, "MKL_CBWR": ""}
     results = {s: [] for s in settings}
     for _ in range(a.repeats):
         for (dt, kern), env in settings.items():

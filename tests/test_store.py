@@ -96,6 +96,22 @@ def test_resume_under_another_thread_count_gives_the_same_store(tmp_path):
     assert res["threads_after"] == 1  # the caller's setting is restored
 
 
+def test_importing_the_project_makes_mkl_reproducible():
+    """MKL's own report of a call made after ``import trsae.lm``: conditional numerical reproducibility on (without it
+    a harvest resumed under load wrote a shard that differed in its last bits) and no per-call thread count."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch is not built with MKL here")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "MKL_DYNAMIC")} | {"MKL_VERBOSE": "1"}
+    code = "import trsae.lm, torch; torch.ones(64, 64) @ torch.ones(64, 64)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    call = [ln for ln in out.splitlines() if "SGEMM" in ln]
+    assert call and "CNR:AUTO" in call[0] and "Dyn:0" in call[0], out
+
+
 def test_another_config_in_the_same_folder_is_refused(tmp_path, tiny_model):
     harvest(CFG, tmp_path, model=tiny_model, progress=False, max_shards=1)
     with pytest.raises(StoreError, match="another configuration"):

@@ -207,10 +207,19 @@ def numerics(dtype: torch.dtype):
     return Float64Math() if dtype == torch.float64 else contextlib.nullcontext()
 
 
-def _mkl_dynamic_off() -> None:
-    """Stop MKL from choosing its own thread count per call (``MKL_DYNAMIC``, on by default). On its AVX2 code path,
-    which it takes on AMD CPUs, sgemm's bits depend on the thread count, so a dynamic choice makes two identical
-    forwards differ in the last bit. A no-op where torch is not built with MKL."""
+def _mkl_reproducible() -> None:
+    """Make MKL give the same bits from run to run of the same work on the same machine and thread count.
+
+    - Conditional numerical reproducibility (``MKL_CBWR=AUTO`` unless the environment already names a mode): without
+      it MKL documents results that may differ run to run (memory alignment, the order in which its threads' partial
+      sums meet), which made one shard of a harvest resumed under load differ in its last bits in CI. MKL reads the
+      variable at its first call, which this import precedes in the CLI and the notebooks; its cost is the
+      ``cnr-off`` row of ``benchmarks/bench_numerics.py``.
+    - No dynamic thread count (``MKL_DYNAMIC``, on by default): on MKL's AVX2 code path, which it takes on AMD CPUs,
+      sgemm's bits depend on the thread count, so a count MKL picks per call makes two identical forwards differ.
+
+    A no-op where torch is not built with MKL."""
+    os.environ.setdefault("MKL_CBWR", "AUTO")
     lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
         ctypes.CDLL(str(lib)).MKL_Set_Dynamic(ctypes.c_int(0))
@@ -218,7 +227,7 @@ def _mkl_dynamic_off() -> None:
         pass
 
 
-_mkl_dynamic_off()  # for every process that imports the project (harvest, training, evaluation): same bits per run
+_mkl_reproducible()  # for every process that imports the project (harvest, training, evaluation): same bits per run
 
 
 @contextlib.contextmanager
