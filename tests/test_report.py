@@ -327,6 +327,9 @@ def test_notebook_macros_carry_their_files_prefix(tmp_path):
     untuned = R.tuning_macros(None, 4e-4, None, (4e-4, 8e-4), 0.1, 0.1)["setupTuning"]
     tuned = R.tuning_macros({"TopK": 8e-4}, 4e-4, 0.003, (4e-4, 8e-4), 0.1, 0.1)["setupTuning"]
     assert "not tuned" in untuned and "0.0004" in untuned and "validation" in tuned and "0.003," in tuned
+    assert "JumpReLU" not in tuned
+    assert "JumpReLU's weight on its penalty around \\(k\\), 0.0625," in R.tuning_macros(
+        {"JumpReLU": 4e-4}, 4e-4, None, (4e-4,), 0.1, 0.1, jumprelu_l0_coeff=0.0625)["setupTuning"]
     assert made[R.BASELINE] == {"baseTopKLZero": "32.000", "baseTopKLZeroPm": r"\ensuremath{32.000 \pm 0.010}",
                                 "baseTRSAELZero": "31.000", "baseTRSAELZeroPm": r"\ensuremath{31.000 \pm 0.010}"}
     assert made[R.TEMPORAL]["tmpOpenGateFrac"] == 0.25 and made[R.TEMPORAL]["tmpWindow"] == 16

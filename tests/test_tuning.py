@@ -20,6 +20,43 @@ def test_rule_takes_the_lowest_fvu_among_runs_at_the_target_with_few_dead_latent
     assert tuning.choose_lr(far, 32) == 2  # none at the target: the nearest L0
 
 
+def test_without_a_qualifying_run_the_rule_passes_over_broken_and_half_dead_ones():
+    """JumpReLU's grid on gemma-3-270m: no rate within 10 % of L0 32; the nearest L0 belongs to a run that is a
+    quarter dead and reconstructs worse than the mean, which must not be taken over a healthy run 17 % off."""
+    trials = [{"lr": 1, "fvu": 0.18, "l0": 37.4, "dead_frac": 0.001}, {"lr": 2, "fvu": 0.21, "l0": 26.3, "dead_frac": 0.001},
+              {"lr": 3, "fvu": 1.98, "l0": 29.8, "dead_frac": 0.26}]
+    assert tuning.choose_lr(trials, 32) == 1
+    broken = [{"lr": 1, "fvu": 1.5, "l0": 40.0, "dead_frac": 0.3}, {"lr": 2, "fvu": 2.0, "l0": 31.0, "dead_frac": 0.5}]
+    assert tuning.choose_lr(broken, 32) == 2  # nothing usable: the nearest L0 again
+
+
+class _PenaltyL0(tuning.Tuner):
+    """A tuner whose runs are a closed form: JumpReLU's L0 = k (1 + 0.6 / weight multiple), FVU rising with it."""
+
+    def __init__(self, k):
+        self.k, self.calls = k, []
+
+    def score(self, cfg, lr):
+        m = cfg.sparsity.l0_coeff / self.base
+        self.calls.append(m)
+        return {"lr": lr, "fvu": 0.1 + 0.01 * m, "l0": self.k * (1 + 0.6 / m), "dead_frac": 0.0}
+
+
+def test_penalty_search_raises_jumprelus_weight_until_its_l0_is_at_k():
+    cfg = SAEConfig.build(16, 64, "jumprelu", k=8)
+    tuner = _PenaltyL0(8)
+    tuner.base = cfg.sparsity.l0_coeff
+    first = tuner.score(cfg, 1e-3) | {}
+    tuner.calls.clear()
+    chosen, trials = tuner.penalty_search(cfg, first)
+    assert tuner.calls == [4.0, 16.0]  # x4 leaves L0 15 % high, x16 lands within 10 %
+    assert [t["l0_coeff"] for t in trials] == [tuner.base * m for m in (1, 4, 16)]
+    assert chosen.sparsity.l0_coeff == tuner.base * 16 and all(t["lr"] == 1e-3 for t in trials)
+    tuner.calls.clear()
+    at_k = first | {"l0": 8.5}
+    assert tuner.penalty_search(cfg, at_k)[0].sparsity.l0_coeff == tuner.base and tuner.calls == []
+
+
 @pytest.mark.parametrize("alpha, c", [(0.7, 3.0), (1.5, 0.02), (0.3, 40.0)])
 def test_l1_search_finds_the_weight_of_a_power_law_l0(alpha, c):
     """L0 = c w^-alpha: the secant search in log-log lands within the tolerance in a few steps."""
@@ -70,3 +107,5 @@ def test_the_profiles_tuned_values_are_those_their_tuning_chose():
         assert shared["lrs"] == choice["lrs"], chosen.name
         if "relu_l1_coeff" in choice:
             assert profile["01_baseline"]["relu_l1_coeff"] == choice["relu_l1_coeff"], chosen.name
+        if "jumprelu_l0_coeff" in choice:
+            assert shared["jumprelu_l0_coeff"] == choice["jumprelu_l0_coeff"], chosen.name

@@ -54,14 +54,17 @@ PAIRED_ROWS = [("paired", "fvu_ratio", "FVU ratio"), ("paired", "ce_gap_ratio", 
 """Rows of the seed-paired comparisons (`trsae.analysis.paired`)."""
 
 
-def baseline_specs(d_in: int, width: int, k: int, l1_coeff: float | None = None) -> dict[str, SAEConfig]:
+def baseline_specs(d_in: int, width: int, k: int, l1_coeff: float | None = None,
+                   jumprelu_l0_coeff: float | None = None) -> dict[str, SAEConfig]:
     """The per-token baselines at one width: ReLU + L1 (its L0 follows from ``l1_coeff``), and at L0 = k TopK,
-    BatchTopK, JumpReLU (k its target mean L0) and Matryoshka BatchTopK."""
+    BatchTopK, JumpReLU (k its target mean L0, ``jumprelu_l0_coeff`` the weight of its penalty around k; None: the
+    part's default) and Matryoshka BatchTopK."""
     relu_kw = {} if l1_coeff is None else {"l1_coeff": l1_coeff}
+    jump_kw = {} if jumprelu_l0_coeff is None else {"l0_coeff": jumprelu_l0_coeff}
     return {"ReLU-L1": SAEConfig.build(d_in, width, "relu", **relu_kw),
             "TopK": SAEConfig.build(d_in, width, "topk", k=k),
             "BatchTopK": SAEConfig.build(d_in, width, "batchtopk", k=k),
-            "JumpReLU": SAEConfig.build(d_in, width, "jumprelu", k=k),
+            "JumpReLU": SAEConfig.build(d_in, width, "jumprelu", k=k, **jump_kw),
             "Matryoshka": SAEConfig.build(d_in, width, "matryoshka", k=k)}
 
 
@@ -76,11 +79,11 @@ def l1_sweep(cfg: SAEConfig, mults: list[float]) -> list[SAEConfig]:
 
 
 def temporal_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: float = 0.3,
-                   **trsae_kw) -> dict[str, SAEConfig]:
-    """The matched-L0 comparison (k): the per-token baselines of `PER_TOKEN`, a TRSAE encoder on each sparsity of
-    `TWINS` ("TRSAE" is the TopK one), and "TopK-wide", a TopK whose wider dictionary holds as many parameters as
-    the TopK TRSAE."""
-    base = baseline_specs(d_in, width, k)
+                   jumprelu_l0_coeff: float | None = None, **trsae_kw) -> dict[str, SAEConfig]:
+    """The matched-L0 comparison (k): the per-token baselines of `PER_TOKEN` (as `baseline_specs` makes them), a
+    TRSAE encoder on each sparsity of `TWINS` ("TRSAE" is the TopK one), and "TopK-wide", a TopK whose wider
+    dictionary holds as many parameters as the TopK TRSAE."""
+    base = baseline_specs(d_in, width, k, jumprelu_l0_coeff=jumprelu_l0_coeff)
     specs = {name: base[name] for name in PER_TOKEN}
     for name, twin in TWINS.items():
         specs[name] = base[twin].replace(encoder="trsae", window=window, curriculum_frac=curriculum_frac, **trsae_kw)

@@ -6,12 +6,16 @@ matched L0 k. The test split is never read here; it is for the paper only.
 
 Rule: a family's learning rate is the grid value with the lowest val FVU among those whose val L0 lies within
 `L0_TOLERANCE` of the family's target (k for the matched-L0 SAEs; no target for TFA, whose dense prediction is
-counted, and TRSAE-pred) and whose dictionary keeps dead latents under `DEAD_LIMIT`; when none qualifies, the
-value whose L0 is nearest the target, then the fewest dead latents. (High rates can buy a lower FVU with a dictionary
-half dead: TopK at 3.2e-3 on gemma-3-270m, 300k tokens, reconstructs best with 48 % of its latents dead.) ReLU + L1 first gets its L1
-weight at the base learning rate (a secant search on log L0 against log weight), then the grid at that weight,
-then its weight again at the chosen rate. Every run is one seed (the profile's first) and is cached like the
-notebooks' runs, so rerunning the command after an interruption only does what is missing.
+counted, and TRSAE-pred) and whose dictionary keeps dead latents under `DEAD_LIMIT`. When none qualifies: the value
+whose L0 is nearest the target among the runs that keep dead latents under the limit and reconstruct better than the
+mean (FVU < 1; among all runs when none does), then the fewest dead latents. (High rates can buy a lower FVU with a
+dictionary half dead: TopK at 3.2e-3 on gemma-3-270m, 300k tokens, reconstructs best with 48 % of its latents dead.)
+
+ReLU + L1 first gets its L1 weight at the base learning rate (a secant search on log L0 against log weight), then the
+grid at that weight, then its weight again at the chosen rate. JumpReLU, whose L0 follows learned thresholds and a
+penalty around k rather than a selection, gets that penalty's weight times `PENALTY_MULTS` at its chosen rate while
+its run does not qualify (the rule above then chooses among those runs). Every run is one seed (the profile's first)
+and is cached like the notebooks' runs, so rerunning the command after an interruption only does what is missing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ DEAD_LIMIT = 0.1
 """A run qualifies only with less than this share of dead latents (`trsae.evaluate.density_stats`)."""
 L1_SEARCH_RUNS = 6
 """At most this many runs per L1 weight search."""
+PENALTY_MULTS = (4.0, 16.0)
+"""JumpReLU's L0-penalty weight times these, tried in turn at its chosen rate until a run qualifies."""
 UNTARGETED = ("TFA", "TRSAE-pred")
 """Families without an L0 target: TFA's L0 counts its dense prediction, TRSAE-pred may leave predicted slots empty."""
 
@@ -53,12 +59,23 @@ def at_target(l0: float, target: int | None) -> bool:
     return target is None or abs(l0 / target - 1) <= L0_TOLERANCE
 
 
-def choose_lr(trials: list[dict], target: int | None) -> float:
-    """The rule of the module docstring over ``[{"lr", "fvu", "l0", "dead_frac"}, ...]``."""
-    ok = [t for t in trials if at_target(t["l0"], target) and t["dead_frac"] < DEAD_LIMIT]
+def qualifies(trial: dict, target: int | None) -> bool:
+    """At the target L0 with dead latents under `DEAD_LIMIT`."""
+    return at_target(trial["l0"], target) and trial["dead_frac"] < DEAD_LIMIT
+
+
+def choose(trials: list[dict], target: int | None) -> dict:
+    """The trial the rule of the module docstring takes from ``[{"fvu", "l0", "dead_frac", ...}, ...]``."""
+    ok = [t for t in trials if qualifies(t, target)]
     if ok:
-        return min(ok, key=lambda t: t["fvu"])["lr"]
-    return min(trials, key=lambda t: (0.0 if target is None else abs(t["l0"] - target), t["dead_frac"]))["lr"]
+        return min(ok, key=lambda t: t["fvu"])
+    usable = [t for t in trials if t["dead_frac"] < DEAD_LIMIT and t["fvu"] < 1] or trials
+    return min(usable, key=lambda t: (0.0 if target is None else abs(t["l0"] - target), t["dead_frac"]))
+
+
+def choose_lr(trials: list[dict], target: int | None) -> float:
+    """The learning rate of `choose` over ``[{"lr", "fvu", "l0", "dead_frac"}, ...]``."""
+    return choose(trials, target)["lr"]
 
 
 def next_l1(points: list[tuple[float, float]], target: float) -> float:
@@ -115,8 +132,21 @@ class Tuner:
         best = min(trials, key=lambda u: abs(math.log(max(u["l0"], 1e-3) / self.k)))
         return cfg.replace(l1_coeff=best["l1_coeff"]), trials
 
+    def penalty_search(self, cfg: SAEConfig, first: dict) -> tuple[SAEConfig, list[dict]]:
+        """JumpReLU's L0-penalty weight at the rate of ``first`` (its chosen run): the weight times each of
+        `PENALTY_MULTS` while the latest run does not qualify; the config `choose` takes among these runs and
+        ``first``, and the runs."""
+        base = cfg.sparsity.l0_coeff
+        trials = [first | {"l0_coeff": base}]
+        for m in PENALTY_MULTS:
+            if qualifies(trials[-1], self.k):
+                break
+            trials.append(self.score(cfg.replace(l0_coeff=base * m), first["lr"]) | {"l0_coeff": base * m})
+        return cfg.replace(l0_coeff=choose(trials, self.k)["l0_coeff"]), trials
+
     def tune(self, specs: dict[str, SAEConfig], lrs: tuple[float, ...] = LR_GRID, base_lr: float | None = None) -> dict:
-        """``{"lrs": {family: lr}, "relu_l1_coeff": weight, "trials": {family: [...]}, "l1_trials": [...]}``."""
+        """``{"lrs": {family: lr}, "relu_l1_coeff": weight, "jumprelu_l0_coeff": weight, "trials": {family: [...]},
+        "l1_trials": [...], "penalty_trials": [...]}`` (the weights for the families in ``specs``)."""
         base_lr = self.train_cfg.lr if base_lr is None else base_lr
         specs = dict(specs)
         chosen: dict[str, float] = {}
@@ -129,6 +159,10 @@ class Tuner:
             trials[name] = [self.score(cfg, lr) for lr in lrs]
             chosen[name] = choose_lr(trials[name], target_l0(name, cfg, self.k))
         out = {"lrs": chosen, "trials": trials}
+        if "JumpReLU" in specs:
+            first = next(t for t in trials["JumpReLU"] if t["lr"] == chosen["JumpReLU"])
+            jump, out["penalty_trials"] = self.penalty_search(specs["JumpReLU"], first)
+            out["jumprelu_l0_coeff"] = jump.sparsity.l0_coeff
         if "ReLU-L1" in specs:
             relu, found = self.l1_search(specs["ReLU-L1"], chosen["ReLU-L1"])
             l1_trials += [t | {"stage": "at the chosen rate"} for t in found]
@@ -163,6 +197,12 @@ def markdown(result: dict, k: int, profile: str, budget: int) -> str:
         lines += [f"| {t['stage']} | {t['lr']:g} | {t['l1_coeff']:.4g} | {t['l0']:.1f} | {t['fvu']:.4f} |"
                   for t in result["l1_trials"]]
         lines += ["", f"Chosen L1 weight: {result['relu_l1_coeff']:.4g}."]
+    if result.get("penalty_trials"):
+        lines += ["", f"JumpReLU's L0-penalty weight at its chosen rate (target L0 {k}):", "",
+                  "| L0-penalty weight | val L0 | dead latents | val FVU |", "|---|---|---|---|"]
+        lines += [f"| {t['l0_coeff']:.4g} | {t['l0']:.1f} | {t['dead_frac']:.0%} | {t['fvu']:.4f} |"
+                  for t in result["penalty_trials"]]
+        lines += ["", f"Chosen L0-penalty weight: {result['jumprelu_l0_coeff']:.4g}."]
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +233,9 @@ def tune_from_params(params_path: str | Path, out_dir: str | Path, lrs: tuple[fl
     md, chosen = out_dir / f"{profile}.md", out_dir / f"{profile}.yaml"
     atomic_write_text(md, markdown(result, k, profile, train_cfg.tokens))
     choice = {"lrs": {n: float(v) for n, v in result["lrs"].items()}}
-    if "relu_l1_coeff" in result:
-        choice["relu_l1_coeff"] = float(result["relu_l1_coeff"])
+    for key in ("relu_l1_coeff", "jumprelu_l0_coeff"):
+        if key in result:
+            choice[key] = float(result[key])
     atomic_write_text(chosen, f"# chosen by python -m trsae tune {params_path} (table: {md.name})\n"
                       + yaml.safe_dump(choice, sort_keys=False))
     return md, chosen

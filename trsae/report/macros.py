@@ -168,10 +168,11 @@ def setup_macros(profile: str, store, train_cfg, width_mult: int, k: int, seeds:
 
 
 def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: float | None,
-                  grid: Sequence[float], l0_tolerance: float, dead_limit: float) -> dict:
+                  grid: Sequence[float], l0_tolerance: float, dead_limit: float,
+                  jumprelu_l0_coeff: float | None = None) -> dict:
     """01's tuning sentence (`SETUP`, ``\\setupTuning``): how the learning rates of Table ``tab:lrs`` were chosen
     (`trsae.tuning`: its ``grid``, ``l0_tolerance`` and ``dead_limit``), or that the profile was not tuned (``lrs``
-    None: every family at ``base_lr``)."""
+    None: every family at ``base_lr``), and the sparsity weights set on val (None: the default)."""
 
     def num(v: float) -> str:
         return f"{v:.3g}"
@@ -188,6 +189,9 @@ def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: f
     if relu_l1_coeff is not None:
         text += (f" ReLU + L1's L1 weight, {num(relu_l1_coeff)}, is set on the validation split so that its L0 lands "
                  f"at \\(k\\).")
+    if jumprelu_l0_coeff is not None:
+        text += (f" JumpReLU's weight on its penalty around \\(k\\), {num(jumprelu_l0_coeff)}, is chosen on the "
+                 f"validation split by the same rule, at its chosen learning rate.")
     return _prefixed(SETUP, {"Tuning": text})
 
 
