@@ -268,3 +268,36 @@ def test_paper_compiles_with_placeholder_figures(tmp_path, guarded):
     log = (tex.parent / "paper.log").read_text(errors="replace")
     assert not re.search(r"Citation `[^']*' on page \d+ undefined", log), "undefined citation"
     assert not re.search(r"Reference `[^']*' on page \d+ undefined", log), "undefined reference"
+
+
+YES_NO = re.compile(r"\\(\w+Separated)\b(?:\{\})?")
+"""A macro of `trsae.report.macros` that holds one of two clauses (`FROM_ONE`, `LEAD_APART`)."""
+
+
+def _render(paragraph: str, values: dict[str, str]) -> str:
+    """A paragraph of paper.tex as plain words: the yes/no macros set to ``values``, every other macro to a number,
+    references and TeX markup dropped."""
+    text = YES_NO.sub(lambda m: values[m.group(1)], paragraph)
+    text = re.sub(r"\\(ref|label|cite\w*)\{[^}]*\}", "", text)
+    text = re.sub(r"\\[A-Za-z]+(\{\})?", "0.5", text)
+    return re.sub(r"\s+", " ", re.sub(r"[{}$~\\]", " ", text))
+
+
+def test_yes_no_clauses_read_as_prose_either_way():
+    """Every paragraph of the paper with a yes/no macro, rendered for every combination of its macros' outcomes: no
+    word doubled, no parenthesis holding a bare verdict ("(more)", "(misses)"), and no clause macro followed by the
+    "than two standard errors" that the one-word macros needed."""
+    import itertools
+
+    from trsae.report.macros import FROM_ONE, LEAD_APART
+
+    paragraphs = [p for p in re.split(r"\n\s*\n", PAPER.read_text()) if YES_NO.search(p)]
+    assert paragraphs, "paper.tex uses no yes/no macro: update this test"
+    for paragraph in paragraphs:
+        names = sorted({m.group(1) for m in YES_NO.finditer(paragraph)} - {"ablSeparatedFromZero"})
+        for outcome in itertools.product((True, False), repeat=len(names)):
+            values = {n: (LEAD_APART if n == "tmpStrongestSeparated" else FROM_ONE)[o] for n, o in zip(names, outcome)}
+            text = _render(paragraph, values | {"ablSeparatedFromZero": "the gates"})
+            assert not re.search(r"\b(\w+) \1\b", text, re.I), text
+            assert not re.search(r"\(\s*(not )?(more|misses|meets)\s*\)", text), text
+            assert not re.search(r"(errors|of 1|from 1|zero) than two standard errors", text), text

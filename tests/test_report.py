@@ -333,7 +333,7 @@ def test_notebook_macros_carry_their_files_prefix(tmp_path):
     assert made[R.BASELINE] == {"baseTopKLZero": "32.000", "baseTopKLZeroPm": r"\ensuremath{32.000 \pm 0.010}",
                                 "baseTRSAELZero": "31.000", "baseTRSAELZeroPm": r"\ensuremath{31.000 \pm 0.010}"}
     assert made[R.TEMPORAL]["tmpOpenGateFrac"] == 0.25 and made[R.TEMPORAL]["tmpWindow"] == 16
-    assert made[R.TEMPORAL]["tmpTRSAEFvuRatio"] == "0.950" and made[R.TEMPORAL]["tmpStrongestSeparated"] == "not more"
+    assert made[R.TEMPORAL]["tmpTRSAEFvuRatio"] == "0.950" and made[R.TEMPORAL]["tmpStrongestSeparated"] == R.LEAD_APART[False]
     assert made[R.TEMPORAL]["tmpStrongestLeadPm"] == r"\ensuremath{0.020 \pm 0.010}"
     assert not [m for made_ in made.values() for m in made_ if m.endswith("Se")]
     assert made[R.OVERHEAD] == {"overheadDIn": 640, "overheadK": 32, "overheadWidthMult": 8, "overheadWindow": 16,
@@ -383,21 +383,18 @@ def test_field_and_decoder_macros_are_named_by_sae_and_written(tmp_path):
     summary = {"TFA": {"sparsity": {"l0": _leaf(900.0), "l0_novel": _leaf(32.0)}},
                "TRSAE-pred": {"sparsity": {"l0": _leaf(31.0)}}}
     ratio = {"paired": {"fvu_ratio": _leaf(0.8), "ce_gap_ratio": _leaf(0.95)},
-             "apart_from_one": {"fvu_ratio": True, "ce_gap_ratio": False},
-             "meets": {"fvu_ratio": True, "ce_gap_ratio": False}, "ceiling": {"gap_closed": _leaf(0.3)}}
-    got = R.field_macros(summary, rows, {"T-SAE": ratio}, "Matryoshka", ratio, 0.85)
+             "apart_from_one": {"fvu_ratio": True, "ce_gap_ratio": False}, "ceiling": {"gap_closed": _leaf(0.3)}}
+    got = R.field_macros(summary, rows, {"T-SAE": ratio}, "Matryoshka", ratio)
     assert got["tmpFieldTFALZero"] == "900.000" and got["tmpFieldTFALZeroNovel"] == "32.000"
     assert "tmpFieldTRSAEPredLZeroNovel" not in got  # no such value: no macro
-    assert got["tmpFieldTSAEFvuRatio"] == "0.800" and got["tmpFieldTSAEFvuRatioMeets"] == "meets"
-    assert got["tmpFieldTSAECeGapRatioMeets"] == "misses" and got["tmpFieldTSAECeGapRatioSeparated"] == "not more"
+    assert got["tmpFieldTSAEFvuRatio"] == "0.800" and got["tmpFieldTSAEFvuRatioSeparated"] == R.FROM_ONE[True]
+    assert got["tmpFieldTSAECeGapRatioSeparated"] == "within two standard errors of 1"
     assert got["tmpFieldTSAEGapClosed"] == "0.300" and got["tmpFieldStrongest"] == "Matryoshka"
-    assert got["tmpDecoderFvuRatioSeparated"] == "more"
+    assert got["tmpDecoderFvuRatioSeparated"] == "more than two standard errors from 1"
     assert not any("Matched" in m for m in got)  # no frontier given to field_versus: no matched-L0 macros
-    matched = {**ratio, "matched": {"fvu_ratio": _leaf(1.1), "ce_gap_ratio": None},
-               "matched_meets": {"fvu_ratio": False, "ce_gap_ratio": False}}
-    with_frontier = R.field_macros(summary, rows, {"TRSAE-pred": matched}, "TopK", ratio, 0.85)
+    matched = {**ratio, "matched": {"fvu_ratio": _leaf(1.1), "ce_gap_ratio": None}}
+    with_frontier = R.field_macros(summary, rows, {"TRSAE-pred": matched}, "TopK", ratio)
     assert with_frontier["tmpFieldTRSAEPredMatchedFvuRatio"] == "1.100"
-    assert with_frontier["tmpFieldTRSAEPredMatchedFvuRatioMeets"] == "misses"
     assert with_frontier["tmpFieldTRSAEPredMatchedCeGapRatioPm"] == "n/a"  # its L0 outside TopK's frontier
     got |= with_frontier
     abl = R.decoder_ablation_macros(ratio, 8)

@@ -173,25 +173,21 @@ def matched_l0(runs: dict[str, list[dict]], name: str, ev_points: list[tuple[flo
 
 
 def field_versus(runs: dict[str, list[dict]], names: list[str], best: str, ceil: dict[str, list[dict]] | None = None,
-                 twin: str = "TopK", target: float = 0.85,
+                 twin: str = "TopK",
                  frontier: tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]] | None = None,
                  ) -> dict[str, dict]:
     """Each of ``names`` against the strongest per-token baseline ``best``, seed by seed: `versus` (FVU and CE-gap
-    ratios, whether each is apart from 1 by two standard errors), ``"meets"``: whether each ratio's mean is at or
-    below ``target`` (the issue's goal, a mean, not a claim), and with ``ceil`` (`trsae.runner.ceilings` per seed)
+    ratios, whether each is apart from 1 by two standard errors), and with ``ceil`` (`trsae.runner.ceilings` per seed)
     ``ceiling.gap_closed``: the share of ``twin``'s amortisation gap on its own dictionary that the SAE's FVU closes,
     (FVU_twin − FVU_sae) / (FVU_twin − FVU_pursuit on the twin's dictionary), with FVU_twin the pursuit pass's own.
     With ``frontier`` (``twin``'s explained-variance and CE-loss-score frontiers over k) ``"matched"``: `matched_l0`,
     the ratios to ``twin`` at the SAE's own L0, for an SAE whose L0 is not k (a BatchTopK, a prediction that leaves
-    slots empty), with ``"meets"`` of its ratios under ``"matched_meets"``."""
+    slots empty)."""
     out = {}
     for name in names:
         res = versus(runs, name, best)
-        res["meets"] = {key: res["paired"][key]["mean"] <= target for key in ("fvu_ratio", "ce_gap_ratio")}
         if frontier is not None:
             res["matched"] = matched_l0(runs, name, *frontier)
-            res["matched_meets"] = {key: isinstance(leaf := res["matched"][key], dict) and leaf["mean"] is not None
-                                    and leaf["mean"] <= target for key in ("fvu_ratio", "ce_gap_ratio")}
         if ceil is not None and twin in ceil:
             rows = [{"ceiling": {"gap_closed": (rb["fvu_encoder"] - (1 - _leaf(ra, EV)))
                                  / (rb["fvu_encoder"] - rb["fvu_pursuit"])}}

@@ -141,9 +141,6 @@ FIELD_VERSUS_ROWS = [("paired", "fvu_ratio", "FVU ratio to the strongest per-tok
                      ("matched", "ce_gap_ratio", "CE-gap ratio to TopK at the same L0 (its k frontier)"),
                      ("ceiling", "gap_closed", "share of TopK's amortisation gap closed")]
 """Rows of `trsae.analysis.field_versus` (``matched``: with its ``frontier``; empty outside the frontier's L0)."""
-FIELD_TARGET = 0.85
-"""The issue's goal for both ratios against the strongest per-token baseline (a goal, reported against, not tuned
-for)."""
 
 
 def field_specs(d_in: int, width: int, k: int, window: int, curriculum_frac: float = 0.3, pred_k: int | None = None,

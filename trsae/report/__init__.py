@@ -14,8 +14,8 @@ from trsae.report.figures import (PALETTE, PRESERVATION_PANELS, RECONSTRUCTION_P
                                   bar_figure, color, core_figures, frontier_figure, make_bar_figure,
                                   make_frontier_figure, overhead_figure, preservation_figure, probing_figure,
                                   reconstruction_figure, save_figure, sparsity_figure, top_contexts_figure)
-from trsae.report.macros import (ABLATION, BASELINE, INTERP, MACRO_FILES, OVERHEAD, PREFIXES, SETUP,  # noqa: F401
-                                 TEMPORAL, MacroFile, ablation_macros, baseline_macros, interp_macros, macro_name,
+from trsae.report.macros import (ABLATION, BASELINE, FROM_ONE, INTERP, LEAD_APART, MACRO_FILES, OVERHEAD, PREFIXES,  # noqa: F401
+                                 SETUP, TEMPORAL, MacroFile, ablation_macros, baseline_macros, interp_macros, macro_name,
                                  mean_se_macros, overhead_macros, pm_text, results_macros, setup_macros,
                                  temporal_macros, write_macro_file, write_macros,
                                  length_macros, second_model_macros, field_macros, decoder_ablation_macros,

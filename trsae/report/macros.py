@@ -195,6 +195,13 @@ def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: f
     return _prefixed(SETUP, {"Tuning": text})
 
 
+FROM_ONE = {True: "more than two standard errors from 1", False: "within two standard errors of 1"}
+"""The clause a ratio's ``…Separated`` macro holds, by whether the ratio's distance from 1 exceeds two standard errors;
+the paper sets it after the ratio ("the FVU ratio is …"), so the sentence reads the same way for either outcome."""
+LEAD_APART = {True: "more than two standard errors above zero", False: "within two standard errors of zero"}
+"""The clause of ``\\tmpStrongestSeparated``, set after the lead of the strongest per-token baseline."""
+
+
 def baseline_macros(summary: dict[str, dict], rows: Sequence[Panel]) -> dict[str, float]:
     """01's core metrics per baseline (`BASELINE`)."""
     return results_macros(summary, BASELINE, rows)
@@ -205,14 +212,14 @@ def temporal_macros(summary: dict[str, dict], rows: Sequence[Panel], usage: dict
     """02's core metrics per SAE; what the TRSAE uses of its context (`trsae.analysis.temporal_usage`) as means over
     seeds; each TRSAE against its per-token twin (``twins``: `trsae.analysis.paired` by TRSAE name: FVU and CE-gap
     ratios, `mean_se_macros`); and the strongest per-token baseline (`trsae.analysis.strongest`) with its lead over the
-    runner-up and whether that lead exceeds two standard errors (`TEMPORAL`)."""
+    runner-up and whether that lead exceeds two standard errors (a clause of `LEAD_APART`) (`TEMPORAL`)."""
     u0 = usage["per_seed"]
     out = {**results_macros(summary, TEMPORAL, rows), **_prefixed(TEMPORAL, {
         "OpenGateFrac": sum(u["open_gate_frac"] for u in u0) / len(u0),
         "PositionalFrac": sum(u["positional_frac"] for u in u0) / len(u0),
         "UsageThreshold": usage_threshold, "TemporalLrMult": temporal_lr_mult, "Window": window,
         "Strongest": strongest["best"], "StrongestSecond": strongest["second"],
-        "StrongestSeparated": "more" if strongest["separated"] else "not more"}),
+        "StrongestSeparated": LEAD_APART[bool(strongest["separated"])]}),
         **mean_se_macros(TEMPORAL.prefix + "StrongestLead", strongest["lead"])}
     for name, res in twins.items():
         for key in ("fvu_ratio", "ce_gap_ratio"):
@@ -251,8 +258,8 @@ def length_macros(table: dict[int, dict], budget_seeds: dict[int, list[int]], ma
 
 def second_model_macros(res: dict, store, first: dict, concentration: dict[str, dict]) -> dict:
     """02's second model (`TEMPORAL`): its name and layer, the versus rows (`trsae.analysis.versus`) of the TRSAE
-    against its twin there, for each model whether each ratio's distance from 1 is "more" or "not more" than
-    two standard errors (``first``: the same `versus` on the main store), and how concentrated each model's test
+    against its twin there, for each model whether each ratio's distance from 1 exceeds two standard errors (a
+    clause of `FROM_ONE`; ``first``: the same `versus` on the main store), and how concentrated each model's test
     variance is (``concentration``: ``{"main" | "second": trsae.analysis.variance_concentration}``)."""
     m = store.manifest
     out = _prefixed(TEMPORAL, {"SecondModel": m["model"], "SecondLayer": m["layer"], "SecondDModel": store.d_model,
@@ -262,7 +269,7 @@ def second_model_macros(res: dict, store, first: dict, concentration: dict[str, 
             out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "second", key), res[section][key]))
     for key in ("fvu_ratio", "ce_gap_ratio"):
         for which, r in (("main", first), ("second", res)):
-            out[macro_name(TEMPORAL.prefix, which, key, "separated")] = "more" if r["apart_from_one"][key] else "not more"
+            out[macro_name(TEMPORAL.prefix, which, key, "separated")] = FROM_ONE[bool(r["apart_from_one"][key])]
     for which, conc in concentration.items():
         for key, value in conc.items():
             out[macro_name(TEMPORAL.prefix, which, key)] = value
@@ -270,38 +277,33 @@ def second_model_macros(res: dict, store, first: dict, concentration: dict[str, 
 
 
 def field_macros(summary: dict[str, dict], rows: Sequence[Panel], versus_best: dict[str, dict], best: str,
-                 decoder: dict, target: float) -> dict:
+                 decoder: dict) -> dict:
     """02's field comparison (`TEMPORAL`): ``\\tmpField<SAE><Key>`` for the rows of each field SAE's summary,
     ``...FvuRatio`` / ``...CeGapRatio`` / ``...GapClosed`` against the strongest per-token baseline ``best``
-    (`trsae.analysis.field_versus`) with ``...Separated`` ("more" / "not more" than two standard errors from 1) and
-    ``...Meets`` ("meets" / "misses" the ``target``); where `field_versus` had TopK's frontier, the same ratios to
-    TopK at the SAE's own L0 as ``\\tmpField<SAE>Matched<Key>`` ("n/a" outside the frontier) with ``...Meets``; and
+    (`trsae.analysis.field_versus`) with ``...Separated`` (a clause of `FROM_ONE`); where `field_versus` had TopK's
+    frontier, the same ratios to TopK at the SAE's own L0 as ``\\tmpField<SAE>Matched<Key>`` ("n/a" outside the
+    frontier); and
     the selective decoder against the encoder-only TRSAE (``decoder``: `trsae.analysis.versus`) as
     ``\\tmpDecoder...``."""
     out = results_macros({f"field {n}": v for n, v in summary.items()}, TEMPORAL, rows)
-    out.update(_prefixed(TEMPORAL, {"FieldStrongest": best, "FieldTarget": target}))
+    out.update(_prefixed(TEMPORAL, {"FieldStrongest": best}))
     for name, res in versus_best.items():
         for key in ("fvu_ratio", "ce_gap_ratio"):
             out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "field", name, key), res["paired"][key]))
-            out[macro_name(TEMPORAL.prefix, "field", name, key, "separated")] = \
-                "more" if res["apart_from_one"][key] else "not more"
-            out[macro_name(TEMPORAL.prefix, "field", name, key, "meets")] = "meets" if res["meets"][key] else "misses"
+            out[macro_name(TEMPORAL.prefix, "field", name, key, "separated")] = FROM_ONE[bool(res["apart_from_one"][key])]
         for key in ("fvu_ratio", "ce_gap_ratio") if "matched" in res else ():
             m = macro_name(TEMPORAL.prefix, "field", name, "matched", key)
             leaf = res["matched"][key]
             if isinstance(leaf, dict) and leaf.get("mean") is not None:
                 out.update(mean_se_macros(m, leaf))
-                out[m + "Meets"] = "meets" if res["matched_meets"][key] else "misses"
             else:  # the SAE's L0 lies outside TopK's frontier
                 out[m] = out[m + "Pm"] = "n/a"
-                out[m + "Meets"] = "cannot be said to meet"
         if "ceiling" in res:
             out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "field", name, "gap_closed"),
                                       res["ceiling"]["gap_closed"]))
     for key in ("fvu_ratio", "ce_gap_ratio"):
         out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "decoder", key), decoder["paired"][key]))
-        out[macro_name(TEMPORAL.prefix, "decoder", key, "separated")] = \
-            "more" if decoder["apart_from_one"][key] else "not more"
+        out[macro_name(TEMPORAL.prefix, "decoder", key, "separated")] = FROM_ONE[bool(decoder["apart_from_one"][key])]
     return out
 
 
@@ -316,12 +318,12 @@ def contrast_macros(summary: dict[str, dict], rows: Sequence[Panel]) -> dict:
 
 def decoder_ablation_macros(res: dict, pred_k: int) -> dict:
     """03's selective-decoder variant against the full TRSAE (`ABLATION`; ``res``: `trsae.analysis.versus` of the
-    variant against "full"): its FVU and CE-gap ratios and whether each is apart from 1 by two standard errors."""
+    variant against "full"): its FVU and CE-gap ratios and whether each is apart from 1 by two standard errors (a
+    clause of `FROM_ONE`)."""
     out = _prefixed(ABLATION, {"DecoderPredK": pred_k})
     for key in ("fvu_ratio", "ce_gap_ratio"):
         out.update(mean_se_macros(macro_name(ABLATION.prefix, "decoder", key), res["paired"][key]))
-        out[macro_name(ABLATION.prefix, "decoder", key, "separated")] = \
-            "more" if res["apart_from_one"][key] else "not more"
+        out[macro_name(ABLATION.prefix, "decoder", key, "separated")] = FROM_ONE[bool(res["apart_from_one"][key])]
     return out
 
 
