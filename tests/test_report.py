@@ -128,7 +128,12 @@ def test_results_table(tmp_path):
         assert f"| {label} |" in md
         assert label.replace("_", r"\_") + " &" in tex
     assert "| 0.600 ± 0.010 |" in md and r"$0.600 \pm 0.010$" in tex
-    assert r"\begin{tabular}{lrrrr}" in tex and r"\toprule" not in tex and tex.count(r"\\") == len(rows) + 1
+    # four SAEs: a block of TEX_COLUMNS = 3, then one of the fourth (padded), each with its own header row
+    assert R.TEX_COLUMNS == 3 and r"\begin{tabular}{lrrr}" in tex and r"\toprule" not in tex
+    assert tex.count(r"\\") == 2 * (len(rows) + 1) and tex.count("Metric &") == 2
+    fourth = list(res)[3]
+    assert f"Metric & {fourth} &  &  \\\\" in tex
+    assert tex.index(f"Metric & {fourth}") > tex.index(rows[-1][2].replace("_", r"\_"))  # under the first block
     assert all(name in md.splitlines()[0] for name in res)
     table = list(csv.DictReader(out["csv"].open()))
     assert [r["metric"] for r in table] == [label for _, _, label in rows]
@@ -138,6 +143,22 @@ def test_results_table(tmp_path):
     assert l1["TopK mean"] == "" and float(l1["TRSAE mean"]) == 43.0
     assert table[5]["TRSAE mean"] == ""  # l2_ratio absent everywhere
     assert "†" not in md and "single seed" not in tex  # every cell has three seeds
+
+
+def test_case_table_in_latex_repeats_the_case_columns_beside_each_block():
+    """Notebook 05's rows: the measured columns in blocks of `TEX_VALUE_COLUMNS`, each beside arch, F/d, w and T."""
+    from trsae.report.tables import CASE_KEYS, TEX_VALUE_COLUMNS
+
+    row = {key: 1 if spec.endswith("d") else 1.0 for key, _, spec in R.OVERHEAD_COLUMNS} | {"arch": "trsae", "width_mult": 16,
+                                                                                         "window": 4, "ctx_len": 64}
+    tex = R.format_table([row, row | {"arch": "topk"}], style="tex")
+    n_values = sum(key not in CASE_KEYS for key, _, _ in R.OVERHEAD_COLUMNS)
+    blocks = -(-n_values // TEX_VALUE_COLUMNS)
+    assert tex.count("arch & F/d & w & T &") == blocks and tex.count("trsae & 16 & 4 & 64") == blocks
+    assert tex.splitlines()[0] == r"\begin{tabular}{lrrr" + "r" * TEX_VALUE_COLUMNS + "}"
+    heads = [h.replace("×", r"$\times$") for key, h, _ in R.OVERHEAD_COLUMNS if key not in CASE_KEYS]
+    assert all(h in tex for h in heads) and all(line.count("&") == 3 + TEX_VALUE_COLUMNS
+                                                for line in tex.splitlines() if line.endswith(r"\\"))
 
 
 def test_table_cells_are_rounded_to_their_standard_error(tmp_path):

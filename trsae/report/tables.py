@@ -46,6 +46,11 @@ def _any_single_seed(results: dict[str, dict[str, Any]], rows: Sequence[Panel]) 
                for res in results.values() for s, k, _ in rows)
 
 
+TEX_COLUMNS = 3
+"""SAE columns per block of a LaTeX results table: a mean ± se cell at ``\\small`` is about 95 pt wide and the label
+column up to 140 pt, so three fit the paper's 468 pt text width and four do not."""
+
+
 def results_table(
     results: dict[str, dict[str, Any]],
     rows: Sequence[Panel],
@@ -56,8 +61,8 @@ def results_table(
 ) -> dict[str, Path]:
     """Table with one row per metric ``(section, key, label)`` and one column per SAE: mean ± se.
 
-    Rows are named in words (`row_label`). Markdown and LaTeX (a plain ``tabular`` with ``\\hline``, no booktabs)
-    show cells rounded to their standard error (`format_mean_se`; ``digits`` significant digits where there is
+    Rows are named in words (`row_label`). Markdown and LaTeX (a plain ``tabular`` with ``\\hline``, no booktabs;
+    `TEX_COLUMNS` SAEs per block, the blocks one under the other, so that it fits the page at ``\\small``) show cells rounded to their standard error (`format_mean_se`; ``digits`` significant digits where there is
     none), a single seed's value marked ``†`` and explained in a last line; the CSV has ``metric, section, key``
     then ``<sae> mean``, ``<sae> se`` and ``<sae> n`` per SAE at full precision (empty where not available).
     Returns the paths written.
@@ -77,13 +82,17 @@ def results_table(
         written["md"] = atomic_write_text(path_md, "\n".join(lines) + "\n")
 
     if path_tex is not None:
-        lines = ["\\begin{tabular}{l" + "r" * len(names) + "}", "\\hline",
-                 "Metric & " + " & ".join(_tex_escape(n) for n in names) + " \\\\", "\\hline"]
-        for row, label in zip(rows, labels):
-            lines.append(_tex_escape(label) + " & " + " & ".join(_cells(results, row, True, digits)) + " \\\\")
-        lines.append("\\hline")
+        width = min(len(names), TEX_COLUMNS)
+        lines = ["\\begin{tabular}{l" + "r" * width + "}", "\\hline"]
+        for start in range(0, len(names), width):  # blocks of at most TEX_COLUMNS SAEs, one under the other
+            block = {n: results[n] for n in names[start:start + width]}
+            pad = [""] * (width - len(block))
+            lines += ["Metric & " + " & ".join([_tex_escape(n) for n in block] + pad) + " \\\\", "\\hline"]
+            for row, label in zip(rows, labels):
+                lines.append(_tex_escape(label) + " & " + " & ".join(_cells(block, row, True, digits) + pad) + " \\\\")
+            lines.append("\\hline")
         if single:
-            lines.append(f"\\multicolumn{{{len(names) + 1}}}{{l}}{{\\footnotesize {SINGLE_SEED_NOTE[True]}}} \\\\")
+            lines.append(f"\\multicolumn{{{width + 1}}}{{l}}{{\\footnotesize {SINGLE_SEED_NOTE[True]}}} \\\\")
         lines.append("\\end{tabular}")
         written["tex"] = atomic_write_text(path_tex, "\n".join(lines) + "\n")
 
@@ -148,6 +157,13 @@ OVERHEAD_STATIC_COLUMNS: list[tuple[str, str, str]] = [
 """Columns of the computed parameter and FLOP rows (`trsae.overhead.static_rows`)."""
 
 
+CASE_KEYS = ("arch", "width_mult", "width", "window", "ctx_len")
+"""Columns that name a measured case; a LaTeX table repeats them beside each block of measured columns."""
+TEX_VALUE_COLUMNS = 4
+"""Measured columns per block of a LaTeX case table (with the four case columns they fit the paper's text width at
+``\\small``)."""
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None:
         return "–"
@@ -158,7 +174,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = OVERHEAD_COLUMNS,
                  style: str = "text") -> str:
-    """`rows` as aligned text, "md" or "tex" (columns missing from the rows are dropped).
+    """`rows` as aligned text, "md" or "tex" (columns missing from the rows are dropped; in "tex" the measured columns
+    come in blocks of `TEX_VALUE_COLUMNS`, one under the other, each with the `CASE_KEYS` columns).
     MFLOP columns: values are divided by 1e6 when the key is ``flops_*``."""
     cols = [c for c in columns if any(c[0] in r for r in rows)]
     cells = [[_fmt(r.get(key) / 1e6 if key.startswith("flops_") and "ratio" not in key else r.get(key), spec)
@@ -168,12 +185,20 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, s
         rule = "|".join("---" if key == "arch" else "---:" for key, *_ in cols)
         lines = ["| " + " | ".join(heads) + " |", "|" + rule + "|"]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
-    if style == "tex":
+    if style == "tex":  # blocks of at most TEX_VALUE_COLUMNS measured columns, each beside the case's own columns
         esc = lambda s: s.replace("×", r"$\times$").replace("%", r"\%").replace("_", r"\_").replace("–", "--")
-        lines = [r"\begin{tabular}{" + "".join("l" if key == "arch" else "r" for key, *_ in cols) + "}", r"\hline",
-                 " & ".join(esc(h) for h in heads) + r" \\", r"\hline"]
-        lines += [" & ".join(esc(x) for x in c) + r" \\" for c in cells]
-        return "\n".join(lines + [r"\hline", r"\end{tabular}"]) + "\n"
+        ids = [i for i, (key, *_) in enumerate(cols) if key in CASE_KEYS]
+        vals = [i for i in range(len(cols)) if i not in ids]
+        width = min(len(vals), TEX_VALUE_COLUMNS) if vals else 0
+        lines = [r"\begin{tabular}{" + "".join("l" if cols[i][0] == "arch" else "r" for i in ids) + "r" * width + "}",
+                 r"\hline"]
+        for start in range(0, max(len(vals), 1), max(width, 1)):
+            block = ids + vals[start:start + width]
+            pad = [""] * (len(ids) + width - len(block))
+            lines += [" & ".join([esc(heads[i]) for i in block] + pad) + r" \\", r"\hline"]
+            lines += [" & ".join([esc(c[i]) for i in block] + pad) + r" \\" for c in cells]
+            lines.append(r"\hline")
+        return "\n".join(lines + [r"\end{tabular}"]) + "\n"
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     out = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     out += ["  ".join(x.rjust(w) for x, w in zip(c, widths)) for c in cells]
