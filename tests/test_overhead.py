@@ -145,6 +145,32 @@ def _every_part():
     return out + [SAEConfig.build(D, F, "topk", "trsae", k=K, pred_k=2)]
 
 
+@pytest.mark.parametrize("cfg", _every_part(), ids=lambda c: c.label)
+def test_every_parts_encode_flops_match_torch_flop_counter(cfg):
+    """Each registered encoder × sparsity declares its own FLOPs: its encode, run under FlopCounterMode on 2
+    sequences of T tokens, counts exactly the declared dense products (`DENSE_PRODUCTS`) and the bias fold. A part
+    that computes a product it does not declare, or declares one it does not compute, fails here."""
+    from trsae.overhead.flops import DENSE_PRODUCTS
+
+    T = 6
+    tok, step = O.flop_breakdown(cfg, "encode", ctx_len=T)
+    assert _counted(cfg, False, 2 * T) == 2 * T * sum(tok.get(key, 0) for key in DENSE_PRODUCTS) + step["bias_fold"]
+    assert O.flops_per_token(cfg, train=True, n_tokens=2 * T, ctx_len=T) > O.flops_per_token(cfg, False, ctx_len=T)
+
+
+def test_parts_whose_cost_grows_with_the_sequence_or_the_step_ask_for_it():
+    tfa = SAEConfig.build(D, F, "topk", "tfa", k=K)
+    with pytest.raises(ValueError, match="ctx_len"):
+        O.flop_breakdown(tfa, "encode")
+    assert O.flop_breakdown(tfa, "encode", ctx_len=64)[0]["tfa_scores"] == 2 * 64 * 4 * 16  # 2 T H d_head
+    tsae = SAEConfig.build(D, F, "matryoshka", "tsae", k=K)
+    assert O.flop_breakdown(tsae, "encode")[0] == O.flop_breakdown(SAEConfig.build(D, F, "matryoshka", k=K), "encode")[0]
+    with pytest.raises(ValueError, match="n_tokens"):
+        O.flop_breakdown(tsae, "train")
+    H = tsae.encoder.n_high(F)
+    assert O.flop_breakdown(tsae, "train", n_tokens=10)[1]["contrastive"] == 6 * 10 ** 2 * H
+
+
 @pytest.mark.parametrize("cfg", CONFIGS + _every_part(), ids=lambda c: c.label)
 def test_param_count_matches_module(cfg):
     sae = make_sae(cfg)

@@ -149,8 +149,8 @@ def test_case_table_in_latex_repeats_the_case_columns_beside_each_block():
     """Notebook 05's rows: the measured columns in blocks of `TEX_VALUE_COLUMNS`, each beside arch, F/d, w and T."""
     from trsae.report.tables import CASE_KEYS, TEX_VALUE_COLUMNS
 
-    row = {key: 1 if spec.endswith("d") else 1.0 for key, _, spec in R.OVERHEAD_COLUMNS} | {"arch": "trsae", "width_mult": 16,
-                                                                                         "window": 4, "ctx_len": 64}
+    row = {key: 1 if spec.endswith("d") else 1.0 for key, _, spec in R.OVERHEAD_COLUMNS}
+    row |= {"arch": "trsae", "width_mult": 16, "window": 4, "ctx_len": 64}
     tex = R.format_table([row, row | {"arch": "topk"}], style="tex")
     n_values = sum(key not in CASE_KEYS for key, _, _ in R.OVERHEAD_COLUMNS)
     blocks = -(-n_values // TEX_VALUE_COLUMNS)

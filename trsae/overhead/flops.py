@@ -26,8 +26,9 @@ Per step (not per token) come the bias fold ``b_enc - b_dec @ W_enc`` (2DF forwa
 ``remove_parallel_grad_`` + ``normalize_decoder_`` of the unit-norm (TopK-style) parts, ~11FD, and the
 norm-weighted penalties, ~5FD: these two are approximate elementwise counts. `flops_per_token(..., n_tokens=N)` spreads them over the N tokens.
 
-Everything that reads SAE config fields for the overhead study lives here (`make_config`, `config_from_dict`,
-`param_count`, `flop_breakdown`).
+Each registered part declares its own terms (the ``flops`` classmethods of `trsae.saes.encoders.TokenEncoder`
+and its subclasses, and of `trsae.saes.sparsity.Sparsity` and its subclasses: TFA's prediction, T-SAE's contrastive
+logits, Matryoshka's inner levels and JumpReLU's penalty are described there); `flop_breakdown` composes them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ ARCH_NAMES = ("topk", "batchtopk", "relu", "trsae")
 REFERENCE = "topk"
 """What the ratios are taken against."""
 WIDTHS_MULT = (2, 4, 8, 16)
+DENSE_PRODUCTS = ("encoder", "context_qkv", "context_query", "context_out", "predictor", "tfa_codes", "tfa_qk",
+                  "tfa_v", "tfa_scores", "tfa_mix", "tfa_out", "tfa_decode")
+"""The per-token forward terms the parts compute as plain matrix products (mm, addmm, bmm), which torch's
+FlopCounterMode counts (it skips embedding_bag, in-place addmm_, sparse and elementwise work): the tests hold every
+registered part's encode to them."""
 ADAM_FLOPS_PER_PARAM = 13
 """torch Adam per parameter: lerp (3) + mul/addcmul (4) + sqrt/div/add (3) + addcdiv (3), elementwise."""
 
@@ -57,19 +63,6 @@ def make_config(arch: str, d_in: int, width: int, k: int = 32, window: int = 16,
         trsae_kw.setdefault("w_start", min(1, window))
         return SAEConfig.build(d_in, width, "topk", "trsae", k=k, window=window, seed=seed, **trsae_kw)
     return SAEConfig.build(d_in, width, arch, seed=seed, **({} if arch == "relu" else {"k": k}))
-
-
-def _is_trsae(cfg: SAEConfig) -> bool:
-    return cfg.encoder.name == "trsae"
-
-
-def _attn_on(cfg: SAEConfig) -> bool:
-    return _is_trsae(cfg) and cfg.encoder.use_attn and cfg.encoder.window > 0
-
-
-def _dense(cfg: SAEConfig) -> bool:
-    """The sparsity computes dense codes (ReLU, JumpReLU) rather than selected pairs (TopK-style)."""
-    return not part_classes("sparsity", cfg.sparsity.name)[1].unit_norm or cfg.sparsity.name == "jumprelu"
 
 
 def config_from_dict(d: dict[str, Any]) -> SAEConfig:
@@ -98,93 +91,50 @@ def param_count(cfg: SAEConfig) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------- FLOPs
 
 
-def flop_breakdown(cfg: SAEConfig, mode: str) -> tuple[dict[str, float], dict[str, float]]:
+def flop_breakdown(cfg: SAEConfig, mode: str, ctx_len: int | None = None,
+                   n_tokens: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """(per-token FLOPs, per-step FLOPs) by component for `mode` "encode" (eval `encode`, what inference
     timings measure), "forward" (encode + decode + losses) or "train" (forward + backward + optimiser).
-    See the module docstring for the model."""
+
+    Each registered part declares its own terms (``flops`` of its encoder and sparsity classes: the encoder's
+    forward, the sparsity's decoding and losses, then the backward of each, then the per-step work); this adds
+    Adam over the parameters `make_sae(cfg)` holds. ``ctx_len`` (T) and ``n_tokens`` (tokens per step) are needed
+    only by parts whose cost grows with them (TFA's attention over every earlier token, T-SAE's contrastive
+    logits between the pairs of a step); such a part without them raises. See the module docstring for the model."""
     if mode not in ("encode", "forward", "train"):
         raise ValueError(f"mode must be 'encode', 'forward' or 'train', got {mode!r}")
-    D, F = cfg.d_in, cfg.width
-    k = getattr(cfg.sparsity, "k", F)
-    dense = _dense(cfg)
-    tok: dict[str, float] = {"encoder": 2 * D * F}
-    step: dict[str, float] = {"bias_fold": 2 * D * F}
-    trsae, attn = _is_trsae(cfg), _attn_on(cfg)
-    e = cfg.encoder
-    K, V, C = (e.d_k, e.d_v, e.d_ctx) if trsae else (0, 0, 0)
-    pos = trsae and e.use_pos
-    tok_gates = attn and e.use_gates and e.per_token_gates
-    if attn:
-        tok["context_qkv"] = 2 * D * (2 * K + V)
-        tok["context_state"] = 3 * K * (V + 1)
-        tok["context_query"] = 2 * K * (V + 1)
-        if V != C:
-            tok["context_out"] = 2 * V * C
-        tok["context_U"] = 2 * C * F
-        if tok_gates:
-            tok["gates"] = 2 * K * F
-        elif e.use_gates:
-            step["gate_fold"] = F * C
-    if pos:
-        tok["position"] = 2 * e.n_buckets * F
-    if mode == "encode":
-        return tok, step
-    tok["decoder"] = 2 * F * D if dense else 2 * k * D
-    if dense:
-        tok["l1"] = 2 * F
-    if mode == "forward":
-        return tok, step
-    # backward
-    step["bias_fold"] = 6 * D * F
-    if "gate_fold" in step:
-        step["gate_fold"] = 4 * F * C
-    if dense:
-        tok["decoder_bwd"] = 4 * F * D
-        tok["l1_bwd"] = 4 * F
-        tok["encoder_bwd"] = 2 * D * F
-        if attn or pos:
-            tok["context_U_bwd"] = 4 * ((C if attn else 0) + (e.n_buckets if pos else 0)) * F
-            if not attn:
-                tok["context_U_bwd"] //= 2  # one-hot input: only dP
-            if tok_gates:
-                tok["gates_bwd"] = 4 * K * F
-    else:
-        tok["decoder_bwd"] = 4 * k * D
-        tok["encoder_bwd"] = 2 * k * D
-        if attn:
-            tok["context_U_bwd"] = 4 * k * C
-            if tok_gates:
-                tok["gates_bwd"] = 4 * k * (K + C)
-    if attn:
-        tok["context_qkv_bwd"] = 2 * D * (2 * K + V)
-        tok["context_state_bwd"] = 9 * K * (V + 1)
-        if V != C:
-            tok["context_out_bwd"] = 4 * V * C
-    step["optimizer"] = ADAM_FLOPS_PER_PARAM * param_count(cfg)["total"]
-    penalties = dense or (trsae and (pos or (e.use_attn and e.use_gates)))
-    unit_norm = part_classes("sparsity", cfg.sparsity.name)[1].unit_norm  # the step renormalises the rows
-    step["decoder_norm"] = ((11 if unit_norm else 0) + (5 if penalties else 0)) * F * D
+    sparsity = part_classes("sparsity", cfg.sparsity.name)[1]
+    encoder = part_classes("encoder", cfg.encoder.name)[1]
+    e_tok, e_bwd, e_step = encoder.flops(cfg, mode, sparsity.dense_codes, ctx_len, n_tokens)
+    s_tok, s_bwd, s_step = sparsity.flops(cfg, mode)
+    tok = e_tok | s_tok | s_bwd | e_bwd
+    norms = e_step.pop("decoder_norm", 0) + s_step.pop("decoder_norm", 0)
+    step = e_step | s_step
+    if mode == "train":
+        step["optimizer"] = ADAM_FLOPS_PER_PARAM * param_count(cfg)["total"]
+    if norms:
+        step["decoder_norm"] = norms
     return tok, step
 
 
-def flops_per_token(cfg: SAEConfig, train: bool, n_tokens: int | None = None) -> float:
+def flops_per_token(cfg: SAEConfig, train: bool, n_tokens: int | None = None, ctx_len: int | None = None) -> float:
     """FLOPs per token of a training step (`train`) or of inference `encode`; with `n_tokens` (tokens per
     step) the per-step work (bias fold, Adam, decoder norms) is spread over them, else it is left out."""
-    tok, step = flop_breakdown(cfg, "train" if train else "encode")
+    tok, step = flop_breakdown(cfg, "train" if train else "encode", ctx_len, n_tokens)
     return float(sum(tok.values()) + (sum(step.values()) / n_tokens if n_tokens else 0.0))
 
 
-def flop_table(cfg: SAEConfig, n_tokens: int | None = None) -> str:
+def flop_table(cfg: SAEConfig, n_tokens: int | None = None, ctx_len: int | None = None) -> str:
     """Text table of `flop_breakdown` per token (encode and train), with the per-step work per token
     when `n_tokens` is given."""
     lines = [f"{'component':18s}{'encode':>12s}{'train':>12s}   (FLOPs per token)"]
-    enc, enc_step = flop_breakdown(cfg, "encode")
-    tr, tr_step = flop_breakdown(cfg, "train")
+    enc, enc_step = flop_breakdown(cfg, "encode", ctx_len, n_tokens)
+    tr, tr_step = flop_breakdown(cfg, "train", ctx_len, n_tokens)
     for key in tr:
         lines.append(f"{key:18s}{enc.get(key, 0):12,.0f}{tr[key]:12,.0f}")
     for key in tr_step if n_tokens else ():
         lines.append(f"{key + ' (step)':18s}{enc_step.get(key, 0) / n_tokens:12,.0f}{tr_step[key] / n_tokens:12,.0f}")
-    total_enc, total_tr = flops_per_token(cfg, False, n_tokens), flops_per_token(cfg, True, n_tokens)
+    total_enc, total_tr = (flops_per_token(cfg, t, n_tokens, ctx_len) for t in (False, True))
     lines.append(f"{'total':18s}{total_enc:12,.0f}{total_tr:12,.0f}")
     return "\n".join(lines)
 

@@ -75,6 +75,20 @@ class TokenEncoder(nn.Module):
 
     predicts = False
     """True for an encoder that sets `EncState.pred_NF` (it then needs `W_dec_FD` in `prepare`)."""
+
+    @classmethod
+    def flops(cls, cfg: Any, mode: str, dense: bool, ctx_len: int | None = None,
+              n_tokens: int | None = None) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """This encoder's FLOPs in the model of `trsae.overhead.flops`, for the SAE config ``cfg`` in ``mode``
+        "encode", "forward" or "train": (per token forward, per token backward, per step). ``dense``: the
+        sparsity's codes are dense, so every latent (not k) gets a gradient; ``ctx_len`` and ``n_tokens`` (tokens
+        per step) for the parts whose cost depends on them. Here: ``x @ W_enc`` 2DF, its sparse or dense
+        backward, and the bias fold ``b_enc - b_dec @ W_enc`` once a step."""
+        D, F = cfg.d_in, cfg.width
+        train = mode == "train"
+        k = getattr(cfg.sparsity, "k", F)
+        bwd = {"encoder_bwd": 2 * D * F if dense else 2 * k * D} if train else {}
+        return {"encoder": 2 * D * F}, bwd, {"bias_fold": (6 if train else 2) * D * F}
     reads_context = False
     """True for an encoder (or its loss) that reads other tokens than the one it encodes: only such an encoder
     is given a training crop's left margin (`trsae.config.TrainConfig.context`)."""

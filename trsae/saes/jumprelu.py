@@ -128,6 +128,19 @@ class JumpReLU(Sparsity):
 
     cfg: JumpReLUConfig
     unit_norm = True
+    dense_codes = True
+
+    @classmethod
+    def flops(cls, cfg, mode):
+        """Dense codes times the decoder (2FD; backward 4FD), the step functions of the L0 penalty (~2F; backward,
+        with the thresholds' straight-through gradients, ~4F) and the unit-norm decoder step (~11FD)."""
+        if mode == "encode":
+            return {}, {}, {}
+        D, F = cfg.d_in, cfg.width
+        tok = {"decoder": 2 * F * D, "l0_penalty": 2 * F}
+        if mode != "train":
+            return tok, {}, {}
+        return tok, {"decoder_bwd": 4 * F * D, "l0_penalty_bwd": 4 * F}, {"decoder_norm": 11 * F * D}
 
     def __init__(self, cfg: JumpReLUConfig, d_in: int, width: int):
         super().__init__(cfg, d_in, width)

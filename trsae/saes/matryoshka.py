@@ -57,6 +57,19 @@ class Matryoshka(BatchTopK):
 
     cfg: MatryoshkaConfig
 
+    @classmethod
+    def flops(cls, cfg, mode):
+        """BatchTopK's, plus one decoding per inner level of the codes in its prefix: at most k pairs, counted as k
+        (2kD a level; backward 4kD), so an upper bound."""
+        tok, bwd, step = super().flops(cfg, mode)
+        if mode == "encode":
+            return tok, bwd, step
+        levels, kD = len(cfg.sparsity.prefix_fracs), cfg.sparsity.k * cfg.d_in
+        tok["inner_levels"] = 2 * kD * levels
+        if mode == "train":
+            bwd["inner_levels_bwd"] = 4 * kD * levels
+        return tok, bwd, step
+
     def losses(self, st, codes, x_hat_ND, W_dec_FD, b_dec_D) -> dict[str, Tensor]:
         out = super().losses(st, codes, x_hat_ND, W_dec_FD, b_dec_D)
         N, D = st.x_ND.shape

@@ -65,6 +65,22 @@ class Sparsity(nn.Module):
     """The trainer keeps decoder rows at unit norm (and removes the gradient parallel to them)."""
     calibrated: ClassVar[bool] = False
     """The trainer calls `calibrate_` with training pre-activations after the last step."""
+    dense_codes: ClassVar[bool] = False
+    """The codes are a dense ``[N, F]`` tensor (every latent gets a gradient) rather than k selected pairs."""
+
+    @classmethod
+    def flops(cls, cfg: Any, mode: str) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """The decoding's and the loss's FLOPs in the model of `trsae.overhead.flops` for the SAE config ``cfg``
+        (mode as `trsae.saes.encoders.TokenEncoder.flops`; none in "encode"): (per token forward, per token
+        backward, per step). Here: the k selected pairs decode with an ``embedding_bag`` (2kD; backward 4kD, the
+        rows of dW_dec and d codes), and with `unit_norm` each step renormalises the decoder rows and removes the
+        gradient parallel to them (~11FD)."""
+        if mode == "encode":
+            return {}, {}, {}
+        D, F, k = cfg.d_in, cfg.width, cfg.sparsity.k
+        train = mode == "train"
+        step = {"decoder_norm": 11 * F * D} if train and cls.unit_norm else {}
+        return {"decoder": 2 * k * D}, {"decoder_bwd": 4 * k * D} if train else {}, step
 
     def __init__(self, cfg: PartConfig, d_in: int, width: int):
         super().__init__()
@@ -123,6 +139,19 @@ class ReLUConfig(PartConfig):
 @register_part("sparsity", "relu", ReLUConfig)
 class ReLUL1(Sparsity):
     """ReLU + decoder-norm-weighted L1 (Anthropic April 2024 style)."""
+
+    dense_codes = True
+
+    @classmethod
+    def flops(cls, cfg, mode):
+        """Dense codes times the decoder (2FD; backward 4FD), the L1 read-out ``codes @ ||W_dec||`` (2F; backward
+        4F) and, once a step, the norm-weighted penalty's decoder norms (~5FD)."""
+        if mode == "encode":
+            return {}, {}, {}
+        D, F = cfg.d_in, cfg.width
+        if mode != "train":
+            return {"decoder": 2 * F * D, "l1": 2 * F}, {}, {}
+        return {"decoder": 2 * F * D, "l1": 2 * F}, {"decoder_bwd": 4 * F * D, "l1_bwd": 4 * F}, {"decoder_norm": 5 * F * D}
 
     def codes(self, enc, st, dead_F=None, update=False) -> Codes:
         return Codes(dense_NF=enc.dense(st).relu())

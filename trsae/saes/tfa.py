@@ -99,6 +99,25 @@ class TFAEncoder(TokenEncoder):
         self.W_o = nn.Parameter(torch.randn(c.d_v, F, generator=gen) / math.sqrt(c.d_v))
         self.b_o = nn.Parameter(torch.zeros(F))
 
+    @classmethod
+    def flops(cls, cfg, mode, dense, ctx_len=None, n_tokens=None):
+        """`TokenEncoder.flops` (the encoder on what the prediction leaves) plus the prediction, every part of it a
+        dense product: the codes of x itself (2DF), queries and keys (4FHK), values (2F d_v), the scores and the
+        mix over all T positions (2THK + 2T d_v: the [T, T] products are computed whole and masked), ``W_o``
+        (2 d_v F), the prediction's decoding (2FD) and its projection (4D, elementwise). Training backpropagates
+        through all of it with autograd, counted as twice each product (the weight and the input gradients)."""
+        if ctx_len is None:
+            raise ValueError("TFA's attention over every earlier token grows with the sequence length: pass ctx_len")
+        tok, bwd, step = super().flops(cfg, mode, dense, ctx_len, n_tokens)
+        e, D, F, T = cfg.encoder, cfg.d_in, cfg.width, ctx_len
+        H, K, V = e.n_heads, e.d_head, e.d_v
+        pred = {"tfa_codes": 2 * D * F, "tfa_qk": 4 * F * H * K, "tfa_v": 2 * F * V, "tfa_scores": 2 * T * H * K,
+                "tfa_mix": 2 * T * V, "tfa_out": 2 * V * F, "tfa_decode": 2 * F * D}
+        tok |= pred | {"tfa_project": 4 * D}
+        if mode == "train":
+            bwd["tfa_bwd"] = 2 * sum(pred.values())
+        return tok, bwd, step
+
     def raw_prediction(self, st: EncState, mask_BT: Tensor | None) -> Tensor:
         """``p_NF`` before the projection (zero where no valid earlier token)."""
         c, B, T = self.cfg, st.B, st.T

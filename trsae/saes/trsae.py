@@ -174,6 +174,57 @@ class TRSAEEncoder(TokenEncoder):
     def predicts(self) -> bool:
         return self.cfg.pred_k > 0
 
+    @classmethod
+    def flops(cls, cfg, mode, dense, ctx_len=None, n_tokens=None):
+        """`TokenEncoder.flops` plus the context path, none of it growing with the window (the module docstring of
+        `trsae.overhead.flops` derives each term): ``x @ W_qkv``, the prefix-sum state and its query, ``W_o``,
+        ``ctx @ (g U)^T``, the one-hot position product, the gates, the selective decoder's predictor and its
+        decoding; in training their backward (sparse over the k pairs unless ``dense``), and the norm-weighted
+        position / gate penalties once a step (~5FD, counted once with a dense sparsity's own)."""
+        tok, bwd, step = super().flops(cfg, mode, dense, ctx_len, n_tokens)
+        e, D, F = cfg.encoder, cfg.d_in, cfg.width
+        k = getattr(cfg.sparsity, "k", F)
+        K, V, C = e.d_k, e.d_v, e.d_ctx
+        attn, pos = e.use_attn and e.window > 0, e.use_pos
+        tok_gates = attn and e.use_gates and e.per_token_gates
+        train = mode == "train"
+        if attn:
+            tok |= {"context_qkv": 2 * D * (2 * K + V), "context_state": 3 * K * (V + 1),
+                    "context_query": 2 * K * (V + 1)}
+            if V != C:
+                tok["context_out"] = 2 * V * C
+            tok["context_U"] = 2 * C * F
+            if tok_gates:
+                tok["gates"] = 2 * K * F
+            elif e.use_gates:
+                step["gate_fold"] = (4 if train else 1) * F * C
+        if pos:
+            tok["position"] = 2 * e.n_buckets * F
+        if attn and e.pred_k:
+            tok |= {"predictor": 2 * C * F, "predicted_decode": 2 * e.pred_k * D}
+        if not train:
+            return tok, bwd, step
+        if dense and (attn or pos):
+            bwd["context_U_bwd"] = 4 * ((C if attn else 0) + (e.n_buckets if pos else 0)) * F
+            if not attn:
+                bwd["context_U_bwd"] //= 2  # one-hot input: only dP
+            if tok_gates:
+                bwd["gates_bwd"] = 4 * K * F
+        elif attn:
+            bwd["context_U_bwd"] = 4 * k * C
+            if tok_gates:
+                bwd["gates_bwd"] = 4 * k * (K + C)
+        if attn:
+            bwd["context_qkv_bwd"] = 2 * D * (2 * K + V)
+            bwd["context_state_bwd"] = 9 * K * (V + 1)
+            if V != C:
+                bwd["context_out_bwd"] = 4 * V * C
+            if e.pred_k:  # the predicted pairs' sparse backward (dV_pred, d ctx) and their decoding's
+                bwd |= {"predictor_bwd": 4 * e.pred_k * C, "predicted_decode_bwd": 4 * e.pred_k * D}
+        if not dense and (pos or (e.use_attn and e.use_gates)):
+            step["decoder_norm"] = 5 * F * D
+        return tok, bwd, step
+
     def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         return [([p for n, p in self.named_parameters() if n in self._CONTEXT], self.cfg.temporal_lr_mult)]
 

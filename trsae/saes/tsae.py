@@ -147,6 +147,21 @@ class TSAEEncoder(TokenEncoder):
     def on_step(self, step: int, total_steps: int) -> None:
         self.step = step
 
+    @classmethod
+    def flops(cls, cfg, mode, dense, ctx_len=None, n_tokens=None):
+        """`TokenEncoder.flops` plus, in the loss (modes "forward" and "train"), the contrastive logits between
+        every anchor and every positive of a step, ``2 P^2 H`` with ``P`` pairs (at most ``n_tokens``, taken as
+        that) over the H high-level latents, and their backward ``4 P^2 H``: per step, since it grows with the
+        step's tokens."""
+        tok, bwd, step = super().flops(cfg, mode, dense, ctx_len, n_tokens)
+        if mode == "encode" or cfg.encoder.contrast_coeff == 0:
+            return tok, bwd, step
+        if n_tokens is None:
+            raise ValueError("T-SAE's contrastive term grows with the tokens of a step: pass n_tokens")
+        pairs2_h = n_tokens ** 2 * cfg.encoder.n_high(cfg.width)
+        step["contrastive"] = (6 if mode == "train" else 2) * pairs2_h
+        return tok, bwd, step
+
     def losses(self, st: EncState, W_dec_FD: Tensor, codes=None) -> dict[str, Tensor]:
         if codes is None or self.cfg.contrast_coeff == 0:
             return {"contrast": st.x_ND.new_zeros(())}
