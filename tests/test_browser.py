@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from trsae.dashboard import build
+from trsae.dashboard.shots import PAPER_PANELS
+from trsae.dashboard.shots import PAPER_WIDTH as PAPER_VIEWPORT
 from trsae.dashboard.shots import chromium
 from trsae.saes import SAE, SAEConfig
 
@@ -159,6 +161,15 @@ def test_screenshots_of_the_showcased_features(browser, site, tmp_path):
         head = png.read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 1280
     assert pngs[0].read_bytes() != pngs[1].read_bytes()  # two different features were drawn
+    # the paper's figure: only the panels its caption names, from a narrower page, so that its text prints readably
+    crop = screenshot([(site.page("trsae-topk", picks["context"]), str(picks["context"]), tmp_path / "crop.png")],
+                      width=PAPER_VIEWPORT, browser=browser, elements=PAPER_PANELS)[0]
+    head = crop.read_bytes()[:24]
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    full_h = int.from_bytes(pngs[0].read_bytes()[20:24], "big")
+    assert w <= PAPER_VIEWPORT and h < full_h  # the two panels, not the page
+    with pytest.raises(ValueError, match="no element"):
+        screenshot([(site.page("topk", 0), "0", tmp_path / "none.png")], browser=browser, elements=PAPER_PANELS)
 
 
 def test_screenshot_works_inside_a_running_event_loop(tmp_path):

@@ -288,6 +288,26 @@ def test_macro_name_and_format_number():
     assert R.format_number(0.000123, latex=True) == r"1.23\times10^{-4}"
 
 
+def test_top_contexts_print_at_the_text_width_in_readable_type(tmp_path):
+    """The contexts figure is drawn at the paper's text width (where it is placed, at 100 %), wraps long contexts
+    instead of widening, and sets no text below `MIN_FONT_PT`; its heading states the label given."""
+    from PIL import Image
+
+    from trsae.report.figures import MIN_FONT_PT, TEXT_WIDTH_IN
+
+    long = {"tokens": [f" token{i}" for i in range(60)], "acts": [i / 60 for i in range(60)], "center": 59}
+    ctx = [{"feature": 3, "max_act": 1.0, "examples": [long, long]}, {"feature": 9, "max_act": 2.0, "examples": [long]}]
+    path = R.top_contexts_figure(ctx, tmp_path / "top.png", labels={3: "upos=NOUN, F1 0.62, density 0.031"},
+                                 fontsize=MIN_FONT_PT + 2)
+    with Image.open(path) as im:
+        width_in = im.size[0] / im.info["dpi"][0]
+        height_in = im.size[1] / im.info["dpi"][1]
+    assert width_in <= TEXT_WIDTH_IN * 1.02
+    assert height_in > 6 * (MIN_FONT_PT + 2) / 72  # 2 headings and 3 contexts of 60 tokens wrapped onto more lines
+    with pytest.raises(ValueError, match="points"):
+        R.top_contexts_figure(ctx, tmp_path / "small.png", fontsize=MIN_FONT_PT - 1)
+
+
 # --------------------------------------------------------------------------------------------- one palette
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 from trsae.io import atomic_path
 
@@ -19,22 +20,31 @@ def chromium() -> str | None:
     return next((p for p in cands if p and Path(p).is_file()), None)
 
 
+PAPER_PANELS = ("section.temporal", "section.contexts")
+"""The panels of a feature page that the paper's dashboard figure shows: the token / position / context split of
+the pre-activation and the top contexts with their attention strips."""
+PAPER_WIDTH = 900
+"""Page width (CSS pixels) of a screenshot the paper places at its 6.5 in text width: the dashboard's 13 px text then
+prints at about 6.8 pt (at the default 1280 px, 4.8 pt; below 900 px the contexts' term bars overlap their text)."""
+
+
 def screenshot(pages: list[tuple[Path, str, Path]], width: int = 1280, height: int = 900,
-               browser=None) -> list[Path]:
+               browser=None, elements: Sequence[str] = ()) -> list[Path]:
     """Render each ``(page, fragment, png)``: open ``page`` (a dashboard file) at ``#fragment`` and, once it is
-    drawn (``body[data-ready]``), write the full page to ``png`` (atomically). One browser for all pages: a
-    playwright ``Browser`` if given, else a headless `chromium` started here."""
+    drawn (``body[data-ready]``), write the full page to ``png`` (atomically), or only the box around the first
+    element matching each CSS selector of ``elements`` (e.g. the panels a figure's caption names). One browser for
+    all pages: a playwright ``Browser`` if given, else a headless `chromium` started here."""
     if browser is not None:
-        return _render(browser, pages, width, height)
+        return _render(browser, pages, width, height, elements)
     try:  # playwright's sync API refuses a thread with a running event loop (a Jupyter kernel): use another
         asyncio.get_running_loop()
     except RuntimeError:
-        return _standalone(pages, width, height)
+        return _standalone(pages, width, height, elements)
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(_standalone, pages, width, height).result()
+        return pool.submit(_standalone, pages, width, height, elements).result()
 
 
-def _standalone(pages: list[tuple[Path, str, Path]], width: int, height: int) -> list[Path]:
+def _standalone(pages: list[tuple[Path, str, Path]], width: int, height: int, elements: Sequence[str]) -> list[Path]:
     exe = chromium()
     if exe is None:
         raise RuntimeError("no chromium to render dashboard pages: install it (Debian: apt-get install chromium; "
@@ -46,12 +56,28 @@ def _standalone(pages: list[tuple[Path, str, Path]], width: int, height: int) ->
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
         try:
-            return _render(browser, pages, width, height)
+            return _render(browser, pages, width, height, elements)
         finally:
             browser.close()
 
 
-def _render(browser, pages: list[tuple[Path, str, Path]], width: int, height: int) -> list[Path]:
+def _around(page, selectors: Sequence[str]) -> dict | None:
+    """The page box (playwright ``clip``) around the first element of each selector; None for no selectors."""
+    boxes = []
+    for sel in selectors:
+        box = page.locator(sel).first.bounding_box() if page.locator(sel).count() else None
+        if box is None:
+            raise ValueError(f"no element {sel!r} drawn on {page.url}")
+        boxes.append(box)
+    if not boxes:
+        return None
+    x0, y0 = min(b["x"] for b in boxes), min(b["y"] for b in boxes)
+    x1, y1 = max(b["x"] + b["width"] for b in boxes), max(b["y"] + b["height"] for b in boxes)
+    return {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}
+
+
+def _render(browser, pages: list[tuple[Path, str, Path]], width: int, height: int,
+            elements: Sequence[str] = ()) -> list[Path]:
     out = []
     page = browser.new_page(viewport={"width": width, "height": height})
     try:
@@ -60,7 +86,7 @@ def _render(browser, pages: list[tuple[Path, str, Path]], width: int, height: in
             page.reload()  # a new fragment on the same page: draw it afresh
             page.wait_for_selector("body[data-ready]", timeout=30_000)
             with atomic_path(png) as tmp:
-                page.screenshot(path=str(tmp), full_page=True, type="png")
+                page.screenshot(path=str(tmp), full_page=True, type="png", clip=_around(page, elements))
             out.append(Path(png))
     finally:
         page.close()

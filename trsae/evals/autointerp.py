@@ -218,6 +218,11 @@ def contexts_html(contexts: list[dict], title: str = "Top-activating contexts", 
     return "\n".join(parts)
 
 
+def feature_labels(res: LabelF1, features: list[int]) -> dict[int, str]:
+    """Each feature's best label in words for display: ``"<family>=<value>, F1 <f1>, density <density>"``."""
+    return {f: f"{res.family[f]}={res.value[f]}, F1 {res.f1[f]:.2f}, density {res.density[f]:.3g}" for f in features}
+
+
 def pick_features(res: LabelF1, n: int = 8, min_density: float = 0.0) -> list[int]:
     """The ``n`` alive features with the highest best-label F1, at most one per best label, for display."""
     order = np.lexsort((np.arange(len(res.f1)), -res.f1))

@@ -205,22 +205,61 @@ def frontier_figure(
 # notebook 04
 
 
-def top_contexts_figure(contexts: list[dict], path: str | os.PathLike, n_features: int = 4) -> Path:
-    """For each of the first ``n_features`` features, its top-activating context as a bar chart of the
-    activation over the window's tokens (the top token in `HIGHLIGHT`)."""
+TEXT_WIDTH_IN = 6.5
+"""The paper's text width in inches (``\\linewidth`` of an 11pt article with 1in margins): figures placed at full width
+are drawn at this size, so their fonts print at the point sizes they are set in."""
+MIN_FONT_PT = 6.0
+"""The smallest text a figure may print, in points at the size the paper places it."""
+
+
+def top_contexts_figure(contexts: list[dict], path: str | os.PathLike, labels: dict[int, str] | None = None,
+                        n_features: int = 4, n_examples: int = 3, fontsize: float = 8.0) -> Path:
+    """The top-activating contexts of the first ``n_features`` features as text at the paper's text width: per
+    feature a heading (its number and ``labels[feature]``, e.g. its best label, F1 and density) and its first
+    ``n_examples`` contexts, each token shaded by its activation relative to the feature's maximum, the top token
+    boxed in `HIGHLIGHT`. Lines wrap at the width; fonts are ``fontsize`` points as printed."""
+    if fontsize < MIN_FONT_PT:
+        raise ValueError(f"fontsize {fontsize} is below the {MIN_FONT_PT} points a printed figure needs")
     entries = [c for c in contexts if c["examples"]][:n_features]
-    fig = Figure(figsize=(9, 1.9 * max(len(entries), 1)))
-    FigureCanvasAgg(fig)
-    for i, entry in enumerate(entries):
-        ax = fig.add_subplot(len(entries), 1, i + 1)
-        ex = entry["examples"][0]
-        colors = [HIGHLIGHT if j == ex["center"] else color(0) for j in range(len(ex["tokens"]))]
-        ax.bar(range(len(ex["acts"])), ex["acts"], color=colors)
-        ax.set_xticks(range(len(ex["tokens"])))
-        ax.set_xticklabels([t.replace("\n", "\\n") for t in ex["tokens"]], rotation=60, fontsize=7)
-        ax.set_ylabel(f"f{entry['feature']}", fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=130)
+    line_h = fontsize * 1.9 / 72  # inches per text line
+    fig = Figure(figsize=(TEXT_WIDTH_IN, 1.0))
+    canvas = FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    lines: list[list[tuple[str, float, bool]] | str] = []  # a heading, or a line of (token, shade, top)
+    width_px = TEXT_WIDTH_IN * fig.dpi
+    for entry in entries:
+        f = entry["feature"]
+        top = entry.get("max_act") or max(max(ex["acts"]) for ex in entry["examples"]) or 1.0
+        lines.append(f"feature {f}" + (f": {labels[f]}" if labels and f in labels else "")
+                     + f" (max activation {top:.3g})")
+        for ex in entry["examples"][:n_examples]:
+            line, used = [], 0.0
+            for j, (tok, act) in enumerate(zip(ex["tokens"], ex["acts"])):
+                text = tok.replace("\n", "⏎").replace("$", r"\$")
+                w = fig.text(0, 0, text, fontsize=fontsize, family="monospace").get_window_extent(renderer).width
+                if line and used + w > width_px * 0.97:
+                    lines.append(line)
+                    line, used = [], 0.0
+                line.append((text, max(0.0, min(1.0, act / top)), j == ex["center"]))
+                used += w
+            lines.append(line)
+    fig.clear()
+    height = max(len(lines), 1) * line_h + 0.1
+    fig.set_size_inches(TEXT_WIDTH_IN, height)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for i, line in enumerate(lines):
+        y = 1 - (i + 0.8) * line_h / height
+        if isinstance(line, str):
+            fig.text(0.0, y, line, fontsize=fontsize, weight="bold")
+            continue
+        x = 0.0
+        for text, shade, top in line:
+            box = {"facecolor": color(0), "alpha": 0.15 + 0.7 * shade, "pad": 0.8, "linewidth": 0}
+            if top:
+                box |= {"edgecolor": HIGHLIGHT, "linewidth": 1.0}
+            t = fig.text(x, y, text, fontsize=fontsize, family="monospace", bbox=box)
+            x += t.get_window_extent(renderer).width / (TEXT_WIDTH_IN * fig.dpi)
+    return save_figure(fig, path, dpi=200)
 
 
 def probing_figure(results: dict[str, dict], labels: Sequence[str], ks: Sequence[int],
