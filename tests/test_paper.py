@@ -210,6 +210,18 @@ def test_paper_builds_from_the_notebooks_outputs(tmp_path):
         pytest.skip("no notebook outputs yet: run the notebooks first")
     pdf = P.build_pdf(FIGURES, tmp_path)
     assert pdf.stat().st_size > 10_000
+    wide = P.overfull_boxes(pdf.with_suffix(".log").read_text(errors="replace"))
+    assert not wide, f"boxes past the text block by more than {P.OVERFULL_LIMIT_PT} pt:\n" + "\n".join(wide)
+
+
+def test_overfull_boxes_past_the_limit_are_found():
+    log = ("Overfull \\hbox (438.2pt too wide) in paragraph at lines 1--6\n"
+           "Overfull \\hbox (3.1pt too wide) in paragraph at lines 8--9\n"
+           "Overfull \\vbox (12.0pt too high) has occurred while \\output is active\n"
+           "Underfull \\hbox (badness 10000) in paragraph at lines 9--9\n")
+    assert P.overfull_boxes(log) == ["Overfull \\hbox (438.2pt too wide) in paragraph at lines 1--6",
+                                     "Overfull \\vbox (12.0pt too high) has occurred while \\output is active"]
+    assert P.overfull_boxes(log, limit=500) == []
 
 
 def _png(width: int = 4, height: int = 3) -> bytes:

@@ -286,6 +286,18 @@ def stage(figures_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return out / "paper" / "paper.tex"
 
 
+OVERFULL_LIMIT_PT = 5.0
+"""The widest overfull box a built paper may have (points past the text width): beyond it a table or a line runs
+visibly into the margin."""
+
+
+def overfull_boxes(log: str, limit: float = OVERFULL_LIMIT_PT) -> list[str]:
+    """The overfull boxes of a LaTeX log wider than ``limit`` points, each as its log line (with the source lines
+    it names)."""
+    return [m.group(0) for m in re.finditer(r"Overfull \\[hv]box \((\d+(?:\.\d+)?)pt too (?:wide|high)\)[^\n]*", log)
+            if float(m.group(1)) > limit]
+
+
 def build_pdf(figures_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Check and compile the paper against ``figures_dir`` (staged in ``out_dir``, see `stage`)."""
     import subprocess

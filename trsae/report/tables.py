@@ -62,7 +62,8 @@ def results_table(
     """Table with one row per metric ``(section, key, label)`` and one column per SAE: mean ± se.
 
     Rows are named in words (`row_label`). Markdown and LaTeX (a plain ``tabular`` with ``\\hline``, no booktabs;
-    `TEX_COLUMNS` SAEs per block, the blocks one under the other, so that it fits the page at ``\\small``) show cells rounded to their standard error (`format_mean_se`; ``digits`` significant digits where there is
+    `TEX_COLUMNS` SAEs per block, the blocks one under the other, so that it fits the page at ``\\small``) show
+    cells rounded to their standard error (`format_mean_se`; ``digits`` significant digits where there is
     none), a single seed's value marked ``†`` and explained in a last line; the CSV has ``metric, section, key``
     then ``<sae> mean``, ``<sae> se`` and ``<sae> n`` per SAE at full precision (empty where not available).
     Returns the paths written.
