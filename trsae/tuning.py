@@ -191,18 +191,18 @@ def markdown(result: dict, k: int, profile: str, budget: int) -> str:
             cell = "" if t is None else f"{t['fvu']:.4f} ({t['l0']:.1f}, {t['dead_frac']:.0%})"
             cells.append(f"**{cell}**" if t is not None and lr == result["lrs"][name] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['lrs'][name]:g} |")
-    if result.get("l1_trials"):
-        lines += ["", f"ReLU + L1's L1 weight (target L0 {k}):", "",
-                  "| stage | lr | L1 weight | val L0 | val FVU |", "|---|---|---|---|---|"]
-        lines += [f"| {t['stage']} | {t['lr']:g} | {t['l1_coeff']:.4g} | {t['l0']:.1f} | {t['fvu']:.4f} |"
-                  for t in result["l1_trials"]]
-        lines += ["", f"Chosen L1 weight: {result['relu_l1_coeff']:.4g}."]
-    if result.get("penalty_trials"):
-        lines += ["", f"JumpReLU's L0-penalty weight at its chosen rate (target L0 {k}):", "",
-                  "| L0-penalty weight | val L0 | dead latents | val FVU |", "|---|---|---|---|"]
-        lines += [f"| {t['l0_coeff']:.4g} | {t['l0']:.1f} | {t['dead_frac']:.0%} | {t['fvu']:.4f} |"
-                  for t in result["penalty_trials"]]
-        lines += ["", f"Chosen L0-penalty weight: {result['jumprelu_l0_coeff']:.4g}."]
+    searches = (("l1_trials", f"ReLU + L1's L1 weight (target L0 {k}):", "relu_l1_coeff", "Chosen L1 weight",
+                 ("stage", "lr", "L1 weight", "val L0", "val FVU"),
+                 lambda t: (t["stage"], f"{t['lr']:g}", f"{t['l1_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['fvu']:.4f}")),
+                ("penalty_trials", f"JumpReLU's L0-penalty weight at its chosen rate (target L0 {k}):",
+                 "jumprelu_l0_coeff", "Chosen L0-penalty weight",
+                 ("L0-penalty weight", "val L0", "dead latents", "val FVU"),
+                 lambda t: (f"{t['l0_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['dead_frac']:.0%}", f"{t['fvu']:.4f}")))
+    for key, title, chosen, says, heads, cells in searches:  # the weight searches, one table each
+        if result.get(key):
+            lines += ["", title, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+            lines += ["| " + " | ".join(cells(t)) + " |" for t in result[key]]
+            lines += ["", f"{says}: {result[chosen]:.4g}."]
     return "\n".join(lines) + "\n"
 
 
