@@ -76,6 +76,10 @@ class TokenEncoder(nn.Module):
     predicts = False
     """True for an encoder that sets `EncState.pred_NF` (it then needs `W_dec_FD` in `prepare`)."""
 
+    reads_context = False
+    """True for an encoder (or its loss) that reads other tokens than the one it encodes: only such an encoder
+    is given a training crop's left margin (`trsae.config.TrainConfig.context`)."""
+
     @classmethod
     def flops(cls, cfg: Any, mode: str, dense: bool, ctx_len: int | None = None,
               n_tokens: int | None = None) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
@@ -89,9 +93,6 @@ class TokenEncoder(nn.Module):
         k = getattr(cfg.sparsity, "k", F)
         bwd = {"encoder_bwd": 2 * D * F if dense else 2 * k * D} if train else {}
         return {"encoder": 2 * D * F}, bwd, {"bias_fold": (6 if train else 2) * D * F}
-    reads_context = False
-    """True for an encoder (or its loss) that reads other tokens than the one it encodes: only such an encoder
-    is given a training crop's left margin (`trsae.config.TrainConfig.context`)."""
 
     def prepare(self, x_BTD: Tensor, pos_BT: Tensor | None, mask_BT: Tensor | None, b_dec_D: Tensor,
                 W_dec_FD: Tensor | None = None, ctx_BT: Tensor | None = None) -> EncState:

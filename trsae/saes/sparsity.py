@@ -149,9 +149,10 @@ class ReLUL1(Sparsity):
         if mode == "encode":
             return {}, {}, {}
         D, F = cfg.d_in, cfg.width
+        tok = {"decoder": 2 * F * D, "l1": 2 * F}
         if mode != "train":
-            return {"decoder": 2 * F * D, "l1": 2 * F}, {}, {}
-        return {"decoder": 2 * F * D, "l1": 2 * F}, {"decoder_bwd": 4 * F * D, "l1_bwd": 4 * F}, {"decoder_norm": 5 * F * D}
+            return tok, {}, {}
+        return tok, {"decoder_bwd": 4 * F * D, "l1_bwd": 4 * F}, {"decoder_norm": 5 * F * D}
 
     def codes(self, enc, st, dead_F=None, update=False) -> Codes:
         return Codes(dense_NF=enc.dense(st).relu())
