@@ -83,10 +83,11 @@ def test_by_position_reads_each_bucket_in_order():
     assert by_position(summary, "persistence") == {"TopK": [(1.0, 0.1, 0.01), (2.0, 0.2, 0.01), (4.0, 0.3, 0.01)]}
 
 
-def test_budget_seeds_every_seed_at_the_largest_and_the_main_budget():
-    got = analysis.budget_seeds([1200, 75, 300, 150], 300, [0, 1])
-    assert list(got) == [75, 150, 300, 1200]
-    assert got == {75: [0], 150: [0], 300: [0, 1], 1200: [0, 1]}
+def test_budget_seeds_every_seed_at_the_two_largest_and_the_main_budget():
+    got = analysis.budget_seeds([1200, 75, 300, 150, 600], 150, [0, 1])
+    assert list(got) == [75, 150, 300, 600, 1200]
+    assert got == {75: [0], 150: [0, 1], 300: [0], 600: [0, 1], 1200: [0, 1]}
+    assert analysis.budget_seeds([300, 75], 300, [0, 1]) == {75: [0, 1], 300: [0, 1]}
     with pytest.raises(ValueError):
         analysis.budget_seeds([0, 100], 100, [0])
     with pytest.raises(ValueError, match="main one"):
@@ -110,6 +111,12 @@ def test_training_length_rows_against_hand_computed_values():
     assert not any(table[75_000]["apart_from_one"].values())
     mixed = {"a": [_res(0.95, 0.9), _res(0.44, 0.9)], "b": [_res(0.9, 0.9), _res(0.6, 0.9)]}
     assert not analysis.versus(mixed, "a", "b")["apart_from_one"]["fvu_ratio"]
+    assert "train_fvu_a" not in analysis.versus(mixed, "a", "b")["versus"]
+    for side, fvus in (("a", (0.04, 0.5)), ("b", (0.06, 0.3))):  # results that carry a train-split FVU
+        for res, fvu in zip(mixed[side], fvus):
+            res[analysis.TRAIN_FVU] = fvu
+    v = analysis.versus(mixed, "a", "b")["versus"]
+    assert v["train_fvu_a"]["values"] == [0.04, 0.5] and v["train_fvu_b"]["mean"] == pytest.approx(0.18)
 
 
 def test_length_trend_is_paired_by_seed_and_names_no_move_within_noise():
@@ -125,6 +132,45 @@ def test_length_trend_is_paired_by_seed_and_names_no_move_within_noise():
     assert not t["separated"] and report.macros._trend_words(t).startswith("does not move")
     with pytest.raises(ValueError):  # the two budgets must share their seeds
         analysis.length_trend({300: runs([(0.09, 0.1)]), 1200: per_budget[1200]}, "a", "b", 300)
+
+
+def test_length_trend_last_reads_the_step_from_the_second_largest_budget():
+    runs = lambda pairs: {"a": [_res(1 - fa, 0.9) for fa, _ in pairs], "b": [_res(1 - fb, 0.9) for _, fb in pairs]}  # noqa: E731
+    per_budget = {300: runs([(0.05, 0.1), (0.06, 0.1)]), 600: runs([(0.09, 0.1), (0.092, 0.1)]),
+                  1200: runs([(0.097, 0.1), (0.099, 0.1)])}
+    t = analysis.length_trend_last(per_budget, "a", "b")
+    assert (t["previous"], t["largest"]) == (600, 1200)
+    assert t["change"]["mean"] == pytest.approx(0.07) and t["separated"] and t["toward_one"]
+    with pytest.raises(ValueError, match="two budgets"):
+        analysis.length_trend_last({1200: per_budget[1200]}, "a", "b")
+
+
+def test_length_fit_recovers_a_power_law_with_an_offset():
+    ts = [150e3, 300e3, 600e3, 1.2e6, 2.4e6, 4.8e6]
+    fvu = [0.04 + 0.02 * (t / 4.8e6) ** -0.6 for t in ts]  # the closed form the fit must find
+    fit = analysis.length_fit(list(zip(ts, fvu)))
+    assert (fit["a"]["mean"], fit["b"]["mean"], fit["c"]["mean"]) == pytest.approx((0.02, 0.6, 0.04), rel=1e-5)
+    assert fit["rms"] < 1e-9 and fit["t_ref"] == 4.8e6 and fit["n"] == 6
+    noisy = analysis.length_fit([(t, y * (1 + e)) for t, y, e in zip(ts, fvu, [0.01, -0.01, 0.02, -0.02, 0.01, 0])])
+    assert noisy["c"]["se"] > 0 and abs(noisy["c"]["mean"] - 0.04) < 0.01
+    curve = analysis.fit_curve(fit, ts, n=3)
+    assert [x for x, _ in curve] == pytest.approx([150e3, (150e3 * 4.8e6) ** 0.5, 4.8e6])
+    assert curve[-1][1] == pytest.approx(0.06, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 4"):
+        analysis.length_fit(list(zip(ts[:3], fvu[:3])))
+
+
+def test_length_fits_and_the_asymptote_ratio_with_its_delta_method_error():
+    ts = [150e3, 300e3, 600e3, 1.2e6]
+    table = {t: {"versus": {"fvu_a": {"mean": 0.03 + 0.02 * (t / 1.2e6) ** -0.5},
+                            "fvu_b": {"mean": 0.04 + 0.02 * (t / 1.2e6) ** -0.5}}} for t in ts}
+    fits = analysis.length_fits(table)
+    assert fits["ratio"]["mean"] == pytest.approx(0.75, rel=1e-4)
+    assert analysis.length_fits({t: table[t] for t in ts[:3]}) is None
+    r = analysis.asymptote_ratio({"c": {"mean": 0.03, "se": 0.003}}, {"c": {"mean": 0.04, "se": 0.002}})
+    # ratio 0.75; relative errors 0.1 and 0.05 add in quadrature
+    assert r["mean"] == pytest.approx(0.75) and r["se"] == pytest.approx(0.75 * (0.1 ** 2 + 0.05 ** 2) ** 0.5)
+    assert math.isnan(analysis.asymptote_ratio({"c": {"mean": 0.03, "se": 0}}, {"c": {"mean": 0.0, "se": 0}})["mean"])
 
 
 def test_variance_concentration_closed_form():

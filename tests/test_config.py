@@ -79,6 +79,30 @@ def test_every_profile_file_gives_each_notebook_a_valid_view():
     assert view["harvest"] == cpu["shared"]["harvest"]
 
 
+def test_a_parameter_file_extends_another_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("shared:\n  train: {tokens: 10, lr: 0.1}\n  seeds: [0, 1]\n"
+                                        "nb:\n  budgets: [1, 2]\n  keep: 3\n")
+    (tmp_path / "long.yaml").write_text("extends: base.yaml\nshared:\n  train: {tokens: 20}\n"
+                                        "nb:\n  budgets: [1, 2, 4]\nother:\n  x: 1\n")
+    got = load_params(tmp_path / "long.yaml")
+    assert got == {"shared": {"train": {"tokens": 20, "lr": 0.1}, "seeds": [0, 1]},
+                   "nb": {"budgets": [1, 2, 4], "keep": 3}, "other": {"x": 1}}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ValueError, match="loops back"):
+        load_params(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_the_long_cpu_profile_is_the_cpu_profile_with_a_longer_curve():
+    root = Path(__file__).resolve().parents[1]
+    cpu, long = (load_params(root / "params" / f"{p}.yaml") for p in ("cpu", "cpu_long"))
+    assert max(long["02_temporal"]["length_budgets"]) >= 4_800_000
+    assert set(cpu["02_temporal"]["length_budgets"]) < set(long["02_temporal"]["length_budgets"])
+    assert {k: v for k, v in long.items() if k != "02_temporal"} == {k: v for k, v in cpu.items() if k != "02_temporal"}
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"tokens": 0}, "tokens must be positive"), ({"ctx_len": -4}, "ctx_len must be positive"),
     ({"ctx_len": 1}, "at least 2"), ({"layer": -1}, "layer"), ({"dtype": "int8"}, "dtype"),

@@ -116,6 +116,35 @@ def test_frontier_figure(tmp_path):
     assert p.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError):
         R.make_frontier_figure({"x": [(0, 1.0, 0.0)]}, "y")
+    # a fitted curve is drawn dashed in its series' colour
+    fig = R.make_frontier_figure(pts, "EV", fits={"TRSAE": [(32, 0.86), (16, 0.74)]})
+    dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [16, 32]
+    assert dashed[0].get_color() == lines[1].get_color()
+
+
+def test_length_macros_name_the_last_step_the_train_split_and_the_fits():
+    from trsae import analysis
+
+    def leaf(v):
+        return {"mean": v, "se": 0.001, "n": 2}
+
+    budgets = [150_000, 300_000, 600_000, 1_200_000]
+    table = {t: {"versus": {"fvu_a": leaf(0.03 + 0.02 * (t / 1.2e6) ** -0.5), "fvu_b": leaf(0.04 + 0.02 * (t / 1.2e6) ** -0.5),
+                            "ce_a": leaf(0.9), "ce_b": leaf(0.9), "train_fvu_a": leaf(0.05), "train_fvu_b": leaf(0.06)},
+                 "paired": {"fvu_ratio": leaf(0.9), "ce_gap_ratio": leaf(0.95)}} for t in budgets}
+    trend = {"change": leaf(0.01), "toward_one": True, "separated": False}
+    m = R.length_macros(table, {t: [0, 1] for t in budgets}, 300_000, 540_000, {"fvu_ratio": trend},
+                        {"fvu_ratio": trend}, analysis.length_fits(table))
+    assert m["tmpLengthPrevious"] == "600k tokens" and m["tmpLengthLargest"] == "1.2M tokens"
+    assert m["tmpLengthLargestTrainFvuA"] == "0.0500" and "tmpLengthPreviousFvuRatioPm" in m
+    assert m["tmpLengthFvuRatioLastTrend"].startswith("does not move")
+    assert float(m["tmpLengthFitAsymptoteRatio"]) == pytest.approx(0.75, abs=1e-4)
+    assert float(m["tmpLengthFitTopKC"]) == pytest.approx(0.04, abs=1e-5)
+    assert "tmpLengthFitTRSAEB" in m
+    three = {t: table[t] for t in budgets[1:]}  # no fit below four budgets: no fit macros
+    m = R.length_macros(three, {t: [0, 1] for t in three}, 300_000, 540_000, {}, {}, analysis.length_fits(three))
+    assert not any("Fit" in k for k in m)
 
 
 def test_results_table(tmp_path):

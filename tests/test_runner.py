@@ -4,6 +4,9 @@ harvest, run or evaluation."""
 import shutil
 from pathlib import Path
 
+import pytest
+import torch
+
 from trsae import runner
 from trsae.config import HarvestConfig, TrainConfig
 from trsae.saes import SAEConfig
@@ -70,6 +73,21 @@ def test_train_budgets_trains_each_budget_and_evaluates_once(tmp_path, tiny_stor
                 assert res["run"] == str(runner.run_dir(spec, TrainConfig(**{**cfg.__dict__, "tokens": tokens,
                                                                             "seed": seed}), tiny_store, tmp_path))
                 assert read_log(res["run"])[-1]["step"] == -(-tokens // 64)  # 64 tokens a step, past the epoch
+    # each result carries its FVU on the first training sequences: pooled 1 - EV, here by hand
+    from trsae.saes import load_sae
+
+    res = per_budget[3 * epoch]["TRSAE"][1]
+    sae = load_sae(Path(res["run"]) / "sae")
+    xs, errs = [], []
+    with torch.no_grad():
+        for b in tiny_store.first("train", runner.RECON_SEQS):
+            x_hat = sae.decode(sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT))
+            xs.append(b.acts_BTD[b.mask_BT].double())
+            errs.append((x_hat - b.acts_BTD)[b.mask_BT].double())
+    x, err = torch.cat(xs), torch.cat(errs)
+    assert res[analysis.TRAIN_FVU] == pytest.approx((err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(),
+                                                    rel=1e-9)
+    assert res[analysis.TRAIN_FVU] != per_budget[128]["TRSAE"][0][analysis.TRAIN_FVU]
     # the main budget's runs are the comparison's own: training them again finds them cached
     again = runner.train_and_evaluate(specs, [0, 1], cfg, tiny_store, evaluate, tmp_path)
     assert [r["run"] for r in again["TRSAE"]] == [r["run"] for r in per_budget[256]["TRSAE"]]

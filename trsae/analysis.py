@@ -64,6 +64,9 @@ def window_curve(summary: dict[str, dict], windows: list[int], full_window: int,
 
 EV = ("reconstruction_quality", "explained_variance")
 CE = ("model_performance_preservation", "ce_loss_score")
+TRAIN_FVU = "train_split_fvu"
+"""A result's FVU on the training split (`trsae.runner.train_budgets`), beside the test split's EV: a curve that
+trains for several epochs shows there whether it overfits."""
 
 
 def _leaf(res: dict, path: tuple[str, str]) -> float:
@@ -213,8 +216,9 @@ def by_position(summary: dict[str, dict], key: str) -> dict[str, list[tuple[floa
 # ------------------------------------------------------------------------------------------------ training length
 
 def budget_seeds(budgets: list[int], main_tokens: int, seeds: list[int]) -> dict[int, list[int]]:
-    """The seeds each training budget is trained with, in increasing budget order: every seed at the largest
-    budget and at the main one (``main_tokens``: its runs are the comparison's own), the first seed elsewhere."""
+    """The seeds each training budget is trained with, in increasing budget order: every seed at the two largest
+    budgets (so that the curve's last step is read seed by seed, `length_trend_last`) and at the main one
+    (``main_tokens``: its runs are the comparison's own), the first seed elsewhere."""
     if not budgets or not seeds:
         raise ValueError("training length needs at least one budget and one seed")
     if any(int(b) <= 0 for b in budgets):
@@ -222,16 +226,20 @@ def budget_seeds(budgets: list[int], main_tokens: int, seeds: list[int]) -> dict
     if main_tokens not in budgets:
         raise ValueError(f"the training budgets {budgets} must include the main one, train.tokens = {main_tokens}: "
                          "the curve is read against the comparison's own runs")
-    top = max(budgets)
-    return {int(b): list(seeds) if b in (top, main_tokens) else list(seeds[:1]) for b in sorted(set(budgets))}
+    every = {main_tokens, *sorted(set(budgets))[-2:]}
+    return {int(b): list(seeds) if b in every else list(seeds[:1]) for b in sorted(set(budgets))}
 
 
 def versus(runs: dict[str, list[dict]], a: str, b: str) -> dict:
     """SAE `a` against `b` over the same seeds: each one's FVU (1 − pooled EV) and CE-loss score (zero ablation) as
-    means ± se under ``"versus"`` (``fvu_a``, ``fvu_b``, ``ce_a``, ``ce_b``), beside `paired`'s ratios, and under
+    means ± se under ``"versus"`` (``fvu_a``, ``fvu_b``, ``ce_a``, ``ce_b``, and ``train_fvu_a`` / ``train_fvu_b``
+    where the results carry a train-split FVU, `TRAIN_FVU`), beside `paired`'s ratios, and under
     ``"apart_from_one"`` whether each ratio's distance from 1 exceeds two standard errors (`separated`)."""
     rows = [{"versus": {"fvu_a": 1 - _leaf(ra, EV), "fvu_b": 1 - _leaf(rb, EV), "ce_a": _leaf(ra, CE),
                         "ce_b": _leaf(rb, CE)}} for ra, rb in zip(runs[a], runs[b], strict=True)]
+    for row, ra, rb in zip(rows, runs[a], runs[b]):
+        if TRAIN_FVU in ra and TRAIN_FVU in rb:  # `trsae.runner.train_budgets`'s train-split FVU
+            row["versus"].update(train_fvu_a=ra[TRAIN_FVU], train_fvu_b=rb[TRAIN_FVU])
     out = {**aggregate_seeds(rows), **paired(runs, a, b)}
     out["apart_from_one"] = {key: separated({**leaf, "mean": leaf["mean"] - 1})
                              for key, leaf in out["paired"].items() if key.endswith("_ratio")}
@@ -257,6 +265,76 @@ def length_trend(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str, m
     mean_main, mean_top = (sum(v) / len(v) for v in (at[main_tokens], at[top]))
     return {"change": change, "toward_one": abs(1 - mean_top) < abs(1 - mean_main), "separated": separated(change),
             "main": main_tokens, "largest": top}
+
+
+def length_trend_last(per_budget: dict[int, dict[str, list[dict]]], a: str, b: str, key: str = "fvu_ratio") -> dict:
+    """Whether `a`'s ratio to `b` still moves at the end of the curve: its change over the last step, from the
+    second-largest budget to the largest, seed by seed (`budget_seeds` trains both with every seed), in the
+    `length_trend` form (``"previous"`` names the second-largest budget)."""
+    if len(per_budget) < 2:
+        raise ValueError("the last step of a training-length curve needs at least two budgets")
+    top, previous = sorted(per_budget)[-1], sorted(per_budget)[-2]
+    return {**length_trend(per_budget, a, b, previous, key), "previous": previous}
+
+
+LENGTH_FIT_MIN_BUDGETS = 4
+"""Budgets a power law with an offset needs: three parameters and one residual."""
+
+
+def power_law(t, a: float, b: float, c: float, t_ref: float):
+    """``c + a·(t / t_ref)^(−b)``: what FVU approaches (``c``) as training tokens ``t`` grow."""
+    return c + a * (np.asarray(t, dtype=float) / t_ref) ** (-b)
+
+
+def length_fit(points: list[tuple[float, float]]) -> dict:
+    """Least-squares fit of ``FVU(t) = c + a·(t / t_ref)^(−b)`` (`power_law`; ``t_ref`` the largest budget, so ``a``
+    is how far the largest budget's FVU still sits above the asymptote ``c``; ``a, b, c ≥ 0``) to ``(tokens, FVU)``
+    points (scipy's ``curve_fit``): ``{"a" | "b" | "c": {"mean", "se"}, "t_ref", "rms": residual root mean square,
+    "n": points}``. The standard errors come from the fit's covariance scaled by its residuals (one residual at
+    four budgets: read them as rough)."""
+    from scipy.optimize import curve_fit
+
+    t = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float)
+    if len(set(t.tolist())) < LENGTH_FIT_MIN_BUDGETS:
+        raise ValueError(f"a power law with an offset needs at least {LENGTH_FIT_MIN_BUDGETS} distinct budgets, got "
+                         f"{sorted(set(t.tolist()))}")
+    t_ref = float(t.max())
+    order = np.argsort(t)
+    p0 = (max(y[order[0]] - y[order[-1]], 1e-6), 0.5, max(0.5 * y.min(), 0.0))
+    params, cov = curve_fit(lambda tt, a, b, c: power_law(tt, a, b, c, t_ref), t, y, p0=p0,
+                            bounds=([0.0, 0.0, 0.0], [np.inf, 10.0, np.inf]), maxfev=20_000)
+    se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    rms = float(np.sqrt(np.mean((power_law(t, *params, t_ref) - y) ** 2)))
+    return {**{k: {"mean": float(v), "se": float(s)} for k, v, s in zip("abc", params, se)}, "t_ref": t_ref,
+            "rms": rms, "n": len(t)}
+
+
+def asymptote_ratio(fit_a: dict, fit_b: dict) -> dict:
+    """The ratio of two `length_fit` asymptotes, ``c_a / c_b``, with its first-order (delta-method) standard error,
+    treating the two fits as independent: ``{"mean", "se"}`` (nan where ``c_b`` is 0)."""
+    ca, cb = fit_a["c"], fit_b["c"]
+    if cb["mean"] <= 0:
+        return {"mean": math.nan, "se": math.nan}
+    return {"mean": ca["mean"] / cb["mean"],
+            "se": math.hypot(ca["se"] / cb["mean"], ca["mean"] * cb["se"] / cb["mean"] ** 2)}
+
+
+def length_fits(table: dict[int, dict]) -> dict | None:
+    """`length_fit` of each SAE's mean test FVU over a `training_length` table (``"a"`` and ``"b"``, as in
+    `versus`) and the ratio of their asymptotes (`asymptote_ratio`, ``"ratio"``); None with fewer than
+    `LENGTH_FIT_MIN_BUDGETS` budgets."""
+    if len(table) < LENGTH_FIT_MIN_BUDGETS:
+        return None
+    fits = {s: length_fit([(t, r["versus"][f"fvu_{s}"]["mean"]) for t, r in table.items()]) for s in "ab"}
+    return {**fits, "ratio": asymptote_ratio(fits["a"], fits["b"])}
+
+
+def fit_curve(fit: dict, budgets: list[float], n: int = 50) -> list[tuple[float, float]]:
+    """``n`` points of a `length_fit` curve, log-spaced over the range of ``budgets``, for a figure."""
+    ts = np.geomspace(min(budgets), max(budgets), n)
+    return list(zip(ts.tolist(), power_law(ts, fit["a"]["mean"], fit["b"]["mean"], fit["c"]["mean"],
+                                           fit["t_ref"]).tolist()))
 
 
 def _paired_rows(runs: dict[str, list[dict]], a: str, b: str) -> list[dict]:

@@ -231,6 +231,23 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     return out
 
 
+@torch.no_grad()
+def split_fvu(saes: dict[str, SAE], store: ActivationStore, split: str, max_seqs: int,
+              batch_size: int = 4) -> dict[str, float]:
+    """Pooled FVU (1 − explained variance, as `evaluate_saes` reads it, in model units) of each SAE on the ordinary
+    tokens of the first ``max_seqs`` sequences of ``split``, from the store alone (every code, predicted ones
+    included). The training-length curve reads it on the train split, where epochs would show overfitting."""
+    recon = {n: ReconstructionAccumulator() for n in saes}
+    scale = store.norm_scale
+    for sae in saes.values():
+        sae.eval()
+    for b in store.first(split, max_seqs, batch_size):
+        for name, sae in saes.items():
+            x_hat_BTD = sae.decode(sae.encode(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT))
+            recon[name].update(b.acts_BTD / scale, x_hat_BTD / scale, None, b.mask_BT)
+    return {n: 1.0 - r.compute()["explained_variance"] for n, r in recon.items()}
+
+
 def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = None, **kw) -> dict:
     """`evaluate_saes` for one SAE."""
     return evaluate_saes({"sae": sae}, store, model, **kw)["sae"]

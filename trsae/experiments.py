@@ -186,3 +186,7 @@ VERSUS_ROWS = [("versus", "fvu_b", "FVU, TopK"), ("versus", "fvu_a", "FVU, TRSAE
                ("versus", "ce_b", "CE-loss score, TopK"), ("versus", "ce_a", "CE-loss score, TRSAE"),
                ("paired", "fvu_ratio", "FVU ratio"), ("paired", "ce_gap_ratio", "CE-gap ratio")]
 """Rows of `trsae.analysis.versus` for `LENGTH_PAIR` ("a" is the TRSAE, "b" TopK)."""
+LENGTH_ROWS = VERSUS_ROWS + [("versus", "train_fvu_b", "train-split FVU, TopK"),
+                             ("versus", "train_fvu_a", "train-split FVU, TRSAE")]
+"""`VERSUS_ROWS` with the train-split FVU that the training-length curve also reads (overfitting would show as
+a train-split FVU falling below the test split's)."""

@@ -50,22 +50,40 @@ def notebook_parameters(path: str | os.PathLike) -> set[str]:
     return set(notebook_defaults(path))
 
 
-def load_params(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Read a sectioned parameter file: a mapping of ``shared`` and notebook names (file stems) to mappings."""
+EXTENDS = "extends"
+"""A parameter file's optional top-level key naming another parameter file (relative to it) that it changes:
+its sections are merged into that file's as `notebook_view` merges a notebook's section into ``shared``."""
+
+
+def load_params(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Read a sectioned parameter file: a mapping of ``shared`` and notebook names (file stems) to mappings, on top
+    of the file it `EXTENDS`, if any."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"parameter file {p} not found: pass one of params/*.yaml")
+    if p.resolve() in _seen:
+        raise ValueError(f"{p}: {EXTENDS!r} loops back to itself ({' -> '.join(map(str, _seen))})")
     try:
         params = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())}); fix the file") from None
+    base = params.pop(EXTENDS, None) if isinstance(params, dict) else None
     bad = [k for k, v in params.items() if not isinstance(v, dict)] if isinstance(params, dict) else None
     if bad is None or bad:
         raise ValueError(f"{p}: expected sections ({SHARED!r} and notebook names such as '02_temporal') that each "
                          f"map parameter names to values; not a section: {bad}")
-    return params
+    if base is None:
+        return params
+    if not isinstance(base, str):
+        raise ValueError(f"{p}: {EXTENDS!r} must name one parameter file, got {base!r}")
+    merged = load_params(p.parent / base, (*_seen, p.resolve()))
+    for section, values in params.items():
+        own = merged.setdefault(section, {})
+        for key, value in values.items():
+            own[key] = {**own[key], **value} if isinstance(value, dict) and isinstance(own.get(key), dict) else value
+    return merged
 
 
 def notebook_view(params: dict[str, dict[str, Any]], notebook: str | os.PathLike,

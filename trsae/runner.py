@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from trsae import timing
-from trsae.analysis import summarize
+from trsae.analysis import TRAIN_FVU, summarize
 from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
-from trsae.evaluate import evaluate_saes, train_mean
+from trsae.evaluate import evaluate_saes, split_fvu, train_mean
 from trsae.io import write_json_atomic
 from trsae.lm import LoadedModel, load_model
 from trsae.pursuit import ceiling
@@ -227,13 +227,26 @@ def train_budgets(specs: dict[str, SAEConfig], budget_seeds: dict[int, list[int]
     """Every named config trained for each budget of ``budget_seeds`` (training tokens -> seeds; more tokens than
     the training split holds means several epochs over it), with ``train_cfg``'s schedule stretched to the budget
     (the same warm-up and decay fractions), then all evaluated in one pass: ``{tokens: {name: per-seed results}}``.
-    A budget equal to ``train_cfg.tokens`` reuses the comparison's own runs (cached by content)."""
+    Each result also carries its FVU on the first `RECON_SEQS` training sequences (`trsae.analysis.TRAIN_FVU`,
+    cached in its run folder). A budget equal to ``train_cfg.tokens`` reuses the comparison's own runs (cached by
+    content)."""
     runs = {tokens: train_all(specs, seeds, dataclasses.replace(train_cfg, tokens=int(tokens)), store, work, progress,
                               lrs)
             for tokens, seeds in sorted(budget_seeds.items())}
     results = evaluate({run: sae for by_name in runs.values() for rs in by_name.values() for run, sae in rs})
-    return {tokens: {name: [dict(results[run], run=str(run)) for run, _ in rs] for name, rs in by_name.items()}
+    return {tokens: {name: [dict(results[run], run=str(run), **{TRAIN_FVU: train_split_fvu(run, sae, store)})
+                            for run, sae in rs] for name, rs in by_name.items()}
             for tokens, by_name in runs.items()}
+
+
+def train_split_fvu(run: Path, sae: SAE, store: ActivationStore, max_seqs: int = RECON_SEQS) -> float:
+    """`trsae.evaluate.split_fvu` of a run's SAE on the first ``max_seqs`` training sequences, cached in its run
+    folder."""
+    key = config_hash({"split": "train", "max_seqs": max_seqs, "code": code_version()})
+    path = Path(run) / f"fvu-train-{key}.json"
+    if not path.exists():
+        write_json_atomic(path, {"fvu": split_fvu({"sae": sae}, store, "train", max_seqs)["sae"]})
+    return json.loads(path.read_text())["fvu"]
 
 
 def ceilings(runs: dict[str, list[tuple[Path, SAE]]], store: ActivationStore,

@@ -163,8 +163,10 @@ def make_frontier_figure(
     ylabel: str,
     title: str | None = None,
     xlabel: str = "L0",
+    fits: dict[str, Iterable[tuple[float, float]]] | None = None,
 ) -> Figure:
-    """Metric against L0 (log x), one line per architecture; points ``(l0, value, se)`` sorted by L0."""
+    """Metric against L0 (log x), one line per architecture; points ``(l0, value, se)`` sorted by L0. ``fits``:
+    a fitted curve ``(x, y)`` per name of ``points``, drawn dashed in that name's colour."""
     fig = Figure(figsize=(5.0, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -177,6 +179,9 @@ def make_frontier_figure(
             raise ValueError(f"{name}: L0 must be positive on a log axis")
         l0s, vals, ses = zip(*pts)
         ax.errorbar(l0s, vals, yerr=ses, label=name, color=color(i), marker="o", markersize=4, capsize=3)
+        if fits and name in fits:
+            xs, ys = zip(*sorted(fits[name]))
+            ax.plot(xs, ys, color=color(i), linestyle="--", linewidth=1, label=f"{name}, fit")
         n_lines += 1
     if n_lines == 0:
         raise ValueError("no points to plot")
@@ -196,9 +201,10 @@ def frontier_figure(
     path: str | os.PathLike,
     title: str | None = None,
     xlabel: str = "L0",
+    fits: dict[str, Iterable[tuple[float, float]]] | None = None,
 ) -> Path:
     """``make_frontier_figure`` saved atomically; returns the path."""
-    return save_figure(make_frontier_figure(points, ylabel, title, xlabel), path)
+    return save_figure(make_frontier_figure(points, ylabel, title, xlabel, fits), path)
 
 
 # ----------------------------------------------------------------------------------------------------------

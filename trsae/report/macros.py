@@ -235,24 +235,44 @@ def _trend_words(trend: dict) -> str:
 
 
 def length_macros(table: dict[int, dict], budget_seeds: dict[int, list[int]], main_tokens: int, epoch_tokens: int,
-                  trends: dict[str, dict]) -> dict:
+                  trends: dict[str, dict], last: dict[str, dict], fits: dict | None) -> dict:
     """02's training-length curve (`TEMPORAL`): the budgets, the largest one's epochs over the training split, the
-    versus rows (``table``: `trsae.analysis.training_length`, by budget in tokens) at the main and at the largest
-    budget, and per ratio (``trends``:
-    ``{"fvu_ratio" | "ce_gap_ratio": trsae.analysis.length_trend}``) its change from the one to the other."""
-    top = max(budget_seeds)
+    versus rows (``table``: `trsae.analysis.training_length`, by budget in tokens) at the main, the second-largest
+    and the largest budget (with the train-split FVU at the largest), per ratio its change from the main budget to
+    the largest (``trends``: ``{"fvu_ratio" | "ce_gap_ratio": trsae.analysis.length_trend}``) and over the last
+    step (``last``: `trsae.analysis.length_trend_last`), and the power-law fits (``fits``:
+    `trsae.analysis.length_fits`, ``...FitTopK/TRSAE`` for "b"/"a"; none below four budgets)."""
+    top, previous = sorted(budget_seeds)[-1], sorted(budget_seeds)[-2]
     out = _prefixed(TEMPORAL, {
         "LengthBudgets": ", ".join(budget_label(t).removesuffix(" tokens") for t in sorted(budget_seeds)),
         "LengthLargest": budget_label(top), "LengthMain": budget_label(main_tokens),
+        "LengthPrevious": budget_label(previous),
         "LengthEpochs": top / epoch_tokens, "LengthSeedsLargest": len(budget_seeds[top])})
-    for which, tokens in (("Main", main_tokens), ("Largest", top)):
+    for which, tokens in (("Main", main_tokens), ("Previous", previous), ("Largest", top)):
         res = table[tokens]
         for section, keys in (("versus", ("fvu_a", "fvu_b", "ce_a", "ce_b")), ("paired", ("fvu_ratio", "ce_gap_ratio"))):
             for key in keys:
                 out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", which, key), res[section][key]))
+    for key in ("train_fvu_a", "train_fvu_b"):
+        if key in table[top]["versus"]:
+            out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", "largest", key), table[top]["versus"][key]))
     for key, trend in trends.items():
         out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", key, "change"), trend["change"]))
         out[macro_name(TEMPORAL.prefix, "length", key, "trend")] = _trend_words(trend)
+    for key, trend in last.items():
+        out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", key, "last", "change"), trend["change"]))
+        out[macro_name(TEMPORAL.prefix, "length", key, "last", "trend")] = _trend_words(trend)
+    if fits is not None:
+        out[macro_name(TEMPORAL.prefix, "length", "fit", "points")] = fits["b"]["n"]
+        for side, name in (("a", "TRSAE"), ("b", "TopK")):
+            for param in "abc":
+                out.update(mean_se_macros(macro_name(TEMPORAL.prefix, "length", "fit", name, param),
+                                          fits[side][param]))
+        ratio_name = macro_name(TEMPORAL.prefix, "length", "fit", "asymptote", "ratio")
+        if math.isfinite(fits["ratio"]["mean"]):
+            out.update(mean_se_macros(ratio_name, fits["ratio"]))
+        else:  # TopK's fitted asymptote is 0: no ratio
+            out.update({ratio_name: "n/a", ratio_name + "Pm": "n/a"})
     return out
 
 
