@@ -471,3 +471,16 @@ def test_field_and_decoder_macros_are_named_by_sae_and_written(tmp_path):
     assert abl["ablDecoderPredK"] == 8 and abl["ablDecoderCeGapRatio"] == "0.950"
     for which, macros in ((R.TEMPORAL, got), (R.ABLATION, abl)):
         assert set(_parse_macros(R.write_macro_file(macros, which, tmp_path).read_text())) == set(macros)
+
+
+def test_ce_split_macros_name_the_first_and_last_buckets_and_each_frequency_class():
+    def leaves(r):
+        return {"ratio": {"mean": r, "se": 0.01, "n": 2}, "gap_share": {"mean": 0.5, "se": 0.0, "n": 2},
+                "token_share": {"mean": 0.25, "se": 0.0, "n": 2}}
+    split = {"by_position": {"1": leaves(0.8), "2-3": leaves(0.9), "64-127": leaves(1.1)},
+             "by_frequency": {"frequent": leaves(1.0), "middle": leaves(0.95), "rare": leaves(float("nan"))}}
+    m = R.ce_split_macros(split)
+    assert m["tmpCeSplitFirstBucket"] == "1" and m["tmpCeSplitLastBucket"] == "64--127"
+    assert m["tmpCeSplitFirstRatio"] == "0.800" and m["tmpCeSplitLastRatio"] == "1.100"
+    assert m["tmpCeSplitMiddleRatio"] == "0.950" and m["tmpCeSplitRareRatioPm"] == "n/a"
+    assert m["tmpCeSplitFrequentGapShare"] == "0.500"

@@ -343,6 +343,27 @@ def _paired_rows(runs: dict[str, list[dict]], a: str, b: str) -> list[dict]:
             for ra, rb in zip(runs[a], runs[b], strict=True)]
 
 
+def ce_gap_split(runs: dict[str, list[dict]], a: str, b: str) -> dict[str, dict[str, dict]]:
+    """Where `a`'s CE-gap ratio to `b` comes from (`trsae.metrics.split`, the results' ``ce_excess``): for each
+    position bucket (``"by_position"``) and frequency class (``"by_frequency"``), seed by seed, ``ratio`` = `a`'s
+    excess CE over `b`'s on that split's positions (its CE-gap ratio there), ``gap_share`` = the split's share of
+    `b`'s whole excess CE, and ``token_share`` its share of the positions; means ± se over seeds."""
+    out: dict[str, dict[str, dict]] = {}
+    for split in ("by_position", "by_frequency"):
+        rows = []
+        for ra, rb in zip(runs[a], runs[b], strict=True):
+            xa, xb = ra["ce_excess"][split], rb["ce_excess"][split]
+            total_b = sum(v["excess"] for v in xb.values())
+            n_all = sum(v["n"] for v in xb.values())
+            rows.append({key: {"ratio": xa[key]["excess"] / xb[key]["excess"] if xb[key]["excess"] else math.nan,
+                               "gap_share": xb[key]["excess"] / total_b if total_b else math.nan,
+                               "token_share": xb[key]["n"] / n_all}
+                         for key in xb if key in xa})
+        keys = [k for k in rows[0] if all(k in r for r in rows)]
+        out[split] = aggregate_seeds([{k: r[k] for k in keys} for r in rows])
+    return out
+
+
 def variance_concentration(x_ND, top_frac: float = 0.01) -> dict[str, float]:
     """How concentrated the centred variance of tokens ``x_ND`` is (pooled FVU weighs every token by its share):
     ``top_token_share``, the share held by the ``top_frac`` of tokens farthest from the mean (at least one), and

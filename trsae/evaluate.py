@@ -19,6 +19,9 @@ An SAE whose encoder predicts codes from earlier tokens (TFA; a TRSAE with ``pre
 novel plus predicted: ``sparsity.l0`` counts every non-zero (the matched comparison), ``sparsity.l0_novel`` the novel
 codes alone (what TFA publishes as its L0) and ``sparsity.l0_predicted`` the predicted ones.
 
+``ce_excess`` (`trsae.metrics.split`): the SAE's excess CE over the clean run summed by position bucket and by
+the training-split frequency of the token read, on the CE / KL positions.
+
 ``temporal_codes`` (`trsae.metrics.persistence`): the share of a token's active codes that were active at the
 previous token, the novel L0, and both by position, on the evaluated tokens.
 
@@ -45,8 +48,9 @@ import torch
 
 from trsae.io import write_json_atomic
 from trsae.lm import LoadedModel, load_model, logits_with_replacement, splice
-from trsae.metrics import (CleanLogits, FeatureStatsAccumulator, LogitAccumulator, PersistenceAccumulator,
-                           ReconstructionAccumulator, core_results, next_token_targets)
+from trsae.metrics import (CleanLogits, ExcessCEAccumulator, FeatureStatsAccumulator, LogitAccumulator,
+                           PersistenceAccumulator, ReconstructionAccumulator, core_results, frequency_classes,
+                           next_token_targets, token_classes)
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
 from trsae.timing import timed
@@ -158,6 +162,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     recon = {n: ReconstructionAccumulator() for n in saes}
     recon_train = {n: ReconstructionAccumulator() for n, s in saes.items() if _is_calibrated(s)}
     logit = {n: LogitAccumulator() for n in saes}
+    excess = {n: ExcessCEAccumulator() for n in saes}
     persist = {n: PersistenceAccumulator() for n in saes}
     parts = {n: torch.zeros(3, dtype=torch.float64) for n, s in saes.items() if s.predicts}  # novel, predicted, tokens
     if with_logits:
@@ -170,6 +175,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                              f"load_model({model.name!r}, dtype={store.dtype})")
         if mean_D is None:
             mean_D = train_mean(store)
+        class_of = frequency_classes(store.token_counts("train"))
     layer, scale = store.manifest["layer"], store.norm_scale
     if with_logits:
         refs = _references(model, (store.manifest["config_hash"], str(store.path), split, batch_size,
@@ -203,8 +209,11 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                                          b.mask_BT)
             if lm_pass:
                 spliced = logits_with_replacement(model, layer, b.ids_BT, splice(sae, b.mask_BT, b.pos_BT))
+                n, ce, kl, ce_N = ref.stats(spliced, name, per_position=True)
                 logit[name].add_clean(ref)
-                logit[name].add("sae", ref.stats(spliced, name))
+                logit[name].add("sae", (n, ce, kl))
+                excess[name].update(ce_N, ref.ce_clean_N, b.pos_BT.reshape(-1)[ref.rows],
+                                    token_classes(class_of, b.ids_BT.reshape(-1)[ref.rows]))
                 logit[name].add("zero", ablated["zero"])
                 logit[name].add("mean", ablated["mean"])
                 del spliced
@@ -225,6 +234,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         out[name] = core_results(r, logit[name].compute() if with_logits else None, dens[name],
                                  config=cfg, token_stats=token_stats, train_mode=train_mode)
         out[name]["temporal_codes"] = persist[name].compute()
+        if with_logits:
+            out[name]["ce_excess"] = excess[name].compute()
         if name in parts:
             n_novel, n_pred, n_tok = parts[name].tolist()
             out[name]["sparsity"].update(l0_novel=n_novel / max(n_tok, 1.0), l0_predicted=n_pred / max(n_tok, 1.0))

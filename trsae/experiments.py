@@ -190,3 +190,7 @@ LENGTH_ROWS = VERSUS_ROWS + [("versus", "train_fvu_b", "train-split FVU, TopK"),
                              ("versus", "train_fvu_a", "train-split FVU, TRSAE")]
 """`VERSUS_ROWS` with the train-split FVU that the training-length curve also reads (overfitting would show as
 a train-split FVU falling below the test split's)."""
+CE_SPLIT_ROWS = [("split", "token_share", "share of the scored positions"),
+                 ("split", "gap_share", "share of TopK's CE gap"),
+                 ("split", "ratio", "CE-gap ratio, TRSAE / TopK")]
+"""Rows of a `trsae.analysis.ce_gap_split` table, one column per position bucket or frequency class."""

@@ -364,6 +364,26 @@ class ActivationStore:
     def n_tokens(self, split: str) -> int:
         return len(self.splits[split]) * self.ctx_len
 
+    def token_counts(self, split: str) -> torch.Tensor:
+        """How often each token id occurs among the ordinary (non-special) tokens of ``split``: an int64 count
+        indexed by id, as long as the largest id seen plus one. Reads only the ids of each shard."""
+        from safetensors import safe_open
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        per = self.manifest["seqs_per_shard"]
+        seqs = self.splits[split]
+        counts = torch.zeros(1, dtype=torch.long)
+        for i in np.unique(seqs // per):
+            with safe_open(self.path / self.manifest["shards"][i]["file"], "pt") as f:
+                ids_NT = f.get_tensor("ids").long()[seqs[seqs // per == i] % per]
+            ids = ids_NT[~torch.isin(ids_NT, self._special.long())]
+            c = torch.bincount(ids)
+            if len(c) > len(counts):
+                counts = tnf.pad(counts, (0, len(c) - len(counts)))
+            counts[:len(c)] += c
+        return counts
+
     def _crop_order(self, split: str, crop_len: int, shuffle: str | None, seed: int, epoch: int,
                       buffer_shards: int, batch_size: int = 1) -> np.ndarray:
         """``[n_crops, 2]`` (sequence, start) pairs of one epoch, shuffled within groups of shards; with "crop",

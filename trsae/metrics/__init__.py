@@ -52,6 +52,7 @@ as ``null``; ``aggregate_seeds`` skips it and reports how many seeds had a value
     logits.py          next_token_targets, CleanLogits, LogitAccumulator (CE and KL)
     results.py         core_results (the SAEBench-shaped dict), aggregate_seeds (mean ± se over seeds)
     persistence.py     PersistenceAccumulator: codes shared with the previous token, novel L0, by position
+    split.py           ExcessCEAccumulator: the CE gap split by position and by token frequency
     common.py          flatten, token masks, guarded ratios
 """
 
@@ -59,11 +60,15 @@ from trsae.metrics.logits import CleanLogits, LogitAccumulator, next_token_targe
 from trsae.metrics.persistence import PersistenceAccumulator
 from trsae.metrics.reconstruction import FeatureStatsAccumulator, ReconstructionAccumulator, log10_density_histogram
 from trsae.metrics.results import aggregate_seeds, core_results
+from trsae.metrics.split import ExcessCEAccumulator, frequency_classes, token_classes
 
 __all__ = [
     "ReconstructionAccumulator",
     "FeatureStatsAccumulator",
     "PersistenceAccumulator",
+    "ExcessCEAccumulator",
+    "frequency_classes",
+    "token_classes",
     "CleanLogits",
     "LogitAccumulator",
     "log10_density_histogram",

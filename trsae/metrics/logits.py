@@ -54,30 +54,38 @@ class CleanLogits:
         keep_N = flat_mask(mask_BT, self.clean_NV.shape[0], targets_BT.shape)
         idx = torch.nonzero(keep_N, as_tuple=False).squeeze(-1).to(self.clean_NV.device)
         self.n = int(idx.numel())
+        self.rows = idx.cpu()
+        """The flat ``[B·T]`` indices of the scored positions, in the order of every per-position tensor here."""
         self.chunks = []  # (rows, targets, p_clean, lse_clean)
-        self.ce_clean = 0.0
+        ce_clean = []
         for s in range(0, self.n, chunk_rows):
             rows = idx[s:s + chunk_rows]
             t = tgt_N[rows]
             c = wide(self.clean_NV[rows])
             lse = torch.logsumexp(c, dim=-1)
-            self.ce_clean += float((lse - c.gather(-1, t[:, None]).squeeze(-1)).sum(dtype=torch.float64))
+            ce_clean.append((lse - c.gather(-1, t[:, None]).squeeze(-1)).double().cpu())
             self.chunks.append((rows, t, torch.softmax(c, dim=-1), lse))
+        self.ce_clean_N = torch.cat(ce_clean) if ce_clean else torch.zeros(0, dtype=torch.float64)
+        """The clean run's CE at each scored position (`rows`), float64."""
+        self.ce_clean = float(self.ce_clean_N.sum())
 
     @torch.no_grad()
-    def stats(self, logits_BTV: torch.Tensor, name: str = "other") -> tuple[int, float, float]:
-        """``(n positions, Σ CE, Σ KL(clean ‖ other))`` of ``logits_BTV`` over this batch's valid positions."""
+    def stats(self, logits_BTV: torch.Tensor, name: str = "other", per_position: bool = False):
+        """``(n positions, Σ CE, Σ KL(clean ‖ other))`` of ``logits_BTV`` over this batch's valid positions;
+        ``per_position`` appends the CE at each of them (float64, in the order of `rows`)."""
         if logits_BTV.shape != self.shape:
             raise ValueError(f"{name} logits {tuple(logits_BTV.shape)} differ from clean {tuple(self.shape)}")
         other_NV = logits_BTV.detach().reshape(-1, self.V)
-        ce = kl = 0.0
+        kl = 0.0
+        ces = []
         for rows, t, p_clean, lse_clean in self.chunks:
             z = wide(other_NV[rows])
             lse = torch.logsumexp(z, dim=-1)
-            ce += float((lse - z.gather(-1, t[:, None]).squeeze(-1)).sum(dtype=torch.float64))
+            ces.append((lse - z.gather(-1, t[:, None]).squeeze(-1)).double().cpu())
             diff = torch.sub(wide(self.clean_NV[rows]), z, out=z)  # c − z, in z's buffer
             kl += float((diff.mul_(p_clean).sum(-1) + (lse - lse_clean)).sum(dtype=torch.float64))
-        return self.n, ce, kl
+        ce_N = torch.cat(ces) if ces else torch.zeros(0, dtype=torch.float64)
+        return (self.n, float(ce_N.sum()), kl, ce_N) if per_position else (self.n, float(ce_N.sum()), kl)
 
 
 class LogitAccumulator:

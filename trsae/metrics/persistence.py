@@ -21,7 +21,8 @@ POSITION_BUCKETS: tuple[tuple[int, int], ...] = tuple((2 ** i, 2 ** (i + 1) - 1)
 """Inclusive ranges of t: (1, 1), (2, 3), (4, 7), …"""
 
 
-def _bucket_name(lo: int, hi: int) -> str:
+def bucket_name(lo: int, hi: int) -> str:
+    """A `POSITION_BUCKETS` range as a key: ``"1"``, ``"2-3"``."""
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
@@ -58,6 +59,6 @@ class PersistenceAccumulator:
             return {"persistence": float(kept / active) if active > 0 else None,
                     "novel_l0": float(novel / pairs) if pairs > 0 else None, "n_pairs": int(pairs)}
         out = stats(self.active.sum(), self.kept.sum(), self.novel.sum(), self.pairs.sum())
-        out["by_position"] = {_bucket_name(lo, hi): stats(self.active[j], self.kept[j], self.novel[j], self.pairs[j])
+        out["by_position"] = {bucket_name(lo, hi): stats(self.active[j], self.kept[j], self.novel[j], self.pairs[j])
                               for j, (lo, hi) in enumerate(POSITION_BUCKETS) if self.pairs[j] > 0}
         return out

@@ -19,7 +19,7 @@ from trsae.report.macros import (ABLATION, BASELINE, FROM_ONE, INTERP, LEAD_APAR
                                  mean_se_macros, overhead_macros, pm_text, results_macros, setup_macros,
                                  temporal_macros, write_macro_file, write_macros,
                                  length_macros, second_model_macros, field_macros, decoder_ablation_macros,
-                                 contrast_macros, tuning_macros)
+                                 contrast_macros, tuning_macros, ce_split_macros)
 from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, TEX_COLUMNS, format_table,  # noqa: F401
                                  lr_table, results_table, text_table, write_results, write_tables)
 from trsae.report.values import (PROBE_WORDS, ROW_WORDS, SINGLE_SEED_MARK, SINGLE_SEED_NOTE, Panel,  # noqa: F401

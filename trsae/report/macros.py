@@ -276,6 +276,25 @@ def length_macros(table: dict[int, dict], budget_seeds: dict[int, list[int]], ma
     return out
 
 
+def ce_split_macros(split: dict[str, dict[str, dict]]) -> dict:
+    """02's CE-gap split at the largest budget (`TEMPORAL`; ``split``: `trsae.analysis.ce_gap_split`):
+    ``\tmpCeSplit<First|Last><Ratio|GapShare|TokenShare>`` for the first and the last position bucket (and
+    ``...FirstBucket`` / ``...LastBucket``, their ranges), ``\tmpCeSplit<Frequent|Middle|Rare><...>`` per frequency
+    class (`mean_se_macros`; "n/a" where a ratio is undefined, e.g. TopK's excess is 0 there)."""
+    position = split["by_position"]
+    first, last = list(position)[0], list(position)[-1]
+    out = _prefixed(TEMPORAL, {"CeSplitFirstBucket": first.replace("-", "--"),
+                               "CeSplitLastBucket": last.replace("-", "--")})
+    for which, leaves in (("first", position[first]), ("last", position[last]), *split["by_frequency"].items()):
+        for key, leaf in leaves.items():
+            name = macro_name(TEMPORAL.prefix, "ce split", which, key)
+            if isinstance(leaf.get("mean"), (int, float)) and math.isfinite(leaf["mean"]):
+                out.update(mean_se_macros(name, leaf))
+            else:
+                out.update({name: "n/a", name + "Pm": "n/a"})
+    return out
+
+
 def second_model_macros(res: dict, store, first: dict, concentration: dict[str, dict]) -> dict:
     """02's second model (`TEMPORAL`): its name and layer, the versus rows (`trsae.analysis.versus`) of the TRSAE
     against its twin there, for each model whether each ratio's distance from 1 exceeds two standard errors (a

@@ -231,3 +231,4 @@ def write_tables(rows: list[dict[str, Any]], stem: str | os.PathLike) -> dict[st
     return {"md": atomic_write_text(stem.with_suffix(".md"), format_table(rows, style="md")),
             "tex": atomic_write_text(stem.with_suffix(".tex"), format_table(rows, style="tex")),
             "csv": atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())}
+
