@@ -1,6 +1,7 @@
 """The field's temporal SAEs (T-SAE, TFA) and the TRSAE's selective temporal decoder: each against its defining
 property, a naive reference or a closed form."""
 
+import json
 import math
 
 import pytest
@@ -303,8 +304,10 @@ def test_predicting_saes_are_not_exported_as_per_token_saes(tmp_path):
     for encoder in ("tfa", "trsae"):
         kw = {"pred_k": 2} if encoder == "trsae" else {}
         with pytest.raises(InterchangeError, match="predicts part of its code"):
-            export_saelens(make_sae(SAEConfig.build(D, F, "topk", encoder, k=8, **kw)), tmp_path / encoder)
-    export_saelens(make_sae(SAEConfig.build(D, F, "topk", "tsae", k=8)), tmp_path / "tsae")  # per-token at inference
+            export_saelens(make_sae(SAEConfig.build(D, F, "topk", encoder, k=8, **kw)), tmp_path / encoder,
+                           per_token=True)
+    cfg = export_saelens(make_sae(SAEConfig.build(D, F, "topk", "tsae", k=8)), tmp_path / "tsae") / "cfg.json"
+    assert json.loads(cfg.read_text())["architecture"] == "topk"  # per-token at inference
 
 
 def test_trsae_prediction_gradients_match_dense_autograd():

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from trsae.interchange import TRSAE_NOTE, InterchangeError, export_saelens, import_saelens
+from trsae.interchange import TEMPORAL_ARCHITECTURE, TRSAE_NOTE, InterchangeError, export_saelens, import_saelens
 from trsae.saes import SAEConfig, make_sae
 
 if os.environ.get("CI"):  # CI installs the extra: a missing package there is a failure, not a skip
@@ -55,9 +55,38 @@ def test_export_loads_in_saelens_with_identical_codes_and_reconstructions(arch, 
     torch.testing.assert_close(back.encode(x), codes_ours, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("encoder, kw", [("trsae", {"window": 4}), ("trsae", {"window": 4, "pred_k": 2}),
+                                         ("tfa", {})])
+def test_a_temporal_sae_loads_in_saelens_and_encodes_sequences_as_here(encoder, kw, tmp_path):
+    import trsae.saelens  # noqa: F401  (registers the architecture with SAELens)
+
+    ours = _trained_like(SAEConfig.build(D, F, "topk", encoder, k=K, input_scale=SCALE, **kw))
+    cfg = json.loads((export_saelens(ours, tmp_path / "sae", hook_name="layer 1") / "cfg.json").read_text())
+    assert cfg["architecture"] == TEMPORAL_ARCHITECTURE and cfg["metadata"]["hook_name"] == "layer 1"
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
+    x = _x()
+    pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    with torch.no_grad():
+        codes_ours = ours.encode(x * SCALE, pos_BT=pos, mask_BT=pos > 0)  # position 0 is BOS, as in a store
+        codes_theirs = theirs.encode(x)
+        torch.testing.assert_close(codes_theirs, codes_ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(codes_theirs), ours.decode(codes_ours) / SCALE, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(x), ours.decode(codes_ours) / SCALE, rtol=1e-5, atol=1e-5)
+        # the codes read the context: another earlier token changes a later token's code
+        x2 = x.clone()
+        x2[:, 3] += 1.0
+        assert not torch.allclose(theirs.encode(x2)[:, 6], codes_theirs[:, 6])
+        assert torch.equal(theirs.encode(x2)[:, :3], codes_theirs[:, :3])  # causal: earlier codes stay
+    with pytest.raises(ValueError, match=r"\[batch, seq, d_in\]"):
+        theirs.encode(x[0])
+    back = import_saelens(tmp_path / "sae")
+    assert back.cfg == ours.cfg
+    torch.testing.assert_close(back.encode(x * SCALE, pos_BT=pos, mask_BT=pos > 0), codes_ours)
+
+
 def test_trsae_exports_its_per_token_dictionary_with_a_note(tmp_path):
     tr = _trained_like(SAEConfig.build(D, F, "topk", "trsae", k=K, window=4, input_scale=SCALE))
-    export_saelens(tr, tmp_path / "sae")
+    export_saelens(tr, tmp_path / "sae", per_token=True)
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["metadata"]["trsae_note"] == TRSAE_NOTE
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")

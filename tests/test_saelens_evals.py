@@ -148,6 +148,8 @@ def saelens_metrics(sae_dir, tl, batches: list[torch.Tensor], special_ids, hook:
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
 
+    import trsae.saelens  # noqa: F401  (the TRSAE's architecture, registered with SAELens)
+
     sae = SAE.load_from_disk(str(sae_dir), device="cpu")
     assert sae.cfg.metadata.hook_name == hook, "the export's hook_name did not reach SAELens (alignment 8)"
     n, bs = len(batches), batches[0].shape[0]
@@ -261,9 +263,10 @@ def tiny_saes(sharp_store, tmp_path_factory):
     tcfg = TrainConfig(tokens=16 * 8 * 30, batch_size=8, crop_len=16, lr=1e-3, seed=0, checkpoint_every=1000,
                        log_every=10, dead_window_frac=0.2)
     root = tmp_path_factory.mktemp("runs")
-    return {arch: train_sae(SAEConfig.build(sharp_store.d_model, 96, arch, k=4), tcfg, sharp_store, root / arch,
-                            progress=False).eval()
-            for arch in ("topk", "jumprelu")}
+    specs = {"topk": SAEConfig.build(sharp_store.d_model, 96, "topk", k=4),
+             "jumprelu": SAEConfig.build(sharp_store.d_model, 96, "jumprelu", k=4),
+             "trsae": SAEConfig.build(sharp_store.d_model, 96, "topk", "trsae", k=4, window=4)}
+    return {name: train_sae(cfg, tcfg, sharp_store, root / name, progress=False).eval() for name, cfg in specs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +285,7 @@ def test_hooked_transformer_is_the_tiny_model(sharp_model, sharp_store, tiny_tl)
     torch.testing.assert_close(cache[hook_name(1)], layer_acts(sharp_model, 1, ids), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "trsae"])
 def test_metrics_agree_with_saelens_run_evals(rows, tiny_saes, arch):
     table = rows[arch]
     print("\n" + format_table(f"{arch} on tiny-gpt2 layer 1 ({SPLIT}, {MAX_SEQS} sequences)", table))

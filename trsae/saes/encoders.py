@@ -80,6 +80,10 @@ class TokenEncoder(nn.Module):
     """True for an encoder (or its loss) that reads other tokens than the one it encodes: only such an encoder
     is given a training crop's left margin (`trsae.config.TrainConfig.context`)."""
 
+    encodes_context = False
+    """True for an encoder whose codes at inference depend on other tokens (not T-SAE's, whose contrastive loss
+    reads pairs in training only): a per-token tool cannot run it (`trsae.interchange.export_saelens`)."""
+
     @classmethod
     def flops(cls, cfg: Any, mode: str, dense: bool, ctx_len: int | None = None,
               n_tokens: int | None = None) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:

@@ -90,6 +90,7 @@ class TFAEncoder(TokenEncoder):
     cfg: TFAEncoderConfig
     predicts = True
     reads_context = True
+    encodes_context = True
 
     def __init__(self, cfg: TFAEncoderConfig, d_in: int, width: int, W_dec_FD: Tensor, gen: torch.Generator):
         super().__init__(cfg, d_in, width, W_dec_FD, gen)

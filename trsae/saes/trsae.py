@@ -147,6 +147,7 @@ class TRSAEEncoder(TokenEncoder):
     runs along T, positions come from `pos_BT` (default arange)."""
 
     reads_context = True
+    encodes_context = True
 
     cfg: TRSAEEncoderConfig
     _CONTEXT = ("P", "W_qkv", "W_o", "U", "gate_logit", "G", "V_pred", "b_pred")
