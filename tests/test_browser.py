@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from trsae.dashboard import build
-from trsae.dashboard.shots import PAPER_PANELS
+from trsae.dashboard.shots import PAPER_MIN_FONT_PX, PAPER_PANELS
+from trsae.paper import figure_font_problems
 from trsae.dashboard.shots import PAPER_WIDTH as PAPER_VIEWPORT
 from trsae.dashboard.shots import chromium
 from trsae.saes import SAE, SAEConfig
@@ -163,11 +164,23 @@ def test_screenshots_of_the_showcased_features(browser, site, tmp_path):
     assert pngs[0].read_bytes() != pngs[1].read_bytes()  # two different features were drawn
     # the paper's figure: only the panels its caption names, from a narrower page, so that its text prints readably
     crop = screenshot([(site.page("trsae-topk", picks["context"]), str(picks["context"]), tmp_path / "crop.png")],
-                      width=PAPER_VIEWPORT, browser=browser, elements=PAPER_PANELS)[0]
+                      width=PAPER_VIEWPORT, browser=browser, elements=PAPER_PANELS,
+                      min_font_px=PAPER_MIN_FONT_PX)[0]
     head = crop.read_bytes()[:24]
     w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     full_h = int.from_bytes(pngs[0].read_bytes()[20:24], "big")
     assert w <= PAPER_VIEWPORT and h < full_h  # the two panels, not the page
+    # it records its smallest text (CSS px at 96 to the inch, as points) and a dpi that gives the page's size
+    from PIL import Image
+
+    from trsae.report.figures import FONT_KEY
+    with Image.open(crop) as im:
+        font_pt, dpi = float(im.info[FONT_KEY]), im.info["dpi"]
+    assert dpi == pytest.approx((96, 96), abs=0.1) and font_pt == pytest.approx(PAPER_MIN_FONT_PX * 0.75)
+    # placed at the text width (as the paper does), its smallest text prints above the floor
+    (tmp_path / "paper").mkdir()
+    (tmp_path / "paper" / "paper.tex").write_text(f"\\includegraphics[width=\\linewidth]{{{crop}}}\n")
+    assert not figure_font_problems(tmp_path / "paper" / "paper.tex")
     with pytest.raises(ValueError, match="no element"):
         screenshot([(site.page("topk", 0), "0", tmp_path / "none.png")], browser=browser, elements=PAPER_PANELS)
 

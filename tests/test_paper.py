@@ -212,6 +212,47 @@ def test_paper_builds_from_the_notebooks_outputs(tmp_path):
     assert pdf.stat().st_size > 10_000
     wide = P.overfull_boxes(pdf.with_suffix(".log").read_text(errors="replace"))
     assert not wide, f"boxes past the text block by more than {P.OVERFULL_LIMIT_PT} pt:\n" + "\n".join(wide)
+    small = P.figure_font_problems(pdf.with_suffix(".tex"))
+    assert not small, "figures whose text prints too small:\n" + "\n".join(small)
+
+
+def test_figure_fonts_are_read_at_the_size_the_paper_prints_them(tmp_path):
+    from matplotlib.figure import Figure
+
+    from trsae.report.figures import FONT_KEY, min_font_pt, save_figure
+
+    fig = Figure(figsize=(5.0, 2.0))
+    ax = fig.subplots()
+    ax.tick_params(labelsize=9)
+    ax.set_title("title", fontsize=12)
+    fig.text(0.5, 0.5, "note", fontsize=8)
+    assert min_font_pt(fig) == 8
+    (tmp_path / "figures").mkdir()
+    png = save_figure(fig, tmp_path / "figures" / "f.png", dpi=100)
+    from PIL import Image
+    with Image.open(png) as im:
+        natural_in = im.width / im.info["dpi"][0]
+        assert im.info[FONT_KEY] == "8.00"
+    _png_file = tmp_path / "figures" / "bare.png"
+    _png_file.write_bytes(_png())
+    (tmp_path / "paper").mkdir()
+    tex = tmp_path / "paper" / "paper.tex"
+    tex.write_text("\\includegraphics{../figures/f.png}\n"
+                   "\\includegraphics[width=0.5\\linewidth]{../figures/f}\n"
+                   "\\includegraphics[width=\\linewidth,height=0.1\\textheight,keepaspectratio]{../figures/f.png}\n"
+                   "% \\includegraphics{../figures/commented.png}\n"
+                   "\\includegraphics[width=2in]{../figures/bare.png}\n")
+    got = P.figure_fonts(tex)
+    assert [Path(p).name for p, _ in got] == ["f.png", "f.png", "f.png", "bare.png"]
+    assert got[0][1] == pytest.approx(8.0)  # its own size
+    assert got[1][1] == pytest.approx(8.0 * 0.5 * 6.5 / natural_in, rel=1e-3)
+    with Image.open(png) as im:
+        height_in = im.height / im.info["dpi"][1]
+    assert got[2][1] == pytest.approx(8.0 * min(6.5 / natural_in, 0.9 / height_in), rel=1e-3)
+    assert got[3][1] is None
+    problems = P.figure_font_problems(tex)
+    assert len(problems) == 3 and "bare.png: records no font" in problems[-1]  # placements 2 and 3 print too small
+    assert all("below 6 pt" in p for p in problems[:2])
 
 
 def test_overfull_boxes_past_the_limit_are_found():

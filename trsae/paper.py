@@ -286,6 +286,66 @@ def stage(figures_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return out / "paper" / "paper.tex"
 
 
+TEXT_HEIGHT_IN = 9.0
+"""``\\textheight`` of the paper's letter page with 1in margins (its width is `trsae.report.figures.TEXT_WIDTH_IN`)."""
+_LENGTH = re.compile(r"^\s*([0-9.]*)\s*(\\linewidth|\\textwidth|\\columnwidth|\\textheight|in|cm|mm|pt|bp)\s*$")
+
+
+def _inches(value: str) -> float:
+    from trsae.report.figures import TEXT_WIDTH_IN
+
+    m = _LENGTH.match(value)
+    if m is None:
+        raise ValueError(f"cannot read the length {value!r} of an \\includegraphics option")
+    factor = float(m.group(1) or 1.0)
+    unit = {"\\linewidth": TEXT_WIDTH_IN, "\\textwidth": TEXT_WIDTH_IN, "\\columnwidth": TEXT_WIDTH_IN,
+            "\\textheight": TEXT_HEIGHT_IN, "in": 1.0, "cm": 1 / 2.54, "mm": 1 / 25.4, "pt": 1 / 72.27,
+            "bp": 1 / 72}[m.group(2)]
+    return factor * unit
+
+
+def figure_fonts(tex: str | os.PathLike) -> list[tuple[str, float | None]]:
+    """``(file, smallest font in points as printed)`` of every PNG the paper includes (those present): the font
+    the figure recorded (`trsae.report.figures.FONT_KEY`) times the scale LaTeX applies, from the PNG's size at
+    its own dpi (72 when it names none, as pdfTeX reads it) and the ``width`` / ``height`` options
+    (``keepaspectratio``: the smaller scale). None for a PNG that recorded no font."""
+    from PIL import Image
+
+    from trsae.report.figures import FONT_KEY
+
+    tex = Path(tex)
+    out = []
+    for m in re.finditer(r"\\includegraphics(?:\[([^\]]*)\])?\{([^}]*)\}", strip_comments(_read(tex))):
+        path = _resolve_path(tex.parent, "includegraphics", m.group(2).strip())
+        if path.suffix.lower() != ".png" or not path.exists():
+            continue
+        with Image.open(path) as im:
+            font = im.info.get(FONT_KEY)
+            dpi = im.info.get("dpi", (72, 72))
+            w_in, h_in = im.width / float(dpi[0]), im.height / float(dpi[1])
+        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in (x.strip() for x in (m.group(1) or "").split(","))
+                    if o)
+        scales = [_inches(opts[k]) / n for k, n in (("width", w_in), ("height", h_in)) if k in opts]
+        scale = (min(scales) if "keepaspectratio" in opts else scales[0]) if scales else 1.0
+        out.append((os.path.normpath(path), None if font is None else float(font) * scale))
+    return out
+
+
+def figure_font_problems(tex: str | os.PathLike, min_pt: float | None = None) -> list[str]:
+    """Figures whose smallest text prints below ``min_pt`` (default `trsae.report.figures.MIN_FONT_PT`) or that
+    recorded no font (`figure_fonts`)."""
+    from trsae.report.figures import MIN_FONT_PT
+
+    min_pt = MIN_FONT_PT if min_pt is None else min_pt
+    out = []
+    for path, pt in figure_fonts(tex):
+        if pt is None:
+            out.append(f"{path}: records no font size (save it with trsae.report.save_figure)")
+        elif pt < min_pt - 1e-6:
+            out.append(f"{path}: its smallest text prints at {pt:.1f} pt, below {min_pt:g} pt")
+    return out
+
+
 OVERFULL_LIMIT_PT = 5.0
 """The widest overfull box a built paper may have (points past the text width): beyond it a table or a line runs
 visibly into the margin."""

@@ -25,13 +25,13 @@ from typing import Any, Sequence
 
 from trsae.dashboard.collect import collect
 from trsae.dashboard.data import Settings, Tokens, buckets, pair_up, summarise
-from trsae.dashboard.shots import PAPER_PANELS, PAPER_WIDTH, screenshot
+from trsae.dashboard.shots import PAPER_MIN_FONT_PX, PAPER_PANELS, PAPER_WIDTH, screenshot
 from trsae.dashboard.site import safe_name, write_common, write_sae
 from trsae.saes import SAE, load_sae
 from trsae.store import ActivationStore
 from trsae.timing import timed
 
-__all__ = ["PAPER_PANELS", "PAPER_WIDTH", "Settings", "Site", "build", "load_labels", "open_sae", "screenshot", "showcase"]
+__all__ = ["PAPER_MIN_FONT_PX", "PAPER_PANELS", "PAPER_WIDTH", "Settings", "Site", "build", "load_labels", "open_sae", "screenshot", "showcase"]
 
 
 @dataclass

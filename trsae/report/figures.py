@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
 
 from trsae.io import atomic_write_bytes
@@ -29,6 +30,29 @@ PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 HIGHLIGHT = PALETTE[3]
 """The one colour that marks something out (the top token of a context)."""
 DPI = 150
+TEXT_WIDTH_IN = 6.5
+"""The paper's text width in inches (``\\linewidth`` of an 11pt article with 1in margins). Every figure is drawn at
+the size the paper prints it (the paper places PNGs at their own size), so its fonts print at the sizes below."""
+HALF_WIDTH_IN = 3.2
+"""A figure set beside another on one line of the paper."""
+PANEL_WIDTH_IN = 2.15
+"""One panel of a row of panels (three fill the text width)."""
+MIN_FONT_PT = 6.0
+"""The smallest text a figure may print, in points at the size the paper places it."""
+PT = {"tick": 6.5, "label": 7.5, "legend": 6.5, "title": 8.0, "value": 6.5}
+"""Font sizes (points as printed) of the figures' text; none below `MIN_FONT_PT`."""
+
+
+def _style(ax, xlabel: str | None = None, ylabel: str | None = None, title: str | None = None) -> None:
+    """Print sizes (`PT`) for an axis's ticks, labels and title."""
+    ax.tick_params(labelsize=PT["tick"], which="both")
+    if xlabel is not None:
+        ax.set_xlabel(xlabel, fontsize=PT["label"])
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=PT["label"])
+    if title:
+        ax.set_title(title, fontsize=PT["title"])
+
 
 RECONSTRUCTION_PANELS: list[Panel] = [
     ("reconstruction_quality", "explained_variance", "Explained variance"),
@@ -48,18 +72,39 @@ def color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+FONT_KEY = "trsae-min-font-pt"
+"""The PNG text chunk holding the smallest font of a figure, in points as drawn: with the PNG's physical width
+(its pixels over its dpi) `trsae.paper.figure_fonts` knows the size every figure's text prints at."""
+
+
+def min_font_pt(fig: Figure) -> float:
+    """The smallest font size (points) of any visible, non-empty text of ``fig`` once drawn (tick labels
+    included)."""
+    FigureCanvasAgg(fig).draw()
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    if not sizes:
+        raise ValueError("the figure holds no text")
+    return float(min(sizes))
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
-    """Save ``fig`` atomically in the format of ``path``'s suffix (PNG without one); returns the path."""
+    """Save ``fig`` atomically in the format of ``path``'s suffix (PNG without one), a PNG with its smallest
+    font under `FONT_KEY`; returns the path."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     buf = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    meta = {FONT_KEY: f"{min_font_pt(fig):.2f}"} if fmt == "png" else None
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", metadata=meta)
     return atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------
 # comparison figures (named bar_figure for the notebooks that call it: points with error bars, not bars)
+
+
+BAR_VALUES_UP_TO = 6
+"""A comparison figure prints each point's value beside it for up to this many SAEs (more would overlap at print
+size; the tables hold every value)."""
 
 
 def make_bar_figure(
@@ -69,7 +114,8 @@ def make_bar_figure(
     skip_empty: bool = False,
 ) -> Figure:
     """One subplot per metric, one point per SAE (in ``results`` order, its `PALETTE` colour) with ±se error bars
-    and its value (`format_mean_se`'s mean: rounded to its se; ``†`` for a single seed).
+    and, for up to `BAR_VALUES_UP_TO` SAEs, its value (`format_mean_se`'s mean: rounded to its se; ``†`` for a single
+    seed); `PANEL_WIDTH_IN` per panel, at most the text width.
 
     The value axis is zoomed to the points and their error bars, not drawn from zero, so that explained variances
     of 0.867 and 0.873 look as different as their error bars allow. An SAE without a value for a panel gets no
@@ -84,9 +130,10 @@ def make_bar_figure(
         panels = [p for p in panels if any(metric_value(results[n], p[0], p[1]) for n in names)]
     if not panels:
         raise ValueError("no panel has a value for any SAE")
-    fig = Figure(figsize=(max(3.2, 0.6 * len(names) + 1.6) * len(panels), 3.6), layout="constrained")
+    fig = Figure(figsize=(min(TEXT_WIDTH_IN, PANEL_WIDTH_IN * len(panels)), 2.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    annotate = len(names) <= BAR_VALUES_UP_TO
     for ax, (section, key, label) in zip(axes, panels):
         xs = []
         for i, name in enumerate(names):
@@ -95,21 +142,22 @@ def make_bar_figure(
                 continue
             xs.append(i)
             mean, se = mv
-            ax.errorbar([i], [mean], yerr=[se], fmt="o", color=color(i), ecolor=color(i), capsize=4, markersize=6)
-            n = metric_n(results[name], section, key)
-            text = format_mean_se(mean, se, n, mean_only=True) + ("†" if n == 1 else "")
-            ax.annotate(text, (i, mean), xytext=(7, 0), textcoords="offset points", ha="left", va="center",
-                        fontsize=7)
+            ax.errorbar([i], [mean], yerr=[se], fmt="o", color=color(i), ecolor=color(i), capsize=3, markersize=4)
+            if annotate:
+                n = metric_n(results[name], section, key)
+                text = format_mean_se(mean, se, n, mean_only=True) + ("†" if n == 1 else "")
+                ax.annotate(text, (i, mean), xytext=(5, 0), textcoords="offset points", ha="left", va="center",
+                            fontsize=PT["value"])
         ax.margins(y=0.2)
         ax.set_xticks(range(len(names)))
+        many = len(names) > 3
         ax.set_xticklabels([n if i in xs else f"{n}\n(n/a)" for i, n in enumerate(names)],
-                           rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
-                           fontsize=8)
-        ax.set_xlim(-0.6, len(names) - 0.1)  # room for the last value label
-        ax.set_title(label, fontsize=10)
+                           rotation=90 if many else 0, ha="center")
+        ax.set_xlim(-0.6, len(names) - (0.1 if annotate else 0.4))  # room for the last value label
+        _style(ax, title=label)
         ax.grid(axis="y", alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=PT["title"])
     return fig
 
 
@@ -166,8 +214,8 @@ def make_frontier_figure(
     fits: dict[str, Iterable[tuple[float, float]]] | None = None,
 ) -> Figure:
     """Metric against L0 (log x), one line per architecture; points ``(l0, value, se)`` sorted by L0. ``fits``:
-    a fitted curve ``(x, y)`` per name of ``points``, drawn dashed in that name's colour."""
-    fig = Figure(figsize=(5.0, 3.8), layout="constrained")
+    a fitted curve ``(x, y)`` per name of ``points``, drawn dashed in that name's colour. `HALF_WIDTH_IN` wide."""
+    fig = Figure(figsize=(HALF_WIDTH_IN, 2.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     n_lines = 0
@@ -178,7 +226,8 @@ def make_frontier_figure(
         if any(p[0] <= 0 for p in pts):
             raise ValueError(f"{name}: L0 must be positive on a log axis")
         l0s, vals, ses = zip(*pts)
-        ax.errorbar(l0s, vals, yerr=ses, label=name, color=color(i), marker="o", markersize=4, capsize=3)
+        ax.errorbar(l0s, vals, yerr=ses, label=name, color=color(i), marker="o", markersize=3, capsize=2,
+                    linewidth=1)
         if fits and name in fits:
             xs, ys = zip(*sorted(fits[name]))
             ax.plot(xs, ys, color=color(i), linestyle="--", linewidth=1, label=f"{name}, fit")
@@ -186,12 +235,9 @@ def make_frontier_figure(
     if n_lines == 0:
         raise ValueError("no points to plot")
     ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    _style(ax, xlabel, ylabel, title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=PT["legend"])
     return fig
 
 
@@ -211,11 +257,7 @@ def frontier_figure(
 # notebook 04
 
 
-TEXT_WIDTH_IN = 6.5
-"""The paper's text width in inches (``\\linewidth`` of an 11pt article with 1in margins): figures placed at full width
-are drawn at this size, so their fonts print at the point sizes they are set in."""
-MIN_FONT_PT = 6.0
-"""The smallest text a figure may print, in points at the size the paper places it."""
+
 
 
 def top_contexts_figure(contexts: list[dict], path: str | os.PathLike, labels: dict[int, str] | None = None,
@@ -270,22 +312,22 @@ def top_contexts_figure(contexts: list[dict], path: str | os.PathLike, labels: d
 
 def probing_figure(results: dict[str, dict], labels: Sequence[str], ks: Sequence[int],
                    path: str | os.PathLike) -> Path:
-    """Probe test accuracy against k (log axis), one panel per label, one line per source."""
-    fig = Figure(figsize=(3.2 * len(labels), 3.0))
+    """Probe test accuracy against k (log axis), one panel per label (up to four a row, the text width), one line
+    per source."""
+    cols = min(4, len(labels))
+    rows = -(-len(labels) // cols)
+    fig = Figure(figsize=(TEXT_WIDTH_IN, 1.8 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     for i, label in enumerate(labels):
-        ax = fig.add_subplot(1, len(labels), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         for j, (name, res) in enumerate(results.items()):
             ys = [(metric_value(res, "probing", f"{label}_k{k}") or (float("nan"),))[0] for k in ks]
-            ax.plot(ks, ys, marker="o", label=name, color=color(j))
+            ax.plot(ks, ys, marker="o", markersize=3, linewidth=1, label=name, color=color(j))
         ax.set_xscale("log")
-        ax.set_title(PROBE_WORDS.get(label, label), fontsize=9)
-        ax.set_xlabel("k latents")
-        if i == 0:
-            ax.set_ylabel("test accuracy")
-    fig.axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=130)
+        _style(ax, "k latents" if i >= len(labels) - cols else None, "test accuracy" if i % cols == 0 else None,
+               PROBE_WORDS.get(label, label))
+    fig.axes[0].legend(fontsize=PT["legend"])
+    return save_figure(fig, path, dpi=200)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +352,7 @@ def overhead_figure(rows: list[dict[str, Any]], centre: tuple[int, int, int], pa
     quantities = [("train_s", "flops_train", "train step (s)"), ("encode_s", "flops_encode", "encode (s)")]
     if have_mem:
         quantities.append(("peak_train_mib", None, "peak train memory (MiB)"))
-    fig = Figure(figsize=(12, 3.2 * len(quantities)), layout="constrained")
+    fig = Figure(figsize=(TEXT_WIDTH_IN, 1.9 * len(quantities)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(quantities), 3, squeeze=False)
     axes_spec = [("width_mult", "F / d", {"ctx_len": T0}),
@@ -331,7 +373,7 @@ def overhead_figure(rows: list[dict[str, Any]], centre: tuple[int, int, int], pa
                     ax.axhline(pts[0][1][qkey], color=color(c), lw=1, alpha=0.7, label=arch)
                     continue
                 xs, ys = [x for x, _ in pts], [r[qkey] for _, r in pts]
-                ax.plot(xs, ys, "o-", color=color(c), label=arch, ms=4)
+                ax.plot(xs, ys, "o-", color=color(c), label=arch, ms=3, lw=1)
                 if fkey and centre_row is not None:
                     scale = centre_row[qkey] / (centre_row[fkey] * centre_row["tokens"])
                     ax.plot(xs, [r[fkey] * r["tokens"] * scale for _, r in pts], "--", color=color(c), lw=1,
@@ -342,11 +384,11 @@ def overhead_figure(rows: list[dict[str, Any]], centre: tuple[int, int, int], pa
             ax.yaxis.set_major_formatter(plain)
             lo, hi = ax.get_ylim()  # label minor ticks only where no decade tick is in view
             ax.yaxis.set_minor_formatter(plain if hi / lo < 20 else FuncFormatter(lambda v, _: ""))
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(qlabel)
+            _style(ax, xlabel if i == len(quantities) - 1 else None, qlabel if j == 0 else None)
             ax.grid(alpha=0.3, which="both")
             if i == 0 and j == 0:
-                ax.legend(fontsize=7, title="solid: measured\ndashed: ∝ FLOPs", title_fontsize=7)
+                ax.legend(fontsize=PT["legend"], title="solid: measured\ndashed: ∝ FLOPs",
+                          title_fontsize=PT["legend"])
     fig.suptitle(f"Overhead (d={rows[0]['width'] // rows[0]['width_mult']}, B={rows[0]['batch']}; "
-                 f"sweeps through F={F0}d, w={w0}, T={T0})", fontsize=10)
-    return save_figure(fig, path, dpi=110)
+                 f"sweeps through F={F0}d, w={w0}, T={T0})", fontsize=PT["title"])
+    return save_figure(fig, path, dpi=200)
