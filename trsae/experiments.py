@@ -189,7 +189,7 @@ VERSUS_ROWS = [("versus", "fvu_b", "FVU, TopK"), ("versus", "fvu_a", "FVU, TRSAE
 LENGTH_ROWS = VERSUS_ROWS + [("versus", "train_fvu_b", "train-split FVU, TopK"),
                              ("versus", "train_fvu_a", "train-split FVU, TRSAE")]
 """`VERSUS_ROWS` with the train-split FVU that the training-length curve also reads (overfitting would show as
-a train-split FVU falling below the test split's)."""
+the train-split FVU falling further below the test split's past one epoch than under it)."""
 CE_SPLIT_ROWS = [("split", "token_share", "share of the scored positions"),
                  ("split", "gap_share", "share of TopK's CE gap"),
                  ("split", "ratio", "CE-gap ratio, TRSAE / TopK")]

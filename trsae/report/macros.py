@@ -278,8 +278,8 @@ def length_macros(table: dict[int, dict], budget_seeds: dict[int, list[int]], ma
 
 def ce_split_macros(split: dict[str, dict[str, dict]]) -> dict:
     """02's CE-gap split at the largest budget (`TEMPORAL`; ``split``: `trsae.analysis.ce_gap_split`):
-    ``\tmpCeSplit<First|Last><Ratio|GapShare|TokenShare>`` for the first and the last position bucket (and
-    ``...FirstBucket`` / ``...LastBucket``, their ranges), ``\tmpCeSplit<Frequent|Middle|Rare><...>`` per frequency
+    ``\\tmpCeSplit<First|Last><Ratio|GapShare|TokenShare>`` for the first and the last position bucket (and
+    ``...FirstBucket`` / ``...LastBucket``, their ranges), ``\\tmpCeSplit<Frequent|Middle|Rare><...>`` per frequency
     class (`mean_se_macros`; "n/a" where a ratio is undefined, e.g. TopK's excess is 0 there)."""
     position = split["by_position"]
     first, last = list(position)[0], list(position)[-1]
