@@ -16,10 +16,10 @@ An SAE whose encoder reads earlier tokens at inference (a TRSAE, the TRSAE with 
 TFA) exports whole, as SAELens architecture `TEMPORAL_ARCHITECTURE`: ``cfg.json`` holds the project's SAE config
 under ``trsae`` and the weights are the project's own; ``import trsae.saelens`` registers the class that SAELens then
 loads it as (`trsae.saelens.TemporalTRSAE`, which encodes ``[batch, seq, d]`` activations with the project's code).
-SAELens's own ``TemporalSAE`` (its inference class for TFA as Lubana et al. publish it) cannot hold this project's
-TFA: it has no fields for TFA's position-free query/key split ``W_qk``, the value width ``d_v`` below F, the output
-bias ``b_o`` or a separate encoder ``W_enc`` with ``b_enc`` beside a tied decoder, and it scales inputs by 1/(4 d)
-before a ReLU encoder that TFA here does not have.
+SAELens's own ``TemporalSAE`` (sae-lens 6.54.12, its inference class for TFA as Lubana et al. publish it) cannot
+compute this project's TFA exactly: it has no encoder bias ``b_enc`` (its codes, for the attention's input and for
+the novel part, are ``ReLU(x W_enc / (4 d))``), and its value and output maps are full ``F x F`` per head, where
+this TFA's values are low rank (``W_v [F, d_v]``, ``W_o [d_v, F]``, `trsae.saes.tfa`) over its own head split.
 
 ``per_token=True`` exports a TRSAE's per-token dictionary only (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``) as a
 TopK SAE that any SAELens install loads: a per-token tool cannot use its position embeddings or its context term,
