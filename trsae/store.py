@@ -299,6 +299,7 @@ class ActivationStore:
         self.verify = verify
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_shards
+        self._token_counts: dict[str, torch.Tensor] = {}
         m = self.manifest
         self.d_model, self.ctx_len = m["d_model"], m["ctx_len"]
         self.norm_scale = m["norm_scale"]
@@ -366,23 +367,22 @@ class ActivationStore:
 
     def token_counts(self, split: str) -> torch.Tensor:
         """How often each token id occurs among the ordinary (non-special) tokens of ``split``: an int64 count
-        indexed by id, as long as the largest id seen plus one. Reads only the ids of each shard."""
+        indexed by id, as long as the largest id seen plus one. Reads only the ids of each shard, once per store
+        object (every evaluation asks for the train split's)."""
         from safetensors import safe_open
 
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        per = self.manifest["seqs_per_shard"]
-        seqs = self.splits[split]
-        counts = torch.zeros(1, dtype=torch.long)
-        for i in np.unique(seqs // per):
-            with safe_open(self.path / self.manifest["shards"][i]["file"], "pt") as f:
-                ids_NT = f.get_tensor("ids").long()[seqs[seqs // per == i] % per]
-            ids = ids_NT[~torch.isin(ids_NT, self._special.long())]
-            c = torch.bincount(ids)
-            if len(c) > len(counts):
-                counts = tnf.pad(counts, (0, len(c) - len(counts)))
-            counts[:len(c)] += c
-        return counts
+        if split not in self._token_counts:
+            per = self.manifest["seqs_per_shard"]
+            seqs = self.splits[split]
+            ids = []
+            for i in np.unique(seqs // per):
+                with safe_open(self.path / self.manifest["shards"][i]["file"], "pt") as f:
+                    ids_NT = f.get_tensor("ids").long()[seqs[seqs // per == i] % per]
+                ids.append(ids_NT[~torch.isin(ids_NT, self._special.long())])
+            self._token_counts[split] = torch.bincount(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long))
+        return self._token_counts[split]
 
     def _crop_order(self, split: str, crop_len: int, shuffle: str | None, seed: int, epoch: int,
                       buffer_shards: int, batch_size: int = 1) -> np.ndarray:
