@@ -95,6 +95,38 @@ def test_a_small_tuning_chooses_from_its_own_val_runs(tiny_store, tmp_path):
     assert "| TopK |" in table and "**" in table and f"{result['relu_l1_coeff']:.4g}" in table
 
 
+def _result(families: dict[str, float], jump_weight: float | None = None, relu: bool = False) -> dict:
+    """A tuning result as `Tuner.tune` returns it: per family a grid of two rates whose FVU is ``base + lr``."""
+    trials = {n: [{"lr": lr, "fvu": base + lr, "l0": 32.0, "dead_frac": 0.01} for lr in (1e-3, 2e-3)]
+              for n, base in families.items()}
+    out = {"lrs": {n: 1e-3 for n in families}, "trials": trials, "l1_trials": []}
+    if relu:
+        out["l1_trials"] = [{"stage": "at the base rate", "lr": 1e-3, "l1_coeff": 0.003, "l0": 31.0, "fvu": 0.7}]
+        out["relu_l1_coeff"] = 0.003
+    if jump_weight is not None:
+        out["penalty_trials"] = [{"stage": "at the base rate", "lr": 1e-3, "l0_coeff": jump_weight, "l0": 35.0,
+                                  "dead_frac": 0.0, "fvu": 0.2}]
+        out["jumprelu_l0_coeff"] = jump_weight
+    return out
+
+
+def test_tuning_one_family_alone_writes_what_tuning_all_would():
+    """`merge_markdown` of an earlier table of every family and a table of JumpReLU alone equals the table of
+    every family tuned at once with JumpReLU's new runs."""
+    before = {"ReLU-L1": 0.7, "TopK": 0.06, "JumpReLU": 0.18, "TRSAE": 0.063}
+    after = before | {"JumpReLU": 0.15}
+    md = lambda r: tuning.markdown(r, 32, "cpu", 300_000)  # noqa: E731
+    old = md(_result(before, jump_weight=0.006, relu=True))
+    alone = md(_result({"JumpReLU": 0.15}, jump_weight=0.1))
+    merged = tuning.merge_markdown(old, alone, ["JumpReLU"])
+    assert merged == md(_result(after, jump_weight=0.1, relu=True))
+    assert merged != old and "| 0.1 |" not in old
+    other_grid = md({"lrs": {"JumpReLU": 1e-3}, "trials": {"JumpReLU": [{"lr": 1e-3, "fvu": 0.1, "l0": 32.0,
+                                                                          "dead_frac": 0.0}]}})
+    with pytest.raises(ValueError, match="learning-rate grids"):
+        tuning.merge_markdown(old, other_grid, ["JumpReLU"])
+
+
 def test_the_profiles_tuned_values_are_those_their_tuning_chose():
     """params/<profile>.yaml holds exactly what `python -m trsae tune` wrote to params/tuning/<profile>.yaml."""
     from pathlib import Path

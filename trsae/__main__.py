@@ -49,7 +49,7 @@ def _eval(a: argparse.Namespace) -> None:
 def _tune(a: argparse.Namespace) -> None:
     from trsae.tuning import LR_GRID, tune_from_params
 
-    md, chosen = tune_from_params(a.params, a.out, tuple(a.lrs or LR_GRID), progress=not a.quiet)
+    md, chosen = tune_from_params(a.params, a.out, tuple(a.lrs or LR_GRID), progress=not a.quiet, only=a.families)
     print(f"wrote {md} and {chosen}")
 
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", default="params/tuning", help="folder of <profile>.md (the table) and <profile>.yaml")
     tu.add_argument("--lrs", type=float, nargs="+", default=None, help="the learning-rate grid (default: "
                     "trsae.tuning.LR_GRID)")
+    tu.add_argument("--families", nargs="+", default=None,
+                    help="tune these families alone, replacing their entries in an earlier tuning's files")
     tu.add_argument("--quiet", action="store_true")
     tu.set_defaults(fn=_tune)
     d = sub.add_parser("dashboard", help="a static feature dashboard (opens from disk) of one or two SAEs")

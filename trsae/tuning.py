@@ -13,8 +13,9 @@ dictionary half dead: TopK at 3.2e-3 on gemma-3-270m, 300k tokens, reconstructs 
 
 ReLU + L1 first gets its L1 weight at the base learning rate (a secant search on log L0 against log weight), then the
 grid at that weight, then its weight again at the chosen rate. JumpReLU, whose L0 follows learned thresholds and a
-penalty around k rather than a selection, gets that penalty's weight times `PENALTY_MULTS` at its chosen rate while
-its run does not qualify (the rule above then chooses among those runs). Every run is one seed (the profile's first)
+penalty around k rather than a selection, goes the same way with its penalty's weight: times `PENALTY_MULTS` in
+turn while its run does not qualify, at the base rate, then the grid at that weight, then again at the chosen rate
+(the rule above then chooses among those runs). Every run is one seed (the profile's first)
 and is cached like the notebooks' runs, so rerunning the command after an interruption only does what is missing.
 """
 
@@ -35,8 +36,8 @@ DEAD_LIMIT = 0.1
 """A run qualifies only with less than this share of dead latents (`trsae.evaluate.density_stats`)."""
 L1_SEARCH_RUNS = 6
 """At most this many runs per L1 weight search."""
-PENALTY_MULTS = (4.0, 16.0)
-"""JumpReLU's L0-penalty weight times these, tried in turn at its chosen rate until a run qualifies."""
+PENALTY_MULTS = (4.0, 16.0, 64.0)
+"""JumpReLU's L0-penalty weight times these, tried in turn at one rate until a run qualifies."""
 UNTARGETED = ("TFA", "TRSAE-pred")
 """Families without an L0 target: TFA's L0 counts its dense prediction, TRSAE-pred may leave predicted slots empty."""
 
@@ -133,9 +134,9 @@ class Tuner:
         return cfg.replace(l1_coeff=best["l1_coeff"]), trials
 
     def penalty_search(self, cfg: SAEConfig, first: dict) -> tuple[SAEConfig, list[dict]]:
-        """JumpReLU's L0-penalty weight at the rate of ``first`` (its chosen run): the weight times each of
-        `PENALTY_MULTS` while the latest run does not qualify; the config `choose` takes among these runs and
-        ``first``, and the runs."""
+        """JumpReLU's L0-penalty weight at the rate of ``first`` (the run of ``cfg`` at that rate): the weight
+        times each of `PENALTY_MULTS` while the latest run does not qualify; the config `choose` takes among these
+        runs and ``first``, and the runs."""
         base = cfg.sparsity.l0_coeff
         trials = [first | {"l0_coeff": base}]
         for m in PENALTY_MULTS:
@@ -152,16 +153,22 @@ class Tuner:
         chosen: dict[str, float] = {}
         trials: dict[str, list[dict]] = {}
         l1_trials: list[dict] = []
+        penalty_trials: list[dict] = []
         if "ReLU-L1" in specs:
             specs["ReLU-L1"], found = self.l1_search(specs["ReLU-L1"], base_lr)
             l1_trials += [t | {"stage": "at the base rate"} for t in found]
+        if "JumpReLU" in specs:
+            cfg = specs["JumpReLU"]
+            specs["JumpReLU"], found = self.penalty_search(cfg, self.score(cfg, base_lr))
+            penalty_trials += [t | {"stage": "at the base rate"} for t in found]
         for name, cfg in specs.items():
             trials[name] = [self.score(cfg, lr) for lr in lrs]
             chosen[name] = choose_lr(trials[name], target_l0(name, cfg, self.k))
         out = {"lrs": chosen, "trials": trials}
         if "JumpReLU" in specs:
             first = next(t for t in trials["JumpReLU"] if t["lr"] == chosen["JumpReLU"])
-            jump, out["penalty_trials"] = self.penalty_search(specs["JumpReLU"], first)
+            jump, found = self.penalty_search(specs["JumpReLU"], first)
+            out["penalty_trials"] = penalty_trials + [t | {"stage": "at the chosen rate"} for t in found]
             out["jumprelu_l0_coeff"] = jump.sparsity.l0_coeff
         if "ReLU-L1" in specs:
             relu, found = self.l1_search(specs["ReLU-L1"], chosen["ReLU-L1"])
@@ -194,10 +201,11 @@ def markdown(result: dict, k: int, profile: str, budget: int) -> str:
     searches = (("l1_trials", f"ReLU + L1's L1 weight (target L0 {k}):", "relu_l1_coeff", "Chosen L1 weight",
                  ("stage", "lr", "L1 weight", "val L0", "val FVU"),
                  lambda t: (t["stage"], f"{t['lr']:g}", f"{t['l1_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['fvu']:.4f}")),
-                ("penalty_trials", f"JumpReLU's L0-penalty weight at its chosen rate (target L0 {k}):",
+                ("penalty_trials", f"JumpReLU's L0-penalty weight (target L0 {k}):",
                  "jumprelu_l0_coeff", "Chosen L0-penalty weight",
-                 ("L0-penalty weight", "val L0", "dead latents", "val FVU"),
-                 lambda t: (f"{t['l0_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['dead_frac']:.0%}", f"{t['fvu']:.4f}")))
+                 ("stage", "lr", "L0-penalty weight", "val L0", "dead latents", "val FVU"),
+                 lambda t: (t["stage"], f"{t['lr']:g}", f"{t['l0_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['dead_frac']:.0%}",
+                            f"{t['fvu']:.4f}")))
     for key, title, chosen, says, heads, cells in searches:  # the weight searches, one table each
         if result.get(key):
             lines += ["", title, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
@@ -206,11 +214,57 @@ def markdown(result: dict, k: int, profile: str, budget: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+SEARCH_OWNERS = {"ReLU + L1's L1 weight": "ReLU-L1", "JumpReLU's L0-penalty weight": "JumpReLU"}
+"""The first words of each weight search's section in `markdown`, and the family whose tuning writes it."""
+
+
+def _split_markdown(md: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """A table of `markdown` as (the lines up to the main table's rows, {family: its row}, {owner: its search
+    section})."""
+    blocks = md.rstrip("\n").split("\n\n")
+    head_end = next(i for i, b in enumerate(blocks) if b.startswith("| family |"))
+    table = blocks[head_end].split("\n")
+    rows = {ln.split(" | ")[0][2:]: ln for ln in table[2:]}
+    sections: dict[str, list[str]] = {}
+    owner = None
+    for b in blocks[head_end + 1:]:
+        owner = next((o for t, o in SEARCH_OWNERS.items() if b.startswith(t)), owner)
+        sections.setdefault(owner, []).append(b)
+    return blocks[:head_end] + ["\n".join(table[:2])], rows, {o: "\n\n".join(bs) for o, bs in sections.items()}
+
+
+def merge_markdown(old: str, new: str, families: list[str]) -> str:
+    """The table of `markdown` for every family of ``old`` where the rows and weight searches of ``families``
+    come from ``new`` (a tuning of those families alone, on the same grid): what tuning every family at once
+    writes when the others' runs are unchanged."""
+    head, rows, sections = _split_markdown(old)
+    new_head, new_rows, new_sections = _split_markdown(new)
+    if head[-1] != new_head[-1]:
+        raise ValueError("the two tunings used different learning-rate grids; tune every family at once")
+    missing = [f for f in families if f not in new_rows]
+    if missing:
+        raise ValueError(f"{missing} not in the new table")
+    rows |= {f: new_rows[f] for f in families}
+    for owner in SEARCH_OWNERS.values():
+        if owner in families:
+            sections.pop(owner, None)
+            if owner in new_sections:
+                sections[owner] = new_sections[owner]
+    order = [sections[o] for o in SEARCH_OWNERS.values() if o in sections]
+    table = head[-1] + "\n" + "\n".join(rows.values())
+    return "\n\n".join(head[:-1] + [table] + order) + "\n"
+
+
 def tune_from_params(params_path: str | Path, out_dir: str | Path, lrs: tuple[float, ...] = LR_GRID,
-                     notebook: str | Path = "notebooks/02_temporal.ipynb", progress: bool = True) -> tuple[Path, Path]:
+                     notebook: str | Path = "notebooks/02_temporal.ipynb", progress: bool = True,
+                     only: list[str] | None = None) -> tuple[Path, Path]:
     """Tune for a parameter file's profile, as `notebook` (02) sees it: store, budget, width, k, window, first seed,
     and its work folder (relative to the notebook, as under papermill; ``$TRSAE_WORK_DIR`` overrides it), so the
-    runs are cached beside the notebooks'. Writes ``<out_dir>/<profile>.md`` and ``<profile>.yaml``."""
+    runs are cached beside the notebooks'. Writes ``<out_dir>/<profile>.md`` and ``<profile>.yaml``.
+
+    ``only``: tune these families alone and replace their rows, searches and choices in the files of an earlier
+    tuning of every family (the others' entries are what a full tuning would write again while their code is
+    unchanged)."""
     import yaml
 
     from trsae import runner
@@ -227,12 +281,22 @@ def tune_from_params(params_path: str | Path, out_dir: str | Path, lrs: tuple[fl
     train_cfg = dataclasses.replace(train_cfg, seed=view["seeds"][0])
     k, width = view["sae"]["k"], view["sae"]["width_mult"] * store.d_model
     specs = families(store.d_model, width, k, view["temporal"])
-    result = Tuner(store, train_cfg, work, k, progress).tune(specs, lrs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     md, chosen = out_dir / f"{profile}.md", out_dir / f"{profile}.yaml"
-    atomic_write_text(md, markdown(result, k, profile, train_cfg.tokens))
-    choice = {"lrs": {n: float(v) for n, v in result["lrs"].items()}}
+    choice: dict[str, Any] = {"lrs": {}}
+    if only:
+        unknown = sorted(set(only) - set(specs))
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; the families are {list(specs)}")
+        if not (md.is_file() and chosen.is_file()):
+            raise FileNotFoundError(f"{md} and {chosen} (a tuning of every family) must exist to tune {only} alone")
+        choice = yaml.safe_load(chosen.read_text())
+        specs = {n: c for n, c in specs.items() if n in only}
+    result = Tuner(store, train_cfg, work, k, progress).tune(specs, lrs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(result, k, profile, train_cfg.tokens)
+    atomic_write_text(md, merge_markdown(md.read_text(), table, list(specs)) if only else table)
+    choice["lrs"] |= {n: float(v) for n, v in result["lrs"].items()}
     for key in ("relu_l1_coeff", "jumprelu_l0_coeff"):
         if key in result:
             choice[key] = float(result[key])
