@@ -31,6 +31,7 @@ def variants(d: int, k: int) -> dict[str, tuple[SAEConfig, TrainConfig]]:
     def sae(sparsity: str, encoder: str = "token", **kw) -> SAEConfig:
         return SAEConfig.build(d, F, sparsity, encoder, k=k, **kw)
 
+    token_l0 = {"penalty": "token", "adam_beta1": 0.9}  # SAELens's per-token quadratic penalty, Adam's default
     tsae = experiments.field_specs(d, F, k, 16)["T-SAE"]
     trsae = experiments.temporal_specs(d, F, k, 16)["TRSAE"]
     return {
@@ -40,11 +41,14 @@ def variants(d: int, k: int) -> dict[str, tuple[SAEConfig, TrainConfig]]:
         "batchtopk crop batches": (sae("batchtopk"), crops),
         "trsae whole-sequence batches": (trsae, whole),
         "trsae crop batches": (trsae, crops),
-        "jumprelu before (pooled start, thresholds at 1x, no revival)":
-            (sae("jumprelu", init="pooled", threshold_lr_mult=1.0, pre_act_coeff=0.0), crops),
-        "jumprelu per-latent start": (sae("jumprelu", threshold_lr_mult=1.0, pre_act_coeff=0.0), crops),
-        "jumprelu per-latent start, thresholds at 10x": (sae("jumprelu", pre_act_coeff=0.0), crops),
-        "jumprelu after (+ pre-activation revival)": (sae("jumprelu"), crops),
+        "jumprelu before (pooled start, thresholds at 1x, no revival, per-token penalty, Adam beta1 0.9)":
+            (sae("jumprelu", init="pooled", threshold_lr_mult=1.0, pre_act_coeff=0.0, **token_l0), crops),
+        "jumprelu per-latent start": (sae("jumprelu", threshold_lr_mult=1.0, pre_act_coeff=0.0, **token_l0), crops),
+        "jumprelu per-latent start, thresholds at 10x": (sae("jumprelu", pre_act_coeff=0.0, **token_l0), crops),
+        "jumprelu + pre-activation revival": (sae("jumprelu", **token_l0), crops),
+        "jumprelu after (+ dictionary_learning's batch penalty and beta1 0)": (sae("jumprelu"), crops),
+        "relu (decoder rows start at unit norm)": (SAEConfig.build(d, F, "relu"), crops),
+        "relu, decoder rows start at norm 0.1 (SAELens's)": (SAEConfig.build(d, F, "relu", init_norm=0.1), crops),
         "tsae before (cosine / 0.1, adjacent pairs, weight 0.05, levels 1 : 1)":
             (tsae.replace(logits="cosine", pairs="adjacent", contrast_coeff=0.05, level_weights=None), crops),
         "tsae after (the reference's loss)": (tsae, crops),

@@ -60,7 +60,7 @@ def test_jumprelu_starts_at_mean_l0_k_and_its_l0_loss_is_saelens_quadratic():
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    ours = make_sae(SAEConfig.build(D, F, "jumprelu", k=K, init="pooled")).train()
+    ours = make_sae(SAEConfig.build(D, F, "jumprelu", k=K, init="pooled", penalty="token")).train()
     x = _x()
     out = ours(x)
     assert (out.codes_BTF > 0).sum(-1).float().mean() == K  # first batch: threshold at the (K N)-th value

@@ -385,8 +385,11 @@ def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
     loss = ((x_hat_ND - x_ND).pow(2).sum(1) / D)[m_N].mean()
     if mech == "relu":
         loss = loss + sp.l1_coeff * (codes_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
-    elif mech == "jumprelu":  # the quadratic L0 penalty, and SAELens's pre-activation loss on the dead latents
-        loss = loss + sp.l0_coeff * (2 / K * (step_NF.sum(1) - K).pow(2))[m_N].mean()
+    elif mech == "jumprelu":  # the L0 penalty, and SAELens's pre-activation loss on the dead latents
+        if sp.penalty == "batch":  # dictionary_learning: the batch's mean L0 against k
+            loss = loss + sp.l0_coeff * (step_NF.sum(1)[m_N].mean() / K - 1).pow(2)
+        else:  # SAELens's "quadratic": each token's L0 against k
+            loss = loss + sp.l0_coeff * (2 / K * (step_NF.sum(1) - K).pow(2))[m_N].mean()
         gap_NF = (sae.sparsity.threshold - z_NF).relu() * dead_F.float()
         loss = loss + sp.pre_act_coeff * (gap_NF @ sae.W_dec.norm(dim=1))[m_N].mean()
     else:
@@ -415,7 +418,7 @@ def _reference_loss(sae: SAE, x_BTD, mask_BT, dead_F):
 
 
 @pytest.mark.parametrize("variant,kw", [(v, {}) for v in DENSE_VARIANTS]
-                         + [("trsae-topk", dict(per_token_gates=True)),
+                         + [("jumprelu", dict(penalty="token")), ("trsae-topk", dict(per_token_gates=True)),
                             ("trsae-batchtopk", dict(per_token_gates=True, d_v=8, d_ctx=6))])
 def test_sparse_training_path_matches_dense_autograd(variant, kw):
     """The sparse forward/backward (pair gathers, embedding-bag decoder, sparse weight gradients) gives
@@ -461,3 +464,44 @@ def test_adam_reduces_loss_on_sparse_data(variant):
         sae.normalize_decoder_()
         losses.append(out.losses["mse"].item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_jumprelu_batch_penalty_and_optimiser_are_dictionary_learnings():
+    """The default JumpReLU loss against a transcription of dictionary_learning's ``JumpReluTrainer.loss`` (commit
+    60ec6bf: squared error summed over dimensions, ``sparsity_penalty * ((mean L0 / target_l0) - 1) ** 2`` with the
+    L0 a step of the codes), in its units: this project's terms carry a factor 1 / D; and Adam without momentum."""
+    coeff = 0.7
+    sae = build("jumprelu", l0_coeff=coeff / D).train()
+    x_BTD, _ = batch()
+    mask_BT = torch.ones(B, T, dtype=torch.bool)
+    out = sae(x_BTD, mask_BT)
+    with torch.no_grad():  # the reference's forward, written out
+        x_ND = x_BTD.reshape(-1, D)
+        pre_NF = x_ND @ sae.W_enc + sae.b_enc
+        theta_F = sae.sparsity.threshold
+        f_NF = pre_NF * (pre_NF > theta_F)
+        recon_loss = (x_ND - (f_NF @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
+        l0 = (f_NF > theta_F).float().sum(-1).mean()
+        sparsity_loss = coeff * ((l0 / K) - 1) ** 2
+    assert float(l0) != K  # the penalty is not at its minimum here
+    torch.testing.assert_close(out.losses["mse"] * D, recon_loss)
+    torch.testing.assert_close(out.losses["l0"] * D, sparsity_loss)
+    token = build("jumprelu", l0_coeff=coeff / D, penalty="token").train()
+    token.load_state_dict(sae.state_dict())
+    per_token = (2 / K * ((pre_NF > theta_F).float().sum(-1) - K).pow(2)).mean()  # SAELens's "quadratic"
+    torch.testing.assert_close(token(x_BTD, mask_BT).losses["l0"] * D, coeff * per_token)
+    assert all(g["betas"] == (0.0, 0.999) for g in sae.optim_groups(1e-3))
+    assert all("betas" not in g for g in build("topk").optim_groups(1e-3))  # Adam's defaults elsewhere
+
+
+def test_relu_decoder_rows_start_at_their_init_norm():
+    """`ReLUConfig.init_norm` scales the decoder rows at initialisation and the encoder starts at their transpose
+    (SAELens's ``decoder_init_norm``); the other sparsities start at unit rows."""
+    small = make_sae(make_cfg("relu", init_norm=0.1))
+    unit = make_sae(make_cfg("relu"))
+    torch.testing.assert_close(small.W_dec.norm(dim=1), torch.full((F,), 0.1))
+    torch.testing.assert_close(small.W_enc, small.W_dec.T)
+    torch.testing.assert_close(small.W_dec * 10, unit.W_dec)  # the same directions, from the same seed
+    torch.testing.assert_close(make_sae(make_cfg("topk")).W_dec.norm(dim=1), torch.ones(F))
+    with pytest.raises(ValueError, match="init_norm"):
+        make_cfg("relu", init_norm=0.0)

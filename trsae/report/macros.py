@@ -190,8 +190,9 @@ def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: f
         text += (f" ReLU + L1's L1 weight, {num(relu_l1_coeff)}, is set on the validation split so that its L0 lands "
                  f"at \\(k\\).")
     if jumprelu_l0_coeff is not None:
-        text += (f" JumpReLU's weight on its penalty around \\(k\\), {num(jumprelu_l0_coeff)}, is chosen on the "
-                 f"validation split by the same rule, at its chosen learning rate.")
+        text += (f" JumpReLU's weight on its penalty around \\(k\\), {num(jumprelu_l0_coeff)}, is raised on the "
+                 f"validation split until its L0 is within that tolerance of \\(k\\), before its learning rate is "
+                 f"chosen and again at the chosen rate.")
     return _prefixed(SETUP, {"Tuning": text})
 
 

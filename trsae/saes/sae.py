@@ -51,11 +51,14 @@ class SAE(nn.Module):
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         W_dec_FD = torch.randn(cfg.width, cfg.d_in, generator=gen)
+        sparsity_class = part_classes("sparsity", cfg.sparsity.name)[1]
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        if (init_norm := sparsity_class.decoder_init_norm(cfg.sparsity)) != 1.0:
+            W_dec_FD *= init_norm
         self.W_dec = nn.Parameter(W_dec_FD)
         self.encoder = part_classes("encoder", cfg.encoder.name)[1](cfg.encoder, cfg.d_in, cfg.width, W_dec_FD, gen)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        self.sparsity = part_classes("sparsity", cfg.sparsity.name)[1](cfg.sparsity, cfg.d_in, cfg.width)
+        self.sparsity = sparsity_class(cfg.sparsity, cfg.d_in, cfg.width)
 
     @property
     def W_enc(self) -> Tensor:
@@ -168,7 +171,9 @@ class SAE(nn.Module):
         special = [(ps, mult) for ps, mult in self.encoder.lr_groups() + self.sparsity.lr_groups() if ps]
         ids = {id(p) for ps, _ in special for p in ps}
         groups = [{"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr}]
-        return groups + [{"params": ps, "lr": lr * mult} for ps, mult in special]
+        groups += [{"params": ps, "lr": lr * mult} for ps, mult in special]
+        betas = self.sparsity.adam_betas()
+        return groups if betas is None else [g | {"betas": betas} for g in groups]
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
