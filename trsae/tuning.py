@@ -178,6 +178,10 @@ class Tuner:
         return out
 
 
+SEARCH_TITLES = {"ReLU-L1": "ReLU + L1's L1 weight", "JumpReLU": "JumpReLU's L0-penalty weight"}
+"""The family whose tuning runs each weight search, and the first words of that search's section in `markdown`."""
+
+
 def markdown(result: dict, k: int, profile: str, budget: int) -> str:
     """The table that made the choice: val FVU and L0 per family and learning rate, the chosen one in bold."""
     lrs = sorted({t["lr"] for ts in result["trials"].values() for t in ts})
@@ -198,10 +202,10 @@ def markdown(result: dict, k: int, profile: str, budget: int) -> str:
             cell = "" if t is None else f"{t['fvu']:.4f} ({t['l0']:.1f}, {t['dead_frac']:.0%})"
             cells.append(f"**{cell}**" if t is not None and lr == result["lrs"][name] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['lrs'][name]:g} |")
-    searches = (("l1_trials", f"ReLU + L1's L1 weight (target L0 {k}):", "relu_l1_coeff", "Chosen L1 weight",
+    searches = (("l1_trials", f"{SEARCH_TITLES['ReLU-L1']} (target L0 {k}):", "relu_l1_coeff", "Chosen L1 weight",
                  ("stage", "lr", "L1 weight", "val L0", "val FVU"),
                  lambda t: (t["stage"], f"{t['lr']:g}", f"{t['l1_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['fvu']:.4f}")),
-                ("penalty_trials", f"JumpReLU's L0-penalty weight (target L0 {k}):",
+                ("penalty_trials", f"{SEARCH_TITLES['JumpReLU']} (target L0 {k}):",
                  "jumprelu_l0_coeff", "Chosen L0-penalty weight",
                  ("stage", "lr", "L0-penalty weight", "val L0", "dead latents", "val FVU"),
                  lambda t: (t["stage"], f"{t['lr']:g}", f"{t['l0_coeff']:.4g}", f"{t['l0']:.1f}", f"{t['dead_frac']:.0%}",
@@ -214,10 +218,6 @@ def markdown(result: dict, k: int, profile: str, budget: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-SEARCH_OWNERS = {"ReLU + L1's L1 weight": "ReLU-L1", "JumpReLU's L0-penalty weight": "JumpReLU"}
-"""The first words of each weight search's section in `markdown`, and the family whose tuning writes it."""
-
-
 def _split_markdown(md: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """A table of `markdown` as (the lines up to the main table's rows, {family: its row}, {owner: its search
     section})."""
@@ -228,7 +228,7 @@ def _split_markdown(md: str) -> tuple[list[str], dict[str, str], dict[str, str]]
     sections: dict[str, list[str]] = {}
     owner = None
     for b in blocks[head_end + 1:]:
-        owner = next((o for t, o in SEARCH_OWNERS.items() if b.startswith(t)), owner)
+        owner = next((o for o, t in SEARCH_TITLES.items() if b.startswith(t)), owner)
         sections.setdefault(owner, []).append(b)
     return blocks[:head_end] + ["\n".join(table[:2])], rows, {o: "\n\n".join(bs) for o, bs in sections.items()}
 
@@ -245,12 +245,12 @@ def merge_markdown(old: str, new: str, families: list[str]) -> str:
     if missing:
         raise ValueError(f"{missing} not in the new table")
     rows |= {f: new_rows[f] for f in families}
-    for owner in SEARCH_OWNERS.values():
+    for owner in SEARCH_TITLES:
         if owner in families:
             sections.pop(owner, None)
             if owner in new_sections:
                 sections[owner] = new_sections[owner]
-    order = [sections[o] for o in SEARCH_OWNERS.values() if o in sections]
+    order = [sections[o] for o in SEARCH_TITLES if o in sections]
     table = head[-1] + "\n" + "\n".join(rows.values())
     return "\n\n".join(head[:-1] + [table] + order) + "\n"
 

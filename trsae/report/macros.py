@@ -191,8 +191,8 @@ def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: f
                  f"at \\(k\\).")
     if jumprelu_l0_coeff is not None:
         text += (f" JumpReLU's weight on its penalty around \\(k\\), {num(jumprelu_l0_coeff)}, is raised on the "
-                 f"validation split until its L0 is within that tolerance of \\(k\\), before its learning rate is "
-                 f"chosen and again at the chosen rate.")
+                 f"validation split until its L0 is within {l0_tolerance:.0%} of \\(k\\), before its learning rate is "
+                 f"chosen and again at the chosen rate.").replace("%", "\\%")
     return _prefixed(SETUP, {"Tuning": text})
 
 
