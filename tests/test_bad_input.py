@@ -292,9 +292,30 @@ def test_eval_with_a_run_record_that_is_not_json_names_it(tmp_path):
 
     class Store:
         d_model, path, manifest = 8, tmp_path / "store", {"model": "tiny-gpt2", "layer": 1}
+        layer, site = 1, "resid_post"
 
     (tmp_path / "run" / "sae").mkdir(parents=True)
     (tmp_path / "run" / "run.json").write_text("{not json")
     sae = SAE(SAEConfig.build(8, 16, "topk", k=2))
     with pytest.raises(ValueError, match=r"run\.json is not a valid run record .*evaluate the SAE folder"):
         check_sae_matches_store(tmp_path / "run" / "sae", sae, Store())
+
+
+def test_eval_refuses_an_sae_trained_on_another_site(tmp_path):
+    """The run record names the site; a record from before sites existed means the residual stream."""
+    from trsae.evaluate import check_sae_matches_store
+    from trsae.saes import SAE, SAEConfig
+
+    class Store:
+        d_model, path, manifest = 8, tmp_path / "store", {"model": "tiny-gpt2", "layer": 1}
+        layer, site = 1, "resid_post"
+
+    run = tmp_path / "run"
+    (run / "sae").mkdir(parents=True)
+    sae = SAE(SAEConfig.build(8, 16, "topk", k=2))
+    (run / "run.json").write_text(json.dumps({"store": {"model": "tiny-gpt2", "layer": 1, "site": "attn_out"}}))
+    with pytest.raises(ValueError, match="trained on tiny-gpt2 layer 1 attn_out but the store .* holds tiny-gpt2 "
+                                         "layer 1 resid_post"):
+        check_sae_matches_store(run / "sae", sae, Store())
+    (run / "run.json").write_text(json.dumps({"store": {"model": "tiny-gpt2", "layer": 1}}))
+    check_sae_matches_store(run / "sae", sae, Store())

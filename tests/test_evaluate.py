@@ -33,9 +33,10 @@ def _replace_output(replace_BTD):
     return hook
 
 
-def _reference(model, store, sae, mean_D, max_seqs):
-    """Σ CE and Σ KL(clean ‖ ·) per variant over the same test sequences, with a plain forward hook."""
-    layer = store.manifest["layer"]
+def _reference(model, store, sae, mean_D, max_seqs, module=None):
+    """Σ CE and Σ KL(clean ‖ ·) per variant over the same test sequences, with a plain forward hook on ``module``
+    (default the store's block)."""
+    module = module or model.hf_layer(store.manifest["layer"])
     sums = {v: [0.0, 0.0] for v in ("clean", "sae", "zero", "mean")}
     n = n_seqs = 0
     for b in store.batches("test", batch_size=4, shuffle=None, epochs=1, drop_last=False):
@@ -49,7 +50,7 @@ def _reference(model, store, sae, mean_D, max_seqs):
         targets, tmask = next_token_targets(b.ids_BT, b.mask_BT)
         logits = {}
         for v, fill in fills.items():
-            handle = None if fill is None else model.hf_layer(layer).register_forward_hook(_replace_output(fill))
+            handle = None if fill is None else module.register_forward_hook(_replace_output(fill))
             try:
                 with torch.no_grad():
                     logits[v] = model.hf(b.ids_BT).logits[tmask].double()
@@ -95,6 +96,27 @@ def test_spliced_ce_and_kl_match_a_forward_hook_reference(tiny_model, tiny_store
         alone = evaluate_sae(sae, tiny_store, tiny_model, max_seqs=8, mean_D=train_mean(tiny_store))
         assert alone["model_performance_preservation"] == pytest.approx(ce, rel=1e-6)
         assert alone["reconstruction_quality"] == pytest.approx(together[name]["reconstruction_quality"], rel=1e-6)
+
+
+def test_an_attention_output_store_splices_at_the_attention_output(tiny_model, tmp_path):
+    """On a store of block 1's attention output, the SAE, zeros and the mean replace what the attention returns (the
+    hook on ``h[1].attn``, named here by hand), not the block's output."""
+    from trsae.config import HarvestConfig
+    from trsae.store import harvest
+
+    cfg = HarvestConfig(model="tiny-gpt2", layer=1, site="attn_out", data="brown", tokens=24 * 32, ctx_len=32,
+                        seqs_per_shard=8, batch_size=4, val_frac=0.1, test_frac=0.2)
+    store = harvest(cfg, tmp_path / "attn", model=tiny_model, progress=False)
+    sae = _saes(store.d_model)["trsae"]
+    res = evaluate_sae(sae, store, tiny_model, max_seqs=4)
+    ref = _reference(tiny_model, store, sae, _split_mean(store, "train"), 4, module=tiny_model.hf.transformer.h[1].attn)
+    ce, kl = res["model_performance_preservation"], res["model_behavior_preservation"]
+    assert ce["ce_loss_with_sae"] == pytest.approx(ref["sae"][0], rel=1e-4)
+    assert ce["ce_loss_with_ablation"] == pytest.approx(ref["zero"][0], rel=1e-4)
+    assert ce["ce_loss_with_mean_ablation"] == pytest.approx(ref["mean"][0], rel=1e-4)
+    assert kl["kl_div_with_sae"] == pytest.approx(ref["sae"][1], rel=1e-3, abs=1e-5)
+    block = _reference(tiny_model, store, sae, _split_mean(store, "train"), 4)  # the same fills at the block output
+    assert abs(block["zero"][0] - ref["zero"][0]) > 3e-4 * ref["zero"][0]  # 3x the tolerance: the sites differ
 
 
 def test_ablations_replace_bos_and_the_mean_comes_from_train(tiny_model, tiny_store):

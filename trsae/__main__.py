@@ -22,15 +22,30 @@ def _out_folder(out: str) -> None:
 
 
 def _harvest(a: argparse.Namespace) -> None:
+    import dataclasses
+
     from trsae.config import HarvestConfig, given
     from trsae.dist import Ranks
-    from trsae.store import harvest
+    from trsae.store import harvest_sites
 
     _out_folder(a.out)
     cfg = HarvestConfig(**given(a, a.harvest_fields))
-    store = harvest(cfg, a.out, data_dir=a.data_dir, progress=not a.quiet)
+    cfgs, outs = [cfg], [a.out]
+    if a.sites:
+        if {"layer", "site"} & set(given(a, a.harvest_fields)):
+            raise ValueError("give either --sites or --layer/--site, not both")
+        cfgs = [dataclasses.replace(cfg, layer=layer, site=site) for layer, site in map(_layer_site, a.sites)]
+        outs = [Path(a.out) / f"L{c.layer}-{c.site}" for c in cfgs]
+    stores = harvest_sites(cfgs, outs, data_dir=a.data_dir, progress=not a.quiet)
     if Ranks.current().main:
-        print(store)
+        print(*stores, sep="\n")
+
+
+def _layer_site(text: str) -> tuple[int, str]:
+    layer, sep, site = text.partition(":")
+    if not (sep and layer.isdigit() and site):
+        raise ValueError(f"--sites takes LAYER:SITE pairs such as 6:resid_post or 3:attn_out, got {text!r}")
+    return int(layer), site
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -114,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trsae", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    h = sub.add_parser("harvest", help="harvest a layer's residual stream into an activation store")
+    h = sub.add_parser("harvest", help="harvest a hook site of a layer (default its residual stream) into an "
+                                       "activation store")
     h.set_defaults(fn=_harvest, harvest_fields=add_config_arguments(h, HarvestConfig))
     h.add_argument("--data-dir", default=None, help="data mirror (default: $TRSAE_DATA_DIR, then the cache)")
-    h.add_argument("--out", required=True)
+    h.add_argument("--out", required=True, help="the store's folder; with --sites, the folder of one store per "
+                                                "site (OUT/L<layer>-<site>)")
+    h.add_argument("--sites", nargs="+", metavar="LAYER:SITE", default=None,
+                   help="several layers and sites (resid_post, attn_out, mlp_out) from the same forward passes")
     h.add_argument("--quiet", action="store_true")
 
     t = sub.add_parser("train", help="train an SAE on a store (resumes from the run folder's checkpoint)",

@@ -41,6 +41,8 @@ def _positive(name: str, value: float) -> None:
 
 
 STORE_DTYPES = ("float32", "bfloat16", "float64")
+SITES = ("resid_post", "attn_out", "mlp_out")
+"""Hook sites of a decoder block a store can hold (`trsae.lm` says what each is in each model family)."""
 
 
 def compute_dtype(store_dtype: str) -> str:
@@ -53,9 +55,12 @@ class HarvestConfig:
     """What to harvest: which model, layer and text, how many tokens, and how to store them."""
 
     model: str = "gemma-3-270m"
-    """Model name from `trsae.lm.MODELS`."""
+    """A name of `trsae.lm.MODELS`, a hub id (``org/name``) or a local transformers folder, of a supported family."""
     layer: int = 6
-    """Residual stream after decoder block ``layer`` (0-based): ``hidden_states[layer + 1]``."""
+    """Decoder block (0-based) whose ``site`` is read."""
+    site: str = "resid_post"
+    """``resid_post`` (the residual stream after the block, ``hidden_states[layer + 1]``), ``attn_out`` or
+    ``mlp_out`` (what the block's attention or MLP adds to the residual stream; see `trsae.lm`)."""
     data: str = "brown+sotu"
     """Text sources joined by ``+`` (see `trsae.data`)."""
     tokens: int = 200_000
@@ -82,6 +87,8 @@ class HarvestConfig:
             raise ValueError(f"ctx_len must be at least 2 (BOS plus one token), got {self.ctx_len}")
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {', '.join(SITES)}, got {self.site!r}")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):

@@ -1,13 +1,14 @@
 """Evaluate a trained SAE on a store's held-out split: reconstruction, sparsity, and the model's behaviour
-with the reconstruction spliced in at the layer (through nnsight), against zero- and mean-ablation.
+with the reconstruction spliced in at the store's layer and site (through nnsight), against zero- and
+mean-ablation.
 
 Positions, as SAEBench / SAELens (checked against sae-lens 6.54.12, ``sae_lens/evals.py``: ``get_recons_loss``,
 its ``standard_replacement_hook`` and ``standard_zero_ablate_hook``; SAEBench ``sae_bench/evals/core/main.py``,
 its zero-ablation hook):
 
-- the SAE splice (`trsae.lm.splice`) replaces the layer output only at ordinary tokens; BOS and other special
-  tokens keep their clean activation (SAELens' ``standard_replacement_hook`` with its ``mask``);
-- zero- and mean-ablation replace the layer output at EVERY position, BOS and special tokens included
+- the SAE splice (`trsae.lm.splice`) replaces the site's output (`trsae.lm`) only at ordinary tokens; BOS and other
+  special tokens keep their clean activation (SAELens' ``standard_replacement_hook`` with its ``mask``);
+- zero- and mean-ablation replace the site's output at EVERY position, BOS and special tokens included
   (SAELens' ``standard_zero_ablate_hook`` returns ``zeros_like`` of the whole activation); mean ablation writes
   the training-split mean (`train_mean`) at every position;
 - cross-entropy / KL are scored at positions that read an ordinary token and predict one
@@ -157,7 +158,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
     for name, sae in saes.items():
         if sae.cfg.d_in != store.d_model:
             raise ValueError(f"SAE {name} has d_in {sae.cfg.d_in}, but the store ({store.manifest['model']} "
-                             f"layer {store.manifest['layer']}) has d_model {store.d_model}")
+                             f"layer {store.layer} {store.site}) has d_model {store.d_model}")
         sae.eval()
     recon = {n: ReconstructionAccumulator() for n in saes}
     recon_train = {n: ReconstructionAccumulator() for n, s in saes.items() if _is_calibrated(s)}
@@ -176,7 +177,11 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         if mean_D is None:
             mean_D = train_mean(store)
         class_of = frequency_classes(store.token_counts("train"))
-    layer, scale = store.manifest["layer"], store.norm_scale
+    scale = store.norm_scale
+
+    def logits_at_site(ids_BT, replace=None):  # the store's site replaced (clean if None)
+        return logits_with_replacement(model, store.layer, ids_BT, replace, site=store.site)
+
     if with_logits:
         refs = _references(model, (store.manifest["config_hash"], str(store.path), split, batch_size,
                                    hashlib.sha256(mean_D.double().cpu().numpy().tobytes()).hexdigest()))
@@ -188,8 +193,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
             seqs = tuple(b.seq_B.tolist())
             if seqs not in refs:
                 targets_BT, tmask_BT = next_token_targets(b.ids_BT, b.mask_BT)
-                ref = CleanLogits(logits_with_replacement(model, layer, b.ids_BT), targets_BT, tmask_BT)
-                refs[seqs] = ref, {v: ref.stats(logits_with_replacement(model, layer, b.ids_BT, _fill(fill)), v)
+                ref = CleanLogits(logits_at_site(b.ids_BT), targets_BT, tmask_BT)
+                refs[seqs] = ref, {v: ref.stats(logits_at_site(b.ids_BT, _fill(fill)), v)
                                    for v, fill in (("zero", None), ("mean", mean_D))}
             ref, ablated = refs[seqs]
         for name, sae in saes.items():
@@ -208,7 +213,7 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
                 recon_train[name].update(b.acts_BTD / scale, sae.decode(codes_tr_BTF) / scale, codes_tr_BTF,
                                          b.mask_BT)
             if lm_pass:
-                spliced = logits_with_replacement(model, layer, b.ids_BT, splice(sae, b.mask_BT, b.pos_BT))
+                spliced = logits_at_site(b.ids_BT, splice(sae, b.mask_BT, b.pos_BT))
                 n, ce, kl, ce_N = ref.stats(spliced, name, per_position=True)
                 logit[name].add_clean(ref)
                 logit[name].add("sae", (n, ce, kl))
@@ -225,7 +230,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         token_stats = {"n_seqs": min(n_seqs, max_seqs), "n_seqs_recon": n_seqs, "n_tokens_eval": r["n_tokens"],
                        "split": split}
         cfg = {"sae": sae.cfg.to_dict(),
-               "store": {k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len", "config_hash")}}
+               "store": {**{k: store.manifest[k] for k in ("model", "layer", "data", "ctx_len", "config_hash")},
+                         "site": store.site}}
         token_stats["n_tokens_density"] = dens[name]["n_tokens"]
         train_mode = None
         if name in recon_train:
@@ -265,25 +271,24 @@ def evaluate_sae(sae: SAE, store: ActivationStore, model: LoadedModel | None = N
 
 
 def check_sae_matches_store(sae_dir: Path, sae, store: ActivationStore) -> None:
-    """Refuse an SAE trained for another model, layer or width than ``store`` holds (its run folder's
+    """Refuse an SAE trained for another model, layer, site or width than ``store`` holds (its run folder's
     ``run.json`` names the store it was trained on; a bare SAE folder is checked by width only)."""
+    here = f"{store.manifest['model']} layer {store.layer} {store.site}"
     if sae.cfg.d_in != store.d_model:
         raise ValueError(f"the SAE at {sae_dir} reads d={sae.cfg.d_in} activations but the store at {store.path} "
-                         f"holds d={store.d_model} ({store.manifest['model']} layer {store.manifest['layer']}); "
-                         "evaluate it on a store of the model and layer it was trained on")
+                         f"holds d={store.d_model} ({here}); evaluate it on a store of the model, layer and site it "
+                         "was trained on")
     run = sae_dir.parent / "run.json"
     if run.exists():
         try:
             trained = json.loads(run.read_text())["store"]
-            was = (trained["model"], trained["layer"])
+            was = f"{trained['model']} layer {trained['layer']} {trained.get('site', 'resid_post')}"
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{run} is not a valid run record ({type(e).__name__}: {e}); evaluate the SAE folder "
                              f"{sae_dir} itself (--sae {sae_dir}) or train it again") from None
-        here = (store.manifest["model"], store.manifest["layer"])
         if was != here:
-            raise ValueError(f"the SAE at {sae_dir} was trained on {trained['model']} layer {trained['layer']} "
-                             f"but the store at {store.path} holds {here[0]} layer {here[1]}; evaluate it on a "
-                             "store of that model and layer")
+            raise ValueError(f"the SAE at {sae_dir} was trained on {was} but the store at {store.path} holds "
+                             f"{here}; evaluate it on a store of that model, layer and site")
 
 
 def eval_from_args(a) -> None:

@@ -1,9 +1,22 @@
-"""Model registry: load a language model by name, wrapped in nnsight, and read or replace layer L.
+"""Model registry: load a causal language model, wrapped in nnsight, and read or replace a hook site of block L.
 
-Layer ``L`` means the residual stream after decoder block ``L`` (0-based), i.e. transformers'
-``hidden_states[L + 1]`` (except for the last block, whose ``hidden_states`` entry has the final norm
-applied; we always read the block's own output). In transformers 5 a decoder layer returns a plain ``[B, T, d]`` tensor, so
-``layer(L).output`` *is* the residual stream (``.output[0]`` would be batch item 0).
+A *site* of decoder block ``L`` (0-based) is named as SAELens and TransformerLens users know it:
+
+| site         | what it is                                     | module read: GPT-2 / Llama, SmolLM / Gemma 2-3    |
+| ------------ | ---------------------------------------------- | ------------------------------------------------- |
+| `resid_post` | the residual stream after the block            | the block, in every family                        |
+| `attn_out`   | what the attention adds to the residual stream | attn[0] / self_attn[0] / post_attention_layernorm |
+| `mlp_out`    | what the MLP adds to the residual stream       | mlp / mlp / post_feedforward_layernorm            |
+
+Gemma 2 and 3 normalise each sub-layer's output before adding it (their "sandwich" norms), so their ``attn_out``
+and ``mlp_out`` are read after that norm, as TransformerLens's ``hook_attn_out`` is: in every family a site is
+exactly the term the block adds to the residual stream, and ``resid_post = resid_pre + attn_out + mlp_out``. For
+the last block ``hidden_states`` has the final norm applied; ``resid_post`` is always the block's own output.
+Replacing a site (`logits_with_replacement`) replaces that module's output, so everything after it sees the
+replacement.
+
+Models: a name below, a hub id (``org/name``) or a local folder saved by transformers, of a supported family
+(`FAMILIES`; another architecture is refused in one line before its weights load).
 
 | name           | weights                                    | offline |
 | -------------- | ------------------------------------------ | ------- |
@@ -26,6 +39,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +48,14 @@ from typing import Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from trsae.config import cache_dir
+from trsae.config import SITES, cache_dir
 from trsae.io import atomic_dir
 from trsae.timing import timed
 
 OFFLINE_MODELS = ("gemma-3-270m", "smollm2-135m", "tiny-gpt2")
+
+_RUNS_BEFORE = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
+"""The order in which a block computes its sites."""
 
 
 class ModelError(RuntimeError):
@@ -51,6 +68,37 @@ class ModelSpec:
     source: str
     """``gguf:<package>``, ``hub:<repo id>`` or ``tiny``."""
     default_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a transformers model family keeps its decoder blocks and, inside a block, the module whose output is
+    each sub-layer's contribution to the residual stream (with the index of the tensor in a tuple output)."""
+
+    blocks: str
+    """Attribute path from the causal-LM module to the list of decoder blocks."""
+    attn_out: tuple[str, int | None]
+    mlp_out: tuple[str, int | None]
+
+
+_GPT2 = Family("transformer.h", ("attn", 0), ("mlp", None))
+_LLAMA = Family("model.layers", ("self_attn", 0), ("mlp", None))
+_SANDWICH = Family("model.layers", ("post_attention_layernorm", None), ("post_feedforward_layernorm", None))
+FAMILIES: dict[str, Family] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA,
+                               "gemma2": _SANDWICH, "gemma3_text": _SANDWICH}
+"""Supported architectures by transformers' ``config.model_type`` (SmolLM is ``llama``; gemma-3-270m is
+``gemma3_text``)."""
+
+
+def hook_name(layer: int, site: str = "resid_post") -> str:
+    """The TransformerLens / SAELens name of a site: ``blocks.6.hook_resid_post``."""
+    _check_site(site)
+    return f"blocks.{layer}.hook_{site}"
+
+
+def _check_site(site: str) -> None:
+    if site not in SITES:
+        raise ModelError(f"unknown hook site {site!r}; known: {', '.join(SITES)}")
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -79,6 +127,7 @@ class LoadedModel:
     d_model: int
     bos_id: int
     special_ids: tuple[int, ...]
+    family: Family = _GPT2
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,15 +140,25 @@ class LoadedModel:
 
     def layer(self, layer: int):
         """nnsight envoy of decoder block ``layer``; its ``.output`` is the residual stream ``[B, T, d]``."""
-        self.check_layer(layer)
-        base = self.nn.transformer.h if hasattr(self.nn, "transformer") else self.nn.model.layers
-        return base[layer]
+        return self._block(self.nn, layer)
 
     def hf_layer(self, layer: int) -> torch.nn.Module:
         """The plain torch module of decoder block ``layer``."""
+        return self._block(self.hf, layer)
+
+    def site(self, layer: int, site: str = "resid_post", hf: bool = False) -> tuple[object, int | None]:
+        """The nnsight envoy (or with ``hf`` the torch module) whose output holds ``site`` of block ``layer``, and the
+        index of the site's tensor in that output when it is a tuple (None when the output is the tensor)."""
+        _check_site(site)
+        block = self._block(self.hf if hf else self.nn, layer)
+        if site == "resid_post":
+            return block, None
+        path, index = getattr(self.family, site)
+        return _attr(block, path), index
+
+    def _block(self, root, layer: int):
         self.check_layer(layer)
-        m = self.hf
-        return m.transformer.h[layer] if hasattr(m, "transformer") else m.model.layers[layer]
+        return _attr(root, self.family.blocks)[layer]
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -108,6 +167,12 @@ class LoadedModel:
     def special_mask(self, ids_BT: torch.Tensor) -> torch.Tensor:
         """True where a token is an ordinary (non-special) token: the tokens every loss and metric counts."""
         return ~torch.isin(ids_BT, torch.tensor(self.special_ids, dtype=ids_BT.dtype))
+
+
+def _attr(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -247,9 +312,9 @@ def fixed_threads(n: int) -> Iterator[None]:
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                data_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Load model ``name`` (see `MODELS`), wrapped in nnsight, in eval mode with gradients off. In float64 the model
-    is built under `Float64Math` (and `LoadedModel.numerics` runs its forwards under it), so that nothing in it is
-    computed in float32."""
+    """Load model ``name`` (a name of `MODELS`, a hub id or a local folder of a supported family), wrapped in nnsight,
+    in eval mode with gradients off. In float64 the model is built under `Float64Math` (and `LoadedModel.numerics`
+    runs its forwards under it), so that nothing in it is computed in float32."""
     with numerics(dtype):
         return _load_model(name, device, dtype, seed, data_dir)
 
@@ -259,30 +324,21 @@ def _load_model(name: str, device: str, dtype: torch.dtype, seed: int,
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    spec = MODELS[name]
-    if spec.source == "tiny":
+    spec = MODELS.get(name)
+    if spec is not None and spec.source == "tiny":
         torch.manual_seed(seed)
         hf = GPT2LMHeadModel(tiny_gpt2_config()).to(dtype)
         tok = gpt2_tokenizer(data_dir)
-    elif spec.source.startswith("gguf:"):
-        folder = _convert_gguf(name, spec.source[5:])
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(folder)
     else:
-        repo = spec.source[4:]
-        if not _hub_reachable():
-            try:  # a copy already in the local hub cache works offline
-                hf = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=True)
-                tok = AutoTokenizer.from_pretrained(repo, local_files_only=True)
-            except OSError:
-                raise ModelError(f"{name} needs the model hub ({repo}), which is not reachable from here and "
-                                 f"not in the local cache; use an offline model: {', '.join(OFFLINE_MODELS)}") \
-                    from None
+        if spec is not None and spec.source.startswith("gguf:"):
+            where, local = str(_convert_gguf(name, spec.source[5:])), True
+        elif spec is not None:
+            where, local = spec.source[4:], not _hub_reachable()
         else:
-            hf = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(repo)
+            where, local = _locate_model(name)
+        _family(_config(name, where, local), name)  # an unsupported architecture is refused before its weights load
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
     hf.to(device).eval().requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -291,29 +347,77 @@ def _load_model(name: str, device: str, dtype: torch.dtype, seed: int,
     n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     d_model = getattr(cfg, "hidden_size", None) or cfg.n_embd
     return LoadedModel(name=name, nn=TransformersModel(hf, task="text-generation", tokenizer=tok), hf=hf,
-                       tokenizer=tok, n_layers=n_layers,
-                       d_model=d_model, bos_id=bos, special_ids=tuple(sorted(set(tok.all_special_ids))))
+                       tokenizer=tok, n_layers=n_layers, d_model=d_model, bos_id=bos,
+                       special_ids=tuple(sorted(set(tok.all_special_ids))), family=_family(cfg, name))
+
+
+def _locate_model(name: str) -> tuple[str, bool]:
+    """A name outside `MODELS`: a local folder (read offline) or a hub id ``org/name`` (offline when the hub is not
+    reachable, from the local cache)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "~")):
+        return name, not _hub_reachable()
+    raise ModelError(f"unknown model {name!r}: not one of {', '.join(MODELS)}, a folder that exists, or a hub id "
+                     "(org/name)")
+
+
+def _config(name: str, where: str, local: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where, local_files_only=local)
+    except (OSError, ValueError) as e:
+        if local and not Path(where).is_dir():
+            raise ModelError(f"{name} needs the model hub ({where}), which is not reachable from here and not in the "
+                             f"local cache; use an offline model: {', '.join(OFFLINE_MODELS)}, or a local "
+                             "folder") from None
+        raise ModelError(f"cannot read a model config from {where} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
+
+
+def _family(cfg, name: str) -> Family:
+    """The layout of ``cfg``'s architecture; any other gets one line naming the supported ones."""
+    kind = getattr(cfg, "model_type", None)
+    if kind not in FAMILIES:
+        raise ModelError(f"{name} is a {kind!r} model; supported architectures (transformers model_type): "
+                         f"{', '.join(FAMILIES)}")
+    return FAMILIES[kind]
 
 
 @timed("lm forward")
 @torch.no_grad()
-def layer_acts(model: LoadedModel, layer: int, ids_BT: torch.Tensor) -> torch.Tensor:
-    """Residual stream after block ``layer`` for ``ids_BT``; the forward pass stops right after that layer."""
+def site_acts(model: LoadedModel, sites: list[tuple[int, str]], ids_BT: torch.Tensor) -> list[torch.Tensor]:
+    """The activations ``[B, T, d]`` of every ``(layer, site)`` in ``sites`` (in that order) from one forward pass,
+    which stops right after the deepest of them."""
+    for _, site in sites:
+        _check_site(site)
+    order = sorted(set(sites), key=lambda ls: (ls[0], _RUNS_BEFORE[ls[1]]))
+    got = {}
     with model.numerics(), model.nn.trace(ids_BT) as tracer:
-        acts_BTD = model.layer(layer).output.save()
+        for layer, site in order:  # nnsight reads modules in the order the forward reaches them
+            envoy, index = model.site(layer, site)
+            got[layer, site] = (envoy.output if index is None else envoy.output[index]).save()
         tracer.stop()
-    return acts_BTD
+    return [got[ls] for ls in sites]
+
+
+def layer_acts(model: LoadedModel, layer: int, ids_BT: torch.Tensor, site: str = "resid_post") -> torch.Tensor:
+    """``site`` of block ``layer`` (default the residual stream after it) for ``ids_BT``; the forward pass stops
+    right after that block."""
+    return site_acts(model, [(layer, site)], ids_BT)[0]
 
 
 @timed("lm forward")
 @torch.no_grad()
 def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor,
                             replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                            keep: int | None = None) -> torch.Tensor:
-    """Logits with block ``layer``'s output replaced by ``replace(acts_BTD)`` (clean if None): ``[B, T, V]``,
-    or ``[B, keep, V]`` for the last ``keep`` positions only. With ``keep`` only those positions go through
-    the unembedding (``logits_to_keep``, where the model takes it), which dominates the cost of long texts
-    with a large vocabulary."""
+                            keep: int | None = None, site: str = "resid_post") -> torch.Tensor:
+    """Logits with ``site`` of block ``layer`` (default the block's output) replaced by ``replace(acts_BTD)`` (clean
+    if None): ``[B, T, V]``, or ``[B, keep, V]`` for the last ``keep`` positions only. With ``keep`` only those
+    positions go through the unembedding (``logits_to_keep``, where the model takes it), which dominates the cost
+    of long texts with a large vocabulary."""
     T = ids_BT.shape[1]
     kw = {}
     if keep is not None and keep < T:
@@ -321,8 +425,12 @@ def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor
             kw = {"logits_to_keep": keep}
     with model.numerics(), model.nn.trace(ids_BT, **kw):
         if replace is not None:
-            envoy = model.layer(layer)
-            envoy.output = replace(envoy.output)
+            envoy, index = model.site(layer, site)
+            if index is None:
+                envoy.output = replace(envoy.output)
+            else:
+                out = envoy.output
+                envoy.output = (*out[:index], replace(out[index]), *out[index + 1:])
         logits = model.nn.output.logits.save()
     return logits if keep is None or kw else logits[:, T - keep:]
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from trsae.io import write_json_atomic
 from trsae.lm import LoadedModel, load_model
 from trsae.pursuit import ceiling
 from trsae.saes import SAE, SAEConfig
-from trsae.store import ActivationStore, harvest, store_identity
+from trsae.store import ActivationStore, harvest_sites, store_identity
 from trsae.train import read_log, train_sae
 
 PACKAGE = Path(__file__).resolve().parent
@@ -78,15 +79,24 @@ def write_times(figures: str | os.PathLike, notebook: str) -> Path:
 
 
 def store_dir(cfg: HarvestConfig, work: str | os.PathLike) -> Path:
-    """Where the store of ``cfg`` is cached under the current code."""
+    """Where the store of ``cfg`` is cached under the current code (named by the model's last path component, a hub
+    id's or a folder's; the key tells apart what the name does not)."""
     key = config_hash({"store": store_identity(cfg), "code": code_version()})
-    return Path(work) / "stores" / f"{cfg.model}-L{cfg.layer}-{key}"
+    name = re.sub(r"[^\w.-]+", "-", Path(cfg.model).name)
+    return Path(work) / "stores" / f"{name}-L{cfg.layer}-{cfg.site}-{key}"
 
 
 def ensure_store(cfg: HarvestConfig, work: str | os.PathLike, model: LoadedModel | None = None,
                  progress: bool = True) -> ActivationStore:
     """The store of ``cfg``: harvested into `store_dir`, or reopened (resumed) there."""
-    return harvest(cfg, store_dir(cfg, work), model=model, progress=progress)
+    return ensure_stores([cfg], work, model, progress)[0]
+
+
+def ensure_stores(cfgs: list[HarvestConfig], work: str | os.PathLike, model: LoadedModel | None = None,
+                  progress: bool = True) -> list[ActivationStore]:
+    """The stores of ``cfgs`` (layers and sites of one model over the same text), those not yet in `store_dir`
+    harvested together, one forward pass per batch (`trsae.store.harvest_sites`)."""
+    return harvest_sites(cfgs, [store_dir(c, work) for c in cfgs], model=model, progress=progress)
 
 
 def run_dir(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,

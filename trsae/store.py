@@ -1,8 +1,10 @@
-"""Harvest a layer's residual stream into a sequence-preserving activation store, and stream training crops from it.
+"""Harvest a hook site of a layer (the residual stream after it, or what its attention or MLP adds) into a
+sequence-preserving activation store, and stream training crops from it. One forward pass can write the stores of
+several layers and sites at once (`harvest_sites`).
 
 On disk (one folder)::
 
-    manifest.json               model, layer, data, ctx_len, dtype, d_model, split, norm_scale, token counts,
+    manifest.json               model, layer, site, data, ctx_len, dtype, d_model, split, norm_scale, token counts,
                                 config hash, the thread count the forwards run on (a resume keeps it), and one
                                 entry (file, n_seq, sha256) per finished shard
     shard_00000.safetensors     acts [n_seq, T, d] (float32, bfloat16 or float64) and ids [n_seq, T] (int32)
@@ -16,12 +18,12 @@ bounded buffer of shards; BOS and other special tokens are masked out (``mask_BT
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from collections import OrderedDict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -36,7 +38,7 @@ from trsae.config import HarvestConfig, compute_dtype, config_hash
 from trsae.data import iter_mixed_documents, make_contexts
 from trsae.dist import Ranks
 from trsae.io import atomic_path, atomic_write_json, folder_lock
-from trsae.lm import LoadedModel, fixed_threads, layer_acts, load_model
+from trsae.lm import LoadedModel, fixed_threads, load_model, site_acts
 from trsae.timing import phase
 
 MANIFEST = "manifest.json"
@@ -87,9 +89,12 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 # --- harvest ------------------------------------------------------------------------------------------
 
 def store_identity(cfg: HarvestConfig) -> dict:
-    """The fields that determine a store's content (batch size does not)."""
+    """The fields that determine a store's content (batch size does not). A ``resid_post`` store's identity is the
+    one it had before stores held other sites, so its stores stay valid."""
     d = dataclasses.asdict(cfg)
     d.pop("batch_size")
+    if d["site"] == "resid_post":
+        d.pop("site")
     return d
 
 
@@ -112,24 +117,64 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, model: LoadedModel | Non
     any number of ranks, at its start), so one store results and an interrupted harvest resumes.
     Another process writing ``out`` meanwhile makes this raise `trsae.io.FolderBusyError` at once.
     """
-    with folder_lock(out) if Ranks.current().main else nullcontext():  # rank 0 speaks for its job
-        return _harvest(cfg, Path(out), model, data_dir, progress, max_shards)
+    return harvest_sites([cfg], [out], model, data_dir, progress, max_shards)[0]
 
 
-def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir: str | os.PathLike | None,
-             progress: bool, max_shards: int | None) -> "ActivationStore":
-    out.mkdir(parents=True, exist_ok=True)
+def harvest_sites(cfgs: list[HarvestConfig], outs: list[str | os.PathLike], model: LoadedModel | None = None,
+                  data_dir: str | os.PathLike | None = None, progress: bool = True,
+                  max_shards: int | None = None) -> list["ActivationStore"]:
+    """`harvest` several layers and sites of one model over the same text in one forward pass per batch: ``cfgs``
+    may differ only in ``layer``, ``site`` and ``batch_size``; store i goes to ``outs[i]``. Each store is what
+    `harvest` of its config alone writes (bit for bit where the forwards run on the same thread count), resumes on
+    its own, and a shard every store already holds costs no forward. ``max_shards`` counts forward passes over a
+    shard's sequences."""
+    if len(cfgs) != len(outs) or not cfgs:
+        raise ValueError(f"need one output folder per config, got {len(cfgs)} configs and {len(outs)} folders")
+    text = {store_identity(dataclasses.replace(c, layer=0, site="resid_post")) == store_identity(
+        dataclasses.replace(cfgs[0], layer=0, site="resid_post")) for c in cfgs}
+    if text != {True}:
+        raise ValueError("the configs of one harvest may differ only in layer, site and batch_size: they share "
+                         "the forward passes over the same text")
+    if len({Path(o).resolve() for o in outs}) != len(outs):
+        raise ValueError("each store needs its own output folder")
+    with contextlib.ExitStack() as locks:
+        if Ranks.current().main:  # rank 0 speaks for its job
+            for o in outs:
+                locks.enter_context(folder_lock(o))
+        return _harvest([_Target(c, Path(o)) for c, o in zip(cfgs, outs)], model, data_dir, progress, max_shards)
+
+
+@dataclasses.dataclass
+class _Target:
+    """One store of a harvest: its config, folder and (on rank 0) its manifest as written so far."""
+
+    cfg: HarvestConfig
+    out: Path
+    manifest: dict | None = None
+
+    @property
+    def man_path(self) -> Path:
+        return self.out / MANIFEST
+
+    def open(self) -> bool:
+        """Check a manifest already in the folder against the config; True when that store is complete."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.man_path.exists():
+            return False
+        self.manifest = _read_manifest(self.out)
+        if self.manifest["config_hash"] != config_hash(store_identity(self.cfg)):
+            raise StoreError(f"{self.out} holds a store built with another configuration "
+                             f"({self.manifest['config']}); choose another output folder or delete it")
+        return self.manifest["complete"]
+
+
+def _harvest(targets: list[_Target], model: LoadedModel | None, data_dir: str | os.PathLike | None,
+             progress: bool, max_shards: int | None) -> list["ActivationStore"]:
     ranks = Ranks.current()
-    ident = store_identity(cfg)
-    chash = config_hash(ident)
-    man_path = out / MANIFEST
-    if man_path.exists():
-        manifest = _read_manifest(out)
-        if manifest["config_hash"] != chash:
-            raise StoreError(f"{out} holds a store built with another configuration ({manifest['config']}); "
-                             f"choose another output folder or delete it")
-        if manifest["complete"]:
-            return ActivationStore(out)
+    left = [t for t in targets if not t.open()]
+    if not left:
+        return [ActivationStore(t.out) for t in targets]
+    cfg = left[0].cfg  # what the targets share: model, text, contexts, splits, dtype
     compute = getattr(torch, compute_dtype(cfg.dtype))
     model = model or load_model(cfg.model, dtype=compute, data_dir=data_dir)
     if model.name != cfg.model:
@@ -137,76 +182,107 @@ def _harvest(cfg: HarvestConfig, out: Path, model: LoadedModel | None, data_dir:
     if cfg.dtype == "float64" and model.dtype != torch.float64:
         raise StoreError(f"a float64 store is computed in float64, but the model passed runs in {model.dtype}; "
                          f"pass load_model({cfg.model!r}, dtype=torch.float64) or none")
-    model.check_layer(cfg.layer)
+    for t in left:
+        model.check_layer(t.cfg.layer)
     ids_NT = make_contexts(model.tokenizer, iter_mixed_documents(cfg.data, data_dir), cfg.ctx_len, cfg.n_seq,
                            model.bos_id)
     splits = split_assignment(cfg.n_seq, cfg.val_frac, cfg.test_frac, cfg.split_seed)
     is_train = torch.zeros(cfg.n_seq, dtype=torch.bool)
     is_train[torch.from_numpy(splits["train"])] = True
-    if not man_path.exists() and ranks.main:
-        manifest = {
-            "format": STORE_FORMAT, "config": ident, "config_hash": chash, "model": cfg.model, "layer": cfg.layer,
-            "data": cfg.data, "ctx_len": cfg.ctx_len, "dtype": cfg.dtype, "d_model": model.d_model,
-            "n_seq": cfg.n_seq, "seqs_per_shard": cfg.seqs_per_shard, "special_ids": list(model.special_ids),
-            "split": {k: len(v) for k, v in splits.items()}, "shards": [], "complete": False,
-            "norm_scale": None, "token_count": None, "threads": torch.get_num_threads(),
-        }
-        atomic_write_json(man_path, manifest)
-    dtype = getattr(torch, cfg.dtype)
-    n_shards = -(-cfg.n_seq // cfg.seqs_per_shard)
     if ranks.main:
-        _absorb_entries(out, manifest, man_path)
+        for t in left:
+            if t.manifest is None:
+                t.manifest = _new_manifest(t.cfg, model, splits)
+                atomic_write_json(t.man_path, t.manifest)
+            _absorb_entries(t.out, t.manifest, t.man_path)
     ranks.barrier()
-    on_disk = manifest if ranks.main else _read_manifest(out)
-    done = len(on_disk["shards"])
-    threads = on_disk.get("threads") or torch.get_num_threads()
-    todo = [s for s in range(done, n_shards) if s % ranks.world == ranks.rank and not _entry_path(out, s).exists()]
-    if max_shards is not None:
-        todo = todo[:max_shards]
-    bar = tqdm(total=len(todo) * cfg.seqs_per_shard * cfg.ctx_len, unit="tok", unit_scale=True,
-               desc=f"harvest {cfg.model} L{cfg.layer}", disable=not (progress and ranks.main))
+    n_shards = -(-cfg.n_seq // cfg.seqs_per_shard)
+    todo: dict[int, list[_Target]] = {}  # shard -> the stores that still need it
+    threads = {}
+    for t in left:
+        on_disk = t.manifest if ranks.main else _read_manifest(t.out)
+        threads[id(t)] = on_disk.get("threads") or torch.get_num_threads()
+        for s in range(len(on_disk["shards"]), n_shards):
+            if s % ranks.world == ranks.rank and not _entry_path(t.out, s).exists():
+                todo.setdefault(s, []).append(t)
+    shards = sorted(todo)[:max_shards]
+    sites = ", ".join(f"L{t.cfg.layer} {t.cfg.site}" for t in left)
+    bar = tqdm(total=len(shards) * cfg.seqs_per_shard * cfg.ctx_len, unit="tok", unit_scale=True,
+               desc=f"harvest {cfg.model} {sites}", disable=not (progress and ranks.main))
     with phase("harvest", cfg.model):
-        for s in todo:
+        for s in shards:
             lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
-            acts_NTD = _shard_acts(model, cfg, ids_NT, lo, hi, compute, threads, bar)
-            ids = ids_NT[lo:hi]
-            valid = model.special_mask(ids) & is_train[lo:hi, None]
-            sq = acts_NTD.double().pow(2).sum(-1)[valid].sum().item()
-            name = f"shard_{s:05d}.safetensors"
-            digest = atomic_save_tensors(out / name, {"acts": acts_NTD.to(dtype), "ids": ids.to(torch.int32)})
-            entry = {"file": name, "n_seq": hi - lo, "sha256": digest, "bytes": (out / name).stat().st_size,
-                     "train_sq_norm": sq, "train_tokens": int(valid.sum()), "rank": ranks.rank}
-            if ranks.world == 1 and len(manifest["shards"]) == s:
-                manifest["shards"].append(entry)
-                atomic_write_json(man_path, manifest)
-            else:  # another rank may be writing the manifest's next shard: rank 0 lists this one later
-                atomic_write_json(_entry_path(out, s), entry)
+            for n, group in _by_threads(todo[s], threads):  # a resumed store keeps the thread count it began with
+                acts = _shard_acts(model, [t.cfg for t in group], ids_NT, lo, hi, compute, n, bar)
+                valid_NT = model.special_mask(ids_NT[lo:hi]) & is_train[lo:hi, None]
+                for t, acts_NTD in zip(group, acts):
+                    _write_shard(t, s, acts_NTD, ids_NT[lo:hi], valid_NT, ranks)
     bar.close()
     ranks.barrier()
     if not ranks.main:
-        ranks.barrier()  # rank 0 finishes the manifest
-        return ActivationStore(out, allow_partial=True)
-    _absorb_entries(out, manifest, man_path)
-    if len(manifest["shards"]) == n_shards:
-        _complete(manifest, man_path, model.d_model, cfg.n_seq * cfg.ctx_len)
+        ranks.barrier()  # rank 0 finishes the manifests
+        return [ActivationStore(t.out, allow_partial=True) for t in targets]
+    for t in left:
+        _absorb_entries(t.out, t.manifest, t.man_path)
+        if len(t.manifest["shards"]) == n_shards:
+            _complete(t.manifest, t.man_path, model.d_model, cfg.n_seq * cfg.ctx_len)
     ranks.barrier()
-    return ActivationStore(out, allow_partial=True)
+    return [ActivationStore(t.out, allow_partial=True) for t in targets]
 
 
-def _shard_acts(model: LoadedModel, cfg: HarvestConfig, ids_NT: torch.Tensor, lo: int, hi: int,
-                compute: torch.dtype, threads: int, bar) -> torch.Tensor:
-    """The layer's activations of sequences ``lo … hi-1``, ``batch_size`` at a time on ``threads`` threads;
-    non-finite values are refused."""
-    acts = []
-    for b in range(lo, hi, cfg.batch_size):
+def _new_manifest(cfg: HarvestConfig, model: LoadedModel, splits: dict[str, np.ndarray]) -> dict:
+    ident = store_identity(cfg)
+    return {
+        "format": STORE_FORMAT, "config": ident, "config_hash": config_hash(ident), "model": cfg.model,
+        "layer": cfg.layer, "site": cfg.site, "data": cfg.data, "ctx_len": cfg.ctx_len, "dtype": cfg.dtype,
+        "d_model": model.d_model, "n_seq": cfg.n_seq, "seqs_per_shard": cfg.seqs_per_shard,
+        "special_ids": list(model.special_ids), "split": {k: len(v) for k, v in splits.items()}, "shards": [],
+        "complete": False, "norm_scale": None, "token_count": None, "threads": torch.get_num_threads(),
+    }
+
+
+def _by_threads(targets: list[_Target], threads: dict[int, int]) -> list[tuple[int, list[_Target]]]:
+    """The stores that need a shard, grouped by the thread count their harvest began on (one forward per group)."""
+    groups: dict[int, list[_Target]] = {}
+    for t in targets:
+        groups.setdefault(threads[id(t)], []).append(t)
+    return list(groups.items())
+
+
+def _write_shard(t: _Target, s: int, acts_NTD: torch.Tensor, ids_NT: torch.Tensor, valid_NT: torch.Tensor,
+                 ranks: Ranks) -> None:
+    """Write shard ``s`` of store ``t`` and list it: in the manifest when it continues the manifest's run of
+    shards on a single process, else in a side file that rank 0 lists later (`_absorb_entries`)."""
+    sq = acts_NTD.double().pow(2).sum(-1)[valid_NT].sum().item()
+    name = f"shard_{s:05d}.safetensors"
+    digest = atomic_save_tensors(t.out / name, {"acts": acts_NTD.to(getattr(torch, t.cfg.dtype)),
+                                                "ids": ids_NT.to(torch.int32)})
+    entry = {"file": name, "n_seq": len(ids_NT), "sha256": digest, "bytes": (t.out / name).stat().st_size,
+             "train_sq_norm": sq, "train_tokens": int(valid_NT.sum()), "rank": ranks.rank}
+    if ranks.world == 1 and len(t.manifest["shards"]) == s:
+        t.manifest["shards"].append(entry)
+        atomic_write_json(t.man_path, t.manifest)
+    else:  # another rank may be writing the manifest's next shard: rank 0 lists this one later
+        atomic_write_json(_entry_path(t.out, s), entry)
+
+
+def _shard_acts(model: LoadedModel, cfgs: list[HarvestConfig], ids_NT: torch.Tensor, lo: int, hi: int,
+                compute: torch.dtype, threads: int, bar) -> list[torch.Tensor]:
+    """Each config's site of sequences ``lo … hi-1``, ``batch_size`` (the first config's) at a time on ``threads``
+    threads, all from the same forward passes; non-finite values are refused."""
+    sites = [(c.layer, c.site) for c in cfgs]
+    acts = [[] for _ in cfgs]
+    step = cfgs[0].batch_size
+    for b in range(lo, hi, step):
         with fixed_threads(threads):
-            a_BTD = layer_acts(model, cfg.layer, ids_NT[b:min(hi, b + cfg.batch_size)]).to(compute)
-        if not torch.isfinite(a_BTD).all():
-            raise StoreError(f"non-finite activations from {cfg.model} layer {cfg.layer} in sequences "
-                             f"{b}…{min(hi, b + cfg.batch_size) - 1}; refusing to store them")
-        acts.append(a_BTD)
-        bar.update(a_BTD.shape[0] * a_BTD.shape[1])
-    return torch.cat(acts)
+            got = site_acts(model, sites, ids_NT[b:min(hi, b + step)])
+        for c, a, a_BTD in zip(cfgs, acts, got):
+            if not torch.isfinite(a_BTD).all():
+                raise StoreError(f"non-finite activations from {c.model} layer {c.layer} {c.site} in sequences "
+                                 f"{b}…{min(hi, b + step) - 1}; refusing to store them")
+            a.append(a_BTD.to(compute))
+        bar.update(got[0].shape[0] * got[0].shape[1])
+    return [torch.cat(a) for a in acts]
 
 
 def _complete(manifest: dict, man_path: Path, d_model: int, token_count: int) -> None:
@@ -302,6 +378,9 @@ class ActivationStore:
         self._token_counts: dict[str, torch.Tensor] = {}
         m = self.manifest
         self.d_model, self.ctx_len = m["d_model"], m["ctx_len"]
+        self.layer, self.site = m["layer"], m.get("site", "resid_post")
+        """The block and hook site (`trsae.lm`) the activations were read at; stores from before sites existed are
+        ``resid_post``."""
         self.norm_scale = m["norm_scale"]
         self.dtype = getattr(torch, compute_dtype(m["dtype"]))
         """What batches are read in and SAEs on this store compute in: float64 for a float64 store, else float32."""
@@ -320,7 +399,7 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"ActivationStore({self.path}, {m['model']} L{m['layer']}, {m['data']}, "
+        return (f"ActivationStore({self.path}, {m['model']} L{self.layer} {self.site}, {m['data']}, "
                 f"{m['n_seq']}×{m['ctx_len']} tokens, d={m['d_model']}, split={m['split']})")
 
     def shard(self, i: int) -> dict[str, torch.Tensor]:

@@ -170,7 +170,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale, seed=cfg.seed)  # one seed: the run's
     run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
-                          "model": store.manifest["model"], "layer": store.manifest["layer"]}}
+                          "model": store.manifest["model"], "layer": store.layer, "site": store.site}}
     lock = folder_lock(out) if ranks.main else nullcontext()  # rank 0 speaks for its job
     with lock, phase("train", sae_cfg.label):
         return _train(sae_cfg, cfg, store, out, run_info, ranks, progress, max_steps)

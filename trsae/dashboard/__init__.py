@@ -121,7 +121,8 @@ def build(store: ActivationStore | str | os.PathLike, saes: SAE | str | os.PathL
         _say(progress, f"{d.name}: writing {d.p.width} feature pages")
         meta = {"name": d.name, "width": d.p.width, "d_in": d.sae.cfg.d_in, "label": d.sae.cfg.label,
                 "encoder": d.sae.cfg.encoder.to_dict(), "sparsity": d.sae.cfg.sparsity.to_dict(),
-                "store": str(store.path), "model": store.manifest["model"], "layer": store.manifest["layer"],
+                "store": str(store.path), "model": store.manifest["model"], "layer": store.layer,
+                "site": store.site,
                 "split": split, "tokens": int(d.p.mask_N.sum()), "temporal": d.strength is not None,
                 "has_labels": bool(d.labels), "has_logits": d.logits is not None, "other": d.other,
                 "buckets": buckets(d.sae)}
