@@ -214,3 +214,70 @@ def test_unsupported_architecture_and_unreachable_hub_id_fail_in_one_line(tmp_pa
         assert main(["harvest", "--model", model, "--out", str(tmp_path / "s"), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def _cell(fvu, ce, se=0.01, n=2, gap=0.2, conc=0.1, depth=0.5, gap_size=0.05):
+    leaf = lambda m: {"mean": m, "se": se, "n": n}  # noqa: E731
+    return {"paired": {"fvu_ratio": leaf(fvu), "ce_gap_ratio": leaf(ce)},
+            "apart_from_one": {"fvu_ratio": abs(fvu - 1) > 2 * se, "ce_gap_ratio": abs(ce - 1) > 2 * se},
+            "ceiling": {"gap_closed": leaf(gap), "amortisation_gap": leaf(gap_size)},
+            "concentration": {"top_token_share": conc}, "depth": depth}
+
+
+def test_site_verdicts_points_and_macros_read_the_cells_as_written():
+    from trsae import analysis, report
+
+    maps = {"m": {(3, "attn_out"): _cell(0.90, 1.00, gap=0.5, conc=0.6, depth=0.25),
+                  (3, "resid_post"): _cell(1.10, 0.95, gap=-0.1, depth=0.25),
+                  (7, "resid_post"): _cell(1.01, 0.99, gap=9.0, gap_size=0.001)}}  # a gap within 2 se of 0
+    table = analysis.site_table(maps)
+    assert list(table) == ["m L3 attn_out", "m L3 resid_post", "m L7 resid_post"]
+    v = analysis.site_verdicts(table, "fvu_ratio")
+    assert v == {"below": ["m L3 attn_out"], "above": ["m L3 resid_post"], "within": ["m L7 resid_post"]}
+    assert analysis.site_points(maps, "fvu_ratio") == {"m attn_out": [(0.25, 0.90, 0.01)],
+                                                       "m resid_post": [(0.25, 1.10, 0.01), (0.5, 1.01, 0.01)]}
+    verdicts = {key: analysis.site_verdicts(table, key) for key in report.SITE_RATIOS}
+    m = report.site_macros(table, verdicts, harvest_tokens=1000, train_tokens=500, n_seeds=2)
+    assert m["siteFvuBelow"] == r"m L3 attn\_out" and m["siteFvuWithin"] == r"m L7 resid\_post"
+    assert m["siteCeGapBelow"] == r"m L3 resid\_post" and m["siteCeGapAbove"] == "no site"
+    assert m["siteCeGapWithin"] == r"m L3 attn\_out and m L7 resid\_post"
+    assert m["siteFvuLowest"].endswith(r"(m L3 attn\_out)") and m["siteFvuHighest"].endswith(r"(m L3 resid\_post)")
+    assert m["siteConcentrated"] == r"m L3 attn\_out"
+    # the share of a gap within two standard errors of zero is not read: 9.0 at L7 is left out
+    assert m["siteGapClosed"].startswith("where TopK's amortisation gap is more than two standard errors above zero (2 "
+                                         "of the 3 cells), the TRSAE closes from ")
+    assert r"(m L3 resid\_post) to " in m["siteGapClosed"] and m["siteGapClosed"].endswith(r"(m L3 attn\_out) of it")
+    for gap_size in (0.001, -0.5):
+        none = {label: _cell(1.0, 1.0, gap_size=gap_size) for label in ("a", "b")}
+        assert "within two standard errors of zero at every cell" in report.site_macros(
+            none, {k: analysis.site_verdicts(none, k) for k in report.SITE_RATIOS}, 1, 1, 2)["siteGapClosed"]
+
+
+def test_site_map_trains_and_scores_each_cell_of_one_harvest(tmp_path, tiny_model, monkeypatch):
+    """End to end on tiny-gpt2: the stores of both cells come from one harvest, each cell's SAEs are scored on its own
+    store (a TopK's FVU there equals `evaluate_sae` of the same run's SAE on that store), at its relative depth."""
+    import trsae.runner as runner
+    import trsae.store as st
+    from trsae import experiments
+    from trsae.config import TrainConfig
+    from trsae.evaluate import evaluate_sae
+
+    monkeypatch.setitem(runner._MODELS, ("tiny-gpt2", torch.float32), tiny_model)
+    calls = []
+    real = st.harvest_sites
+    monkeypatch.setattr(runner, "harvest_sites", lambda cfgs, *a, **k: calls.append(len(cfgs)) or real(cfgs, *a, **k))
+    harvest = {"model": "tiny-gpt2", "layer": 1, "data": "brown", "tokens": 40 * 32, "ctx_len": 32, "test_frac": 0.2}
+    specs = lambda d: experiments.temporal_specs(d, 4 * d, 4, window=4)  # noqa: E731
+    train = TrainConfig(tokens=2048, batch_size=8, crop_len=16, context=8)
+    res = runner.site_map([(1, "attn_out"), (3, "resid_post")], harvest, specs, ("TRSAE", "TopK"), [0, 1], train,
+                          tmp_path, eval_seqs=2, density_tokens=256, progress=False)
+    assert calls == [2]
+    assert {c: r["depth"] for c, r in res.items()} == {(1, "attn_out"): 0.5, (3, "resid_post"): 1.0}
+    from trsae.config import HarvestConfig
+
+    store = runner.ensure_store(HarvestConfig(**(harvest | {"layer": 1, "site": "attn_out"})), tmp_path, progress=False)
+    sae, _ = runner.ensure_sae(specs(store.d_model)["TopK"], train, store, tmp_path, progress=False)
+    alone = evaluate_sae(sae, store, tiny_model, max_seqs=2, density_tokens=256, recon_seqs=runner.RECON_SEQS)
+    fvu = res[1, "attn_out"]["versus"]["fvu_b"]["values"][0]
+    assert fvu == pytest.approx(1 - alone["reconstruction_quality"]["explained_variance"], rel=1e-6)
+    assert res[1, "attn_out"]["paired"]["fvu_ratio"]["n"] == 2

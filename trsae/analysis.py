@@ -376,3 +376,38 @@ def variance_concentration(x_ND, top_frac: float = 0.01) -> dict[str, float]:
     per_token = sq.sum(-1).sort(descending=True).values
     n_top = max(1, int(len(per_token) * top_frac))
     return {"top_token_share": float(per_token[:n_top].sum() / total), "top_dim_share": float(sq.sum(0).max() / total)}
+
+
+def site_label(model: str, layer: int, site: str) -> str:
+    """How the site map names a cell: ``gemma-3-270m L6 resid_post``."""
+    return f"{model} L{layer} {site}"
+
+
+def site_table(maps: dict[str, dict[tuple[int, str], dict]]) -> dict[str, dict]:
+    """The site maps of several models (``{model: trsae.runner.site_map}``) as one table, a column per cell named
+    by `site_label`, models in the given order and each model's cells by site, then layer."""
+    return {site_label(model, layer, site): res for model, cells in maps.items()
+            for (layer, site), res in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0]))}
+
+
+def site_points(maps: dict[str, dict[tuple[int, str], dict]], key: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Each model's and site's ``paired`` ratio ``key`` against the cell's relative depth (its ``depth``):
+    ``{"<model> <site>": [(depth, mean, se), ...]}``, for `trsae.report.site_map_figure`."""
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for model, cells in maps.items():
+        for (_, site), res in sorted(cells.items()):
+            leaf = res["paired"][key]
+            out.setdefault(f"{model} {site}", []).append((res["depth"], leaf["mean"], leaf["se"]))
+    return out
+
+
+def site_verdicts(table: dict[str, dict], key: str) -> dict[str, list[str]]:
+    """The cells of a `site_table` by where the ``paired`` ratio ``key`` lies: ``below`` 1 or ``above`` 1 by more than
+    two standard errors (`separated`), or ``within`` two standard errors of 1."""
+    out: dict[str, list[str]] = {"below": [], "above": [], "within": []}
+    for label, res in table.items():
+        if not res["apart_from_one"][key]:
+            out["within"].append(label)
+        else:
+            out["below" if res["paired"][key]["mean"] < 1 else "above"].append(label)
+    return out

@@ -190,6 +190,12 @@ LENGTH_ROWS = VERSUS_ROWS + [("versus", "train_fvu_b", "train-split FVU, TopK"),
                              ("versus", "train_fvu_a", "train-split FVU, TRSAE")]
 """`VERSUS_ROWS` with the train-split FVU that the training-length curve also reads (overfitting would show as
 the train-split FVU falling further below the test split's past one epoch than under it)."""
+SITE_ROWS = [("versus", "fvu_b", "FVU, TopK"), ("versus", "fvu_a", "FVU, TRSAE"), ("paired", "fvu_ratio", "FVU ratio"),
+             ("versus", "ce_b", "CE-loss score, TopK"), ("paired", "ce_gap_ratio", "CE-gap ratio"),
+             ("ceiling", "amortisation_gap", "TopK's amortisation gap (FVU)"),
+             ("ceiling", "gap_closed", "share of TopK's amortisation gap closed"),
+             ("concentration", "top_token_share", "centred variance in the top 1% of tokens")]
+"""Rows of the site map (`trsae.runner.site_map` of `LENGTH_PAIR`, one column per model, layer and site)."""
 CE_SPLIT_ROWS = [("split", "token_share", "share of the scored positions"),
                  ("split", "gap_share", "share of TopK's CE gap"),
                  ("split", "ratio", "CE-gap ratio, TRSAE / TopK")]

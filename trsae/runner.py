@@ -20,11 +20,12 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from trsae import timing
-from trsae.analysis import TRAIN_FVU, summarize
+from trsae.analysis import TRAIN_FVU, amortisation, summarize, variance_concentration, versus
 from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
 from trsae.evaluate import evaluate_saes, split_fvu, train_mean
 from trsae.io import write_json_atomic
@@ -272,6 +273,32 @@ def ceilings(runs: dict[str, list[tuple[Path, SAE]]], store: ActivationStore,
             if not path.exists():
                 write_json_atomic(path, ceiling(sae, store, max_seqs=max_seqs))
             out[name].append(json.loads(path.read_text()))
+    return out
+
+
+def site_map(cells: list[tuple[int, str]], harvest: dict, specs: Callable[[int], dict[str, SAEConfig]],
+             pair: tuple[str, str], seeds: list[int], train_cfg: TrainConfig, work: str | os.PathLike, eval_seqs: int,
+             density_tokens: int = 100_000, lrs: dict[str, float] | None = None,
+             progress: bool = True) -> dict[tuple[int, str], dict]:
+    """A temporal SAE against its per-token twin (``pair``: the names of ``specs(d_model)`` to compare, temporal
+    first) at every ``(layer, site)`` of ``cells`` of one model: the stores (``harvest``'s model, text and token
+    count at each cell) harvested together, one forward pass per batch; at each cell both SAEs trained with every
+    seed and evaluated as `compare` does. Per cell: `trsae.analysis.versus`, with ``ceiling`` (the share of the
+    twin's amortisation gap the temporal encoder closes, seed by seed, `trsae.analysis.amortisation` over the first
+    ``eval_seqs`` test sequences), ``concentration`` (`trsae.analysis.variance_concentration` of the store-only
+    metrics' test tokens) and ``depth``, (layer + 1) / the model's number of layers."""
+    stores = ensure_stores([HarvestConfig(**(harvest | {"layer": layer, "site": site})) for layer, site in cells],
+                           work, progress=progress)
+    out = {}
+    for cell, store in zip(cells, stores):
+        cell_specs = {name: cfg for name, cfg in specs(store.d_model).items() if name in pair}
+        per_seed, _ = compare(cell_specs, seeds, train_cfg, store, work, eval_seqs, density_tokens=density_tokens,
+                              lrs=lrs, progress=progress)
+        trained = train_all(cell_specs, seeds, train_cfg, store, work, progress, lrs)  # the runs just made
+        _, closed = amortisation(ceilings(trained, store, eval_seqs), {pair[0]: pair[1]})
+        out[cell] = {**versus(per_seed, *pair), "ceiling": closed[pair[0]]["ceiling"],
+                     "concentration": variance_concentration(test_tokens(store, RECON_SEQS)),
+                     "depth": (cell[0] + 1) / shared_model(store.manifest["model"], store.dtype).n_layers}
     return out
 
 

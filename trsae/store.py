@@ -124,15 +124,17 @@ def harvest_sites(cfgs: list[HarvestConfig], outs: list[str | os.PathLike], mode
                   data_dir: str | os.PathLike | None = None, progress: bool = True,
                   max_shards: int | None = None) -> list["ActivationStore"]:
     """`harvest` several layers and sites of one model over the same text in one forward pass per batch: ``cfgs``
-    may differ only in ``layer``, ``site`` and ``batch_size``; store i goes to ``outs[i]``. Each store is what
-    `harvest` of its config alone writes (bit for bit where the forwards run on the same thread count), resumes on
-    its own, and a shard every store already holds costs no forward. ``max_shards`` counts forward passes over a
-    shard's sequences."""
+    may differ only in ``layer``, ``site`` and ``batch_size`` (the forwards take the first config's); store i goes
+    to ``outs[i]``. Each store is what `harvest` of its config alone writes (bit for bit at the same batch size and
+    thread count), resumes on its own, and a shard every store already holds costs no forward. ``max_shards``
+    counts forward passes over a shard's sequences."""
     if len(cfgs) != len(outs) or not cfgs:
         raise ValueError(f"need one output folder per config, got {len(cfgs)} configs and {len(outs)} folders")
-    text = {store_identity(dataclasses.replace(c, layer=0, site="resid_post")) == store_identity(
-        dataclasses.replace(cfgs[0], layer=0, site="resid_post")) for c in cfgs}
-    if text != {True}:
+
+    def shared(c: HarvestConfig) -> dict:  # what the stores of one harvest share: all but the layer and site
+        return store_identity(dataclasses.replace(c, layer=0, site="resid_post"))
+
+    if any(shared(c) != shared(cfgs[0]) for c in cfgs):
         raise ValueError("the configs of one harvest may differ only in layer, site and batch_size: they share "
                          "the forward passes over the same text")
     if len({Path(o).resolve() for o in outs}) != len(outs):

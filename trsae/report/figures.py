@@ -253,6 +253,28 @@ def frontier_figure(
     return save_figure(make_frontier_figure(points, ylabel, title, xlabel, fits), path)
 
 
+def site_map_figure(panels: dict[str, dict[str, Iterable[tuple[float, float, float]]]], path: str | os.PathLike,
+                    xlabel: str = "depth (layer + 1) / layers") -> Path:
+    """One panel per ratio (``{ylabel: {line: [(depth, mean, se), ...]}}``, e.g. `trsae.analysis.site_points` of
+    the FVU and CE-gap ratios), one line per model and site with standard-error bars and a grey line at 1 (below
+    it the temporal SAE is better), the legend below the panels; `TEXT_WIDTH_IN` wide, linear depth from 0 to 1."""
+    fig = Figure(figsize=(TEXT_WIDTH_IN, 2.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (ylabel, lines) in zip(axes, panels.items()):
+        for i, (name, pts) in enumerate(lines.items()):
+            xs, ys, ses = zip(*sorted(pts))
+            ax.errorbar(xs, ys, yerr=ses, label=name, color=color(i), marker="o", markersize=3, capsize=2,
+                        linewidth=1)
+        ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
+        ax.set_xlim(0, 1.02)
+        _style(ax, xlabel, ylabel)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=PT["legend"], frameon=False)
+    return save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # notebook 04
 

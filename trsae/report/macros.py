@@ -39,7 +39,8 @@ TEMPORAL = MacroFile("tmp", "temporal_macros.tex", "02_temporal")
 ABLATION = MacroFile("abl", "ablation_macros.tex", "03_ablations")
 INTERP = MacroFile("interp", "interp_macros.tex", "04_interpretability")
 OVERHEAD = MacroFile("overhead", "overhead_macros.tex", "05_overhead")
-MACRO_FILES: tuple[MacroFile, ...] = (SETUP, BASELINE, TEMPORAL, ABLATION, INTERP, OVERHEAD)
+SITE = MacroFile("site", "site_macros.tex", "06_sites")
+MACRO_FILES: tuple[MacroFile, ...] = (SETUP, BASELINE, TEMPORAL, ABLATION, INTERP, OVERHEAD, SITE)
 PREFIXES: tuple[str, ...] = tuple(m.prefix for m in MACRO_FILES)
 
 
@@ -444,3 +445,57 @@ def overhead_macros(summary: dict[str, float], centre: tuple[int, int, int], d_i
     return _prefixed(OVERHEAD, {"DIn": d_in, "K": k, "WidthMult": F0, "Window": w0, "CtxLen": T0,
                                 **{name: summary[key] for key, name in _OVERHEAD_NAMES.items()
                                    if key in summary and math.isfinite(summary[key])}})
+
+
+def _tex_list(labels: Sequence[str], empty: str = "no site") -> str:
+    """Labels as an English list for the paper (``a, b and c``; ``empty`` when there are none), TeX-escaped."""
+    items = [label.replace("_", "\\_") for label in labels]
+    if not items:
+        return empty
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+SITE_RATIOS = {"fvu_ratio": "Fvu", "ce_gap_ratio": "CeGap"}
+"""The ratios of the site map the paper states, and the word of their macros' names."""
+
+
+def site_macros(table: dict[str, dict], verdicts: dict[str, dict[str, list[str]]], harvest_tokens: int,
+                train_tokens: int, n_seeds: int, concentrated: float = 0.3) -> dict:
+    """06's site map (`SITE`): for each ratio of `SITE_RATIOS` the cells where it lies below 1, above 1 or within two
+    standard errors of 1 (``\\siteFvuBelow``, ...: `trsae.analysis.site_verdicts`, as lists of cells in words) and
+    its lowest and highest cell (``\\siteFvuLowest``: the ratio ± se and the cell); ``\\siteGapClosed``, a clause on
+    the share of TopK's amortisation gap the TRSAE closes (`_gap_closed_clause`); the cells whose top 1 % of test tokens hold more than
+    ``concentrated`` of the centred variance; and the budget (tokens harvested and trained per cell, seeds)."""
+    out = _prefixed(SITE, {"HarvestTokens": harvest_tokens, "TrainTokens": train_tokens, "Seeds": n_seeds,
+                           "Cells": len(table), "ConcentratedShare": concentrated})
+    for key, word in SITE_RATIOS.items():
+        for side, labels in verdicts[key].items():
+            out[macro_name(SITE.prefix, word, side)] = _tex_list(labels)
+        order = sorted(table, key=lambda label: table[label]["paired"][key]["mean"])
+        for which, label in (("lowest", order[0]), ("highest", order[-1])):
+            out[macro_name(SITE.prefix, word, which)] = (f"{pm_text(table[label]['paired'][key], word)} "
+                                                         f"({_tex_list([label])})")
+    out[macro_name(SITE.prefix, "gap closed")] = _gap_closed_clause(table)
+    out[macro_name(SITE.prefix, "concentrated")] = _tex_list(
+        [label for label, res in table.items() if res["concentration"]["top_token_share"] > concentrated])
+    return out
+
+
+def _gap_closed_clause(table: dict[str, dict]) -> str:
+    """Where TopK's amortisation gap is more than two standard errors above zero, the lowest and highest share of it the
+    TRSAE closes, as a clause that reads as prose for any number of such cells; a share of a gap near zero is not
+    read (its ratio is noise)."""
+    from trsae.analysis import separated
+
+    cells = [label for label, res in table.items()
+             if res["ceiling"]["amortisation_gap"]["mean"] > 0 and separated(res["ceiling"]["amortisation_gap"])]
+    if not cells:
+        return ("TopK's amortisation gap is within two standard errors of zero at every cell, so no share of it is "
+                "read")
+    order = sorted(cells, key=lambda label: table[label]["ceiling"]["gap_closed"]["mean"])
+    share = lambda label: f"{pm_text(table[label]['ceiling']['gap_closed'])} ({_tex_list([label])})"  # noqa: E731
+    where = (f"where TopK's amortisation gap is more than two standard errors above zero ({len(cells)} of the "
+             f"{len(table)} cells), the TRSAE closes ")
+    if len(order) == 1:
+        return where + f"{share(order[0])} of it"
+    return where + f"from {share(order[0])} to {share(order[-1])} of it"
