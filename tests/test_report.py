@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
@@ -236,29 +235,22 @@ def test_thousands_are_grouped():
 def test_rows_are_named_in_words():
     """Every row the notebooks tabulate reads in words: no raw key (``blimp_kept``, ``clause_start k=1``)."""
     from trsae import experiments
+    from trsae.evals import measures
 
-    rows = [r for name, v in vars(experiments).items() if name.endswith("_ROWS") for r in v]
+    rows = [r for mod in (experiments, measures) for name, v in vars(mod).items() if name.endswith("_ROWS") for r in v]
     nb = json.loads((ROOT / "notebooks" / "04_interpretability.ipynb").read_text())
-    src = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    params = next(s for s in src if "probe_ks =" in s)
-    measures_py = ast.parse((ROOT / "trsae" / "evals" / "measures.py").read_text())  # importing it loads torch
-    probe_labels = next(ast.literal_eval(n.value) for n in measures_py.body
-                        if isinstance(n, ast.Assign) and n.targets[0].id == "PROBE_LABELS")
-    env = {"measures": SimpleNamespace(PROBE_LABELS=probe_labels)}
+    params = next("".join(c["source"]) for c in nb["cells"] if "probe_ks =" in "".join(c["source"]))
+    env: dict = {}
     exec("\n".join(line for line in params.splitlines() if line.startswith("probe_ks")), env)
-    env["probe_ks"] = sorted(set(env["probe_ks"]) | {1, 5, 32})  # the smoke ks and those of larger profiles
-    built = [line for s in src for line in s.splitlines() if re.match(r"(rows|probe_rows|auto_rows) \+?= ", line)]
-    assert [b.split()[0] for b in built] == ["rows", "rows", "rows", "probe_rows", "auto_rows"], built
-    for line in built:
-        exec(line, env)
-    nb_rows = env["rows"] + env["probe_rows"] + env["auto_rows"]
+    ks = sorted(set(env["probe_ks"]) | {1, 5, 32})  # the smoke ks and those of larger profiles
+    nb_rows = [r for table in measures.interp_tables(ks).values() for r in table] + measures.gap_rows(ks)
     assert {"blimp_kept", "clause_start_k1", "gap_probe_k1", "labelled_frac"} <= {r[1] for r in nb_rows}
     for section, key, label in rows + nb_rows:
         words = R.row_label(section, key, label)
         assert "_" not in words and "k=" not in words and words != key, (key, label, words)
     assert R.row_label("probing", "clause_start_k1", "clause_start k=1") == "clause start (k = 1 probe)"
     assert R.row_label("syntax", "blimp_kept", "blimp_kept") == "BLiMP accuracy kept"
-    assert set(probe_labels) <= set(R.PROBE_WORDS)
+    assert set(measures.PROBE_LABELS) <= set(R.PROBE_WORDS)
 
 
 def test_paper_prints_values_through_pm_macros():

@@ -9,7 +9,8 @@
 | `syntaxgym`  | SyntaxGym prediction formulas and suites, scored with `syntax`'s core                |
 | `discourse`  | GAP: a k-sparse antecedent probe at the pronoun and the model's own name preference  |
 | `autointerp` | density, best-label F1, temporal smoothness, top-activating contexts (no API model)  |
-| `measures`   | notebook 04's measures of one source (clean model or SAE), in the results-dict shape |
+| `measures`   | notebook 04's measures of one source (clean model or SAE), its sizes and table rows  |
+| `interp`     | notebook 04's measures of the clean model and every SAE, cached; top contexts         |
 
 UD EWT is located through `trsae.data.locate`. BLiMP, SyntaxGym, Linzen agreement and GAP have no download
 source in `trsae.data` yet: they are read from ``<data dir>/<folder>`` (`eval_data_dir`), where the data dir is

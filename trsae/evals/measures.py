@@ -9,6 +9,11 @@ model's accuracy an SAE keeps when its reconstruction replaces the layer's outpu
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 from trsae.evals import autointerp, discourse, probing, syntax, syntaxgym, ud
 from trsae.lm import LoadedModel
 from trsae.saes import SAE
@@ -17,6 +22,77 @@ from trsae.timing import phase, timed
 PROBE_LABELS = ("upos", "deprel", "head_dist", "abs_pos", "word_pos", "connective", "clause_start")
 """The UD labels notebook 04 probes; tables and figures name them in words by `trsae.report.values.PROBE_WORDS`
 (kept there, as the reporting package imports no torch; tests/test_report.py checks that it covers these)."""
+
+Row = tuple[str, str, str]
+"""A table row ``(section, key, label)`` of `trsae.report.results_table` (`trsae.report.values.Panel`)."""
+
+SYNTAX_ROWS: list[Row] = [("syntax", m, m) for m in ("blimp", "syntaxgym", "linzen",
+                                                     "blimp_kept", "syntaxgym_kept", "linzen_kept")]
+"""Notebook 04's syntax table: accuracy with the SAE spliced in, and the share of the clean model's accuracy kept."""
+AUTOINTERP_ROWS: list[Row] = [("autointerp", key, key)
+                              for key in ("labelled_frac", "alive_frac", "mean_density", "stay", "stay_lift")]
+"""Notebook 04's automated-interpretability table (SAEs only: the clean model has no features)."""
+DISCOURSE_PROBES = ("connective", "clause_start")
+"""The UD labels of `PROBE_LABELS` that the discourse table shows beside GAP."""
+
+
+def gap_rows(probe_ks: Sequence[int]) -> list[Row]:
+    """GAP's rows: the antecedent probe at each k, the model's name preference and its agreement with the clean
+    model's."""
+    return [("discourse", f"gap_probe_k{k}", f"GAP probe k={k}") for k in probe_ks] + [
+        ("discourse", "gap_preference_acc", "GAP preference acc."),
+        ("discourse", "gap_agreement", "GAP agreement w/ clean")]
+
+
+def probe_rows(probe_ks: Sequence[int]) -> list[Row]:
+    """The probing table: every label of `PROBE_LABELS` at every k."""
+    return [("probing", f"{label}_k{k}", f"{label} k={k}") for label in PROBE_LABELS for k in probe_ks]
+
+
+def discourse_rows(probe_ks: Sequence[int]) -> list[Row]:
+    """The discourse table: `gap_rows`, then the probes of `DISCOURSE_PROBES` (connectives, clause starts)."""
+    return gap_rows(probe_ks) + [r for r in probe_rows(probe_ks) if r[1].startswith(DISCOURSE_PROBES)]
+
+
+def interp_tables(probe_ks: Sequence[int]) -> dict[str, list[Row]]:
+    """Notebook 04's tables by name (``figures/interp_<name>_table.*``): syntax, discourse, probing, autointerp."""
+    return {"syntax": SYNTAX_ROWS, "discourse": discourse_rows(probe_ks), "probing": probe_rows(probe_ks),
+            "autointerp": AUTOINTERP_ROWS}
+
+
+@dataclass(frozen=True)
+class EvalSizes:
+    """How much of each evaluation set notebook 04 scores (its parameters of the same names)."""
+
+    blimp_paradigms: Sequence[str]
+    """BLiMP paradigms scored."""
+    blimp_items: int
+    """Sentence pairs per paradigm."""
+    suites: Sequence[str]
+    """SyntaxGym suites scored."""
+    suite_items: int
+    """Items per suite."""
+    linzen_items: int
+    """Linzen agreement items."""
+    ud_sentences: Mapping[str, int]
+    """UD EWT sentences per probe split (``train``, ``dev``, ``test``)."""
+    gap_items: Mapping[str, int]
+    """GAP rows per probe split (``train``: GAP development, ``dev``: validation, ``test``)."""
+    probe_ks: Sequence[int]
+    """The k of the k-sparse probes."""
+    pack_tokens: int
+    """Tokens per packed UD context (`trsae.evals.ud.tokenize_ud`)."""
+    f1_threshold: float
+    """A feature counts as labelled when its best label's F1 is at least this."""
+
+    def __post_init__(self):
+        for name in ("ud_sentences", "gap_items"):
+            if set(getattr(self, name)) != {"train", "dev", "test"}:
+                raise ValueError(f"{name} must give train, dev and test sizes, got {dict(getattr(self, name))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sizes as a plain dict (`trsae.report.interp_macros` takes them so; cache keys hash them)."""
+        return dataclasses.asdict(self)
 
 
 @timed("syntax")
@@ -72,12 +148,26 @@ def gap_scores(model: LoadedModel, layer: int, sae: SAE | None, n_items: dict[st
     return out, pref
 
 
+def ud_test_features(model: LoadedModel, layer: int, sae: SAE | None, sizes: EvalSizes) -> "ud.UDFeatures":
+    """The UD test split's features of one source, as `evaluate_source` computes them for its probes and
+    automated interpretability."""
+    with phase("probe features"):
+        return ud.ud_features(model, layer, sae, split="test", max_sentences=sizes.ud_sentences["test"],
+                              pack_tokens=sizes.pack_tokens)
+
+
+def best_labels(test_feats: "ud.UDFeatures", model: LoadedModel) -> "autointerp.LabelF1":
+    """Each feature's best label by F1 on the UD word rows of ``test_feats`` (`trsae.evals.autointerp.label_f1`)."""
+    return autointerp.label_f1(test_feats.word_X, autointerp.ud_interp_labels(test_feats, tokenizer=model.tokenizer))
+
+
 @timed("autointerp")
-def interp_scores(test_feats: "ud.UDFeatures", model: LoadedModel, f1_threshold: float) -> tuple[dict, "autointerp.LabelF1"]:
+def interp_scores(test_feats: "ud.UDFeatures", model: LoadedModel,
+                  f1_threshold: float) -> tuple[dict, "autointerp.LabelF1"]:
     """Density, best-label F1 (share of alive features at or above ``f1_threshold``, by label family) and
     temporal smoothness of an SAE's features on UD test text."""
     # labels live on UD words (their last sub-token); smoothness is over every token of the contexts
-    res = autointerp.label_f1(test_feats.word_X, autointerp.ud_interp_labels(test_feats, tokenizer=model.tokenizer))
+    res = best_labels(test_feats, model)
     sm = autointerp.temporal_smoothness(test_feats.tokens.X, test_feats.tokens.seq, test_feats.tokens.tok)
     out = {"labelled_frac": res.share_at_least(f1_threshold), "alive_frac": float(res.alive.mean()),
            "mean_density": float(res.density[res.alive].mean()) if res.alive.any() else float("nan"),
@@ -86,29 +176,42 @@ def interp_scores(test_feats: "ud.UDFeatures", model: LoadedModel, f1_threshold:
     return out, res
 
 
-def evaluate_source(model: LoadedModel, layer: int, sae: SAE | None, p: dict, clean: dict | None) -> dict:
+def evaluate_source(model: LoadedModel, layer: int, sae: SAE | None, sizes: EvalSizes,
+                    clean: dict | None) -> dict:
     """Every notebook-04 measure for one SAE (``None``: the clean model and its raw activations).
 
-    ``p`` holds the notebook's sizes (blimp_paradigms, blimp_items, suites, suite_items, linzen_items,
-    ud_sentences, gap_items, probe_ks, pack_tokens, f1_threshold); ``clean`` is the clean model's result
-    (None when evaluating the clean model itself). Returns ``{"syntax", "discourse", "probing",
-    "autointerp"}`` sections, plus ``"_gap_pref"`` and ``"_label_f1"`` / ``"_test_feats"`` for the caller."""
-    syn = syntax_scores(model, layer, sae, p["blimp_items"], p["blimp_paradigms"], p["suites"], p["suite_items"],
-                        p["linzen_items"])
+    ``clean`` is the clean model's result (None when evaluating the clean model itself; its ``syntax`` and
+    ``_gap_pref`` are read). Returns ``{"syntax", "discourse", "probing", "blimp_per_paradigm"}`` (and for an SAE
+    ``"autointerp"``) sections, plus the working objects ``"_gap_pref"``, ``"_test_feats"`` and (for an SAE)
+    ``"_label_f1"``: `public` drops them, `ud_features_of` and `label_f1_of` read them."""
+    syn = syntax_scores(model, layer, sae, sizes.blimp_items, sizes.blimp_paradigms, sizes.suites, sizes.suite_items,
+                        sizes.linzen_items)
     per_paradigm = syn.pop("per_paradigm")
     syn.pop("linzen_by_attractors")
     if clean is not None:
         syn.update(syntax_kept(syn, clean["syntax"]))
-    gap, pref = gap_scores(model, layer, sae, p["gap_items"], p["probe_ks"],
+    gap, pref = gap_scores(model, layer, sae, sizes.gap_items, sizes.probe_ks,
                            None if clean is None else clean["_gap_pref"])
-    probe, feats = probe_scores(model, layer, sae, p["ud_sentences"], p["probe_ks"], p["pack_tokens"])
+    probe, feats = probe_scores(model, layer, sae, sizes.ud_sentences, sizes.probe_ks, sizes.pack_tokens)
     out = {"syntax": syn, "discourse": gap, "probing": probe, "blimp_per_paradigm": per_paradigm,
            "_gap_pref": pref, "_test_feats": feats["test"]}
     if sae is not None:
-        out["autointerp"], out["_label_f1"] = interp_scores(feats["test"], model, p["f1_threshold"])
+        out["autointerp"], out["_label_f1"] = interp_scores(feats["test"], model, sizes.f1_threshold)
     return out
 
 
 def public(result: dict) -> dict:
     """The JSON-able part of an `evaluate_source` result (drops the ``_``-prefixed working objects)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def ud_features_of(result: dict) -> "ud.UDFeatures":
+    """The UD test split's features (raw activations or SAE codes) of an `evaluate_source` result."""
+    return result["_test_feats"]
+
+
+def label_f1_of(result: dict) -> "autointerp.LabelF1":
+    """Each feature's best label (`best_labels`) of an SAE's `evaluate_source` result."""
+    if "_label_f1" not in result:
+        raise KeyError("the clean model's result has no feature labels (only an SAE's has)")
+    return result["_label_f1"]

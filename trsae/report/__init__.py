@@ -5,6 +5,7 @@ Pure matplotlib + the standard library: nothing here imports torch, the model or
     figures.py  comparison (points ± se), frontier, probing, top-context and overhead figures; `PALETTE`
     tables.py   results tables (mean ± se per SAE) and tables of measured rows
     macros.py   macro names and files; what each notebook writes (`MacroFile`, its prefix, its macros)
+    interp.py   notebook 04's files (results JSON, tables, probing and top-context figures, macros)
 
 Every file is written atomically (`trsae.io`), so an interrupted run never leaves half a figure, table or macro
 file for the paper to pick up.
@@ -26,3 +27,4 @@ from trsae.report.tables import (OVERHEAD_COLUMNS, OVERHEAD_STATIC_COLUMNS, TEX_
 from trsae.report.values import (PROBE_WORDS, ROW_WORDS, SINGLE_SEED_MARK, SINGLE_SEED_NOTE, Panel,  # noqa: F401
                                  budget_label, by_budget, format_mean_se, format_number, group_thousands, metric_n, metric_value, row_label,
                                  se_decimals)
+from trsae.report.interp import INTERP_TABLES, TopContexts, write_interp  # noqa: F401
