@@ -237,7 +237,9 @@ def test_site_verdicts_points_and_macros_read_the_cells_as_written():
     assert analysis.site_points(maps, "fvu_ratio") == {"m attn_out": [(0.25, 0.90, 0.01)],
                                                        "m resid_post": [(0.25, 1.10, 0.01), (0.5, 1.01, 0.01)]}
     verdicts = {key: analysis.site_verdicts(table, key) for key in report.SITE_RATIOS}
-    m = report.site_macros(table, verdicts, harvest_tokens=1000, train_tokens=500, n_seeds=2)
+    assert analysis.site_gap_cells(table) == ["m L3 attn_out", "m L3 resid_post"]
+    m = report.site_macros(table, verdicts, analysis.site_gap_cells(table), harvest_tokens=1000, train_tokens=500,
+                           n_seeds=2)
     assert m["siteFvuBelow"] == r"m L3 attn\_out" and m["siteFvuWithin"] == r"m L7 resid\_post"
     assert m["siteCeGapBelow"] == r"m L3 resid\_post" and m["siteCeGapAbove"] == "no site"
     assert m["siteCeGapWithin"] == r"m L3 attn\_out and m L7 resid\_post"
@@ -249,8 +251,9 @@ def test_site_verdicts_points_and_macros_read_the_cells_as_written():
     assert r"(m L3 resid\_post) to " in m["siteGapClosed"] and m["siteGapClosed"].endswith(r"(m L3 attn\_out) of it")
     for gap_size in (0.001, -0.5):
         none = {label: _cell(1.0, 1.0, gap_size=gap_size) for label in ("a", "b")}
+        assert analysis.site_gap_cells(none) == []
         assert "within two standard errors of zero at every cell" in report.site_macros(
-            none, {k: analysis.site_verdicts(none, k) for k in report.SITE_RATIOS}, 1, 1, 2)["siteGapClosed"]
+            none, {k: analysis.site_verdicts(none, k) for k in report.SITE_RATIOS}, [], 1, 1, 2)["siteGapClosed"]
 
 
 def test_site_map_trains_and_scores_each_cell_of_one_harvest(tmp_path, tiny_model, monkeypatch):

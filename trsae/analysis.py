@@ -411,3 +411,10 @@ def site_verdicts(table: dict[str, dict], key: str) -> dict[str, list[str]]:
         else:
             out["below" if res["paired"][key]["mean"] < 1 else "above"].append(label)
     return out
+
+
+def site_gap_cells(table: dict[str, dict]) -> list[str]:
+    """The cells of a `site_table` whose ``ceiling`` amortisation gap (the per-token twin's) is more than two standard
+    errors above zero: where the share of it a temporal encoder closes can be read (near zero the share is noise)."""
+    return [label for label, res in table.items()
+            if res["ceiling"]["amortisation_gap"]["mean"] > 0 and separated(res["ceiling"]["amortisation_gap"])]

@@ -459,13 +459,14 @@ SITE_RATIOS = {"fvu_ratio": "Fvu", "ce_gap_ratio": "CeGap"}
 """The ratios of the site map the paper states, and the word of their macros' names."""
 
 
-def site_macros(table: dict[str, dict], verdicts: dict[str, dict[str, list[str]]], harvest_tokens: int,
-                train_tokens: int, n_seeds: int, concentrated: float = 0.3) -> dict:
+def site_macros(table: dict[str, dict], verdicts: dict[str, dict[str, list[str]]], gap_cells: list[str],
+                harvest_tokens: int, train_tokens: int, n_seeds: int, concentrated: float = 0.3) -> dict:
     """06's site map (`SITE`): for each ratio of `SITE_RATIOS` the cells where it lies below 1, above 1 or within two
     standard errors of 1 (``\\siteFvuBelow``, ...: `trsae.analysis.site_verdicts`, as lists of cells in words) and
     its lowest and highest cell (``\\siteFvuLowest``: the ratio ± se and the cell); ``\\siteGapClosed``, a clause on
-    the share of TopK's amortisation gap the TRSAE closes (`_gap_closed_clause`); the cells whose top 1 % of test tokens hold more than
-    ``concentrated`` of the centred variance; and the budget (tokens harvested and trained per cell, seeds)."""
+    the share of TopK's amortisation gap the TRSAE closes where ``gap_cells`` can read it (`_gap_closed_clause`); the
+    cells whose top 1 % of test tokens hold more than ``concentrated`` of the centred variance; and the budget
+    (tokens harvested and trained per cell, seeds)."""
     out = _prefixed(SITE, {"HarvestTokens": harvest_tokens, "TrainTokens": train_tokens, "Seeds": n_seeds,
                            "Cells": len(table), "ConcentratedShare": concentrated})
     for key, word in SITE_RATIOS.items():
@@ -475,20 +476,16 @@ def site_macros(table: dict[str, dict], verdicts: dict[str, dict[str, list[str]]
         for which, label in (("lowest", order[0]), ("highest", order[-1])):
             out[macro_name(SITE.prefix, word, which)] = (f"{pm_text(table[label]['paired'][key], word)} "
                                                          f"({_tex_list([label])})")
-    out[macro_name(SITE.prefix, "gap closed")] = _gap_closed_clause(table)
+    out[macro_name(SITE.prefix, "gap closed")] = _gap_closed_clause(table, gap_cells)
     out[macro_name(SITE.prefix, "concentrated")] = _tex_list(
         [label for label, res in table.items() if res["concentration"]["top_token_share"] > concentrated])
     return out
 
 
-def _gap_closed_clause(table: dict[str, dict]) -> str:
-    """Where TopK's amortisation gap is more than two standard errors above zero, the lowest and highest share of it the
-    TRSAE closes, as a clause that reads as prose for any number of such cells; a share of a gap near zero is not
-    read (its ratio is noise)."""
-    from trsae.analysis import separated
-
-    cells = [label for label, res in table.items()
-             if res["ceiling"]["amortisation_gap"]["mean"] > 0 and separated(res["ceiling"]["amortisation_gap"])]
+def _gap_closed_clause(table: dict[str, dict], cells: list[str]) -> str:
+    """The lowest and highest share of TopK's amortisation gap the TRSAE closes among ``cells`` (those where that gap is
+    more than two standard errors above zero, `trsae.analysis.site_gap_cells`), as a clause that reads as prose for
+    any number of such cells."""
     if not cells:
         return ("TopK's amortisation gap is within two standard errors of zero at every cell, so no share of it is "
                 "read")
