@@ -254,6 +254,8 @@ def test_pages_and_assets_exist(site):
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in html
     assert "<th data-col=\"label\">" in html and "<th data-col=\"ctx\"" not in html
     assert "<th data-col=\"ctx\"" in (out / "trsae-topk" / "index.html").read_text()
+    assert "tiny-gpt2 layer 1 resid_post" in html  # the page names the store's hook site
+    assert read_js(out / "topk" / "data" / "index.js")["meta"]["site"] == "resid_post"
 
 
 def test_data_can_never_close_its_script():
