@@ -62,7 +62,7 @@ def test_splice_matches_a_plain_torch_hook(tiny_model):
 
 def test_bad_layer_and_unknown_model(tiny_model):
     with pytest.raises(ModelError, match="out of range"):
-        tiny_model.layer(tiny_model.n_layers)
+        tiny_model.site(tiny_model.n_layers)
     with pytest.raises(ModelError, match="unknown model"):
         load_model("gpt-5")
 

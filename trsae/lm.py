@@ -138,10 +138,6 @@ class LoadedModel:
         """The context every forward of this model runs in: `numerics` of its dtype."""
         return numerics(self.dtype)
 
-    def layer(self, layer: int):
-        """nnsight envoy of decoder block ``layer``; its ``.output`` is the residual stream ``[B, T, d]``."""
-        return self._block(self.nn, layer)
-
     def hf_layer(self, layer: int) -> torch.nn.Module:
         """The plain torch module of decoder block ``layer``."""
         return self._block(self.hf, layer)

@@ -124,7 +124,7 @@ def harvest_sites(cfgs: list[HarvestConfig], outs: list[str | os.PathLike], mode
                   data_dir: str | os.PathLike | None = None, progress: bool = True,
                   max_shards: int | None = None) -> list["ActivationStore"]:
     """`harvest` several layers and sites of one model over the same text in one forward pass per batch: ``cfgs``
-    may differ only in ``layer``, ``site`` and ``batch_size`` (the forwards take the first config's); store i goes
+    may differ only in ``layer``, ``site`` and ``batch_size`` (the forwards take one of theirs); store i goes
     to ``outs[i]``. Each store is what `harvest` of its config alone writes (bit for bit at the same batch size and
     thread count), resumes on its own, and a shard every store already holds costs no forward. ``max_shards``
     counts forward passes over a shard's sequences."""
@@ -148,11 +148,13 @@ def harvest_sites(cfgs: list[HarvestConfig], outs: list[str | os.PathLike], mode
 
 @dataclasses.dataclass
 class _Target:
-    """One store of a harvest: its config, folder and (on rank 0) its manifest as written so far."""
+    """One store of a harvest: its config, folder, (on rank 0) its manifest as written so far, and the thread count
+    its forwards run on (the one its harvest began with, so that a resumed store is bitwise the uninterrupted one)."""
 
     cfg: HarvestConfig
     out: Path
     manifest: dict | None = None
+    threads: int = 0
 
     @property
     def man_path(self) -> Path:
@@ -200,10 +202,9 @@ def _harvest(targets: list[_Target], model: LoadedModel | None, data_dir: str | 
     ranks.barrier()
     n_shards = -(-cfg.n_seq // cfg.seqs_per_shard)
     todo: dict[int, list[_Target]] = {}  # shard -> the stores that still need it
-    threads = {}
     for t in left:
         on_disk = t.manifest if ranks.main else _read_manifest(t.out)
-        threads[id(t)] = on_disk.get("threads") or torch.get_num_threads()
+        t.threads = on_disk.get("threads") or torch.get_num_threads()
         for s in range(len(on_disk["shards"]), n_shards):
             if s % ranks.world == ranks.rank and not _entry_path(t.out, s).exists():
                 todo.setdefault(s, []).append(t)
@@ -214,9 +215,9 @@ def _harvest(targets: list[_Target], model: LoadedModel | None, data_dir: str | 
     with phase("harvest", cfg.model):
         for s in shards:
             lo, hi = s * cfg.seqs_per_shard, min(cfg.n_seq, (s + 1) * cfg.seqs_per_shard)
-            for n, group in _by_threads(todo[s], threads):  # a resumed store keeps the thread count it began with
+            valid_NT = model.special_mask(ids_NT[lo:hi]) & is_train[lo:hi, None]
+            for n, group in _by_threads(todo[s]):  # one forward per thread count
                 acts = _shard_acts(model, [t.cfg for t in group], ids_NT, lo, hi, compute, n, bar)
-                valid_NT = model.special_mask(ids_NT[lo:hi]) & is_train[lo:hi, None]
                 for t, acts_NTD in zip(group, acts):
                     _write_shard(t, s, acts_NTD, ids_NT[lo:hi], valid_NT, ranks)
     bar.close()
@@ -243,11 +244,11 @@ def _new_manifest(cfg: HarvestConfig, model: LoadedModel, splits: dict[str, np.n
     }
 
 
-def _by_threads(targets: list[_Target], threads: dict[int, int]) -> list[tuple[int, list[_Target]]]:
+def _by_threads(targets: list[_Target]) -> list[tuple[int, list[_Target]]]:
     """The stores that need a shard, grouped by the thread count their harvest began on (one forward per group)."""
     groups: dict[int, list[_Target]] = {}
     for t in targets:
-        groups.setdefault(threads[id(t)], []).append(t)
+        groups.setdefault(t.threads, []).append(t)
     return list(groups.items())
 
 
