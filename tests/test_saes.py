@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from trsae.saes import SAE, ForwardOutput, SAEConfig, TopKConfig, load_sae, make_sae
 from trsae.saes.config import PartConfig, part_names, register_part
-from trsae.saes.sparse_ops import batch_topk_pairs
+from trsae.saes.sparse_ops import LatentOrder, batch_topk_pairs
 from trsae.saes.sparsity import ReLUL1
 
 D, F, K, B, T = 16, 64, 4, 3, 8
@@ -437,6 +437,25 @@ def test_sparse_training_path_matches_dense_autograd(variant, kw):
     for name, p in sae.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_latent_sums_equal_the_sparse_product(dtype):
+    """`LatentOrder.sums` (the weight gradients of the pair path) is ``G @ table`` for the COO matrix of the pairs:
+    equal to a dense product and to `torch.sparse.mm` (which it replaces), with pairs that repeat and two row-sorted
+    runs (a TopK's pairs, then its AuxK pairs)."""
+    gen = torch.Generator().manual_seed(3)
+    n, f, a = 40, 64, 24
+    rows_M = torch.cat([torch.arange(n).repeat_interleave(4), torch.arange(n).repeat_interleave(7)])
+    cols_M = torch.randint(0, f, (rows_M.numel(),), generator=gen)
+    cols_M[n * 4] = cols_M[0]  # the first token's first TopK pair again among its AuxK pairs
+    w_M = torch.randn(rows_M.numel(), generator=gen, dtype=dtype)
+    table_NA = torch.randn(n, a, generator=gen, dtype=dtype)
+    got = LatentOrder(rows_M, cols_M, w_M, f).sums(table_NA)
+    dense_FN = torch.zeros(f, n, dtype=dtype).index_put_((cols_M, rows_M), w_M, accumulate=True)
+    torch.testing.assert_close(got, dense_FN @ table_NA)
+    sparse_FN = torch.sparse_coo_tensor(torch.stack([cols_M, rows_M]), w_M, (f, n), check_invariants=False)
+    torch.testing.assert_close(got, torch.sparse.mm(sparse_FN, table_NA))
 
 
 def _sparse_data(n: int, seed: int = 0):

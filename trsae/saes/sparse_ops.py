@@ -16,11 +16,12 @@ class PairPreacts(torch.autograd.Function):
     """``z_NF[rows_M, cols_M]`` re-attached to the graph of
     ``z = x_ND @ W_enc_DF + bias_F + ctx_NC @ U_FC^T + onehot(bucket_N) @ P_FB^T`` (terms optional, None).
 
-    Forward only gathers the precomputed z. Backward builds the pair gradients once as a sparse ``[F, N]``
-    matrix G and returns ``dW_enc = (G x)^T``, ``dU = G ctx``, ``dP``, ``dbias`` by index_add, and ``dx``,
-    ``dctx`` by embedding-bags over the pairs (only those that are needed). Never forms a dense ``[N, F]``
-    gradient and never computes ``dL/dx`` unless x requires it. Pairs may repeat (they are summed);
-    `segs` gives the sizes of consecutive runs of pairs each sorted by row.
+    Forward only gathers the precomputed z. Backward takes the pair gradients g as the sparse ``[F, N]`` matrix
+    G and returns ``dW_enc = (G x)^T`` and ``dU = G ctx`` as embedding-bags over the pairs ordered by latent
+    (`latent_sums`), ``dP``, ``dbias`` by index_add, and ``dx``, ``dctx`` by embedding-bags over the pairs in row
+    order (only those that are needed). Never forms a dense ``[N, F]`` gradient and never computes ``dL/dx``
+    unless x requires it. Pairs may repeat (they are summed); `segs` gives the sizes of consecutive runs of pairs
+    each sorted by row.
     """
 
     @staticmethod
@@ -37,22 +38,38 @@ class PairPreacts(torch.autograd.Function):
         n, f = ctx.shape
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 11
-        G_FN = torch.sparse_coo_tensor(torch.stack([cols_M, rows_M]), grad_M, (f, n), check_invariants=False)
+        by_latent = LatentOrder(rows_M, cols_M, grad_M, f) if need[5] or need[8] else None
         if need[4]:
             grads[4] = segment_bags(rows_M, cols_M, grad_M, W_enc_DF.T.contiguous(), n, ctx.segs)
         if need[5]:
-            grads[5] = torch.sparse.mm(G_FN, x_ND).T
+            grads[5] = by_latent.sums(x_ND).T
         if need[6]:
             grads[6] = grad_M.new_zeros(f).index_add_(0, cols_M, grad_M)
         if need[7]:
             grads[7] = segment_bags(rows_M, cols_M, grad_M, U_FC, n, ctx.segs)
         if need[8]:
-            grads[8] = torch.sparse.mm(G_FN, ctx_NC)
+            grads[8] = by_latent.sums(ctx_NC)
         if need[9]:
             nb = ctx.n_buckets
             flat_M = cols_M * nb + bucket_N[rows_M]
             grads[9] = grad_M.new_zeros(f * nb).index_add_(0, flat_M, grad_M).view(f, nb)
         return tuple(grads)
+
+
+class LatentOrder:
+    """The pairs ordered by latent (stably: within a latent, in their given order), for ``G @ table``: row f of
+    the result is ``sum_{m: cols[m]=f} w[m] table[rows[m]]``, one embedding-bag per latent: the product
+    `torch.sparse.mm` computes for the COO matrix ``G[cols, rows] = w`` (to float rounding; in float32 on CPU bit
+    for bit), at a third to a half of its cost on CPU (``python benchmarks/bench_train.py`` times both)."""
+
+    def __init__(self, rows_M: Tensor, cols_M: Tensor, w_M: Tensor, n_latents: int):
+        order_M = cols_M.argsort(stable=True)
+        counts_F = torch.bincount(cols_M, minlength=n_latents)
+        self.rows_M, self.w_M, self.offsets_F = rows_M[order_M], w_M[order_M], counts_F.cumsum(0) - counts_F
+
+    def sums(self, table_NA: Tensor) -> Tensor:
+        """``[F, A]``: each latent's weighted sum of the rows of ``table_NA`` it is paired with."""
+        return tnf.embedding_bag(self.rows_M, table_NA, self.offsets_F, mode="sum", per_sample_weights=self.w_M)
 
 
 def segment_bags(rows_M: Tensor, cols_M: Tensor, w_M: Tensor, table_FA: Tensor, n_rows: int,
