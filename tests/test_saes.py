@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from trsae.saes import SAE, ForwardOutput, SAEConfig, TopKConfig, load_sae, make_sae
 from trsae.saes.config import PartConfig, part_names, register_part
-from trsae.saes.sparse_ops import LatentOrder, batch_topk_pairs
+from trsae.saes.sparse_ops import LatentOrder, batch_topk_pairs, decode_pairs, latent_product
 from trsae.saes.sparsity import ReLUL1
 
 D, F, K, B, T = 16, 64, 4, 3, 8
@@ -456,6 +456,38 @@ def test_latent_sums_equal_the_sparse_product(dtype):
     torch.testing.assert_close(got, dense_FN @ table_NA)
     sparse_FN = torch.sparse_coo_tensor(torch.stack([cols_M, rows_M]), w_M, (f, n), check_invariants=False)
     torch.testing.assert_close(got, torch.sparse.mm(sparse_FN, table_NA))
+
+
+def test_latent_product_uses_the_bags_in_float32_only():
+    rows_M, cols_M = torch.tensor([0, 0, 1]), torch.tensor([2, 0, 2])
+    assert isinstance(latent_product(rows_M, cols_M, torch.ones(3), 4), LatentOrder)
+    table = torch.randn(2, 3, dtype=torch.float64)
+    got = latent_product(rows_M, cols_M, torch.ones(3, dtype=torch.float64), 4).sums(table)
+    torch.testing.assert_close(got, torch.stack([table[0], torch.zeros(3, dtype=torch.float64), table[0] + table[1],
+                                                 torch.zeros(3, dtype=torch.float64)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_decode_gradients_equal_embedding_bags(dtype):
+    """`decode_pairs` under autograd (its own decoder-weight backward in float32) gives `embedding_bag`'s output and
+    gradients, with repeated pairs and rows that decode nothing."""
+    gen = torch.Generator().manual_seed(5)
+    n, f, d = 30, 50, 12
+    rows_M = torch.arange(n).repeat_interleave(6)[6:]  # row 0 decodes nothing
+    cols_M = torch.randint(0, f, (rows_M.numel(),), generator=gen)
+    cols_M[7] = cols_M[6]  # a latent twice in one row
+    W = torch.randn(f, d, generator=gen, dtype=dtype, requires_grad=True)
+    vals = torch.rand(rows_M.numel(), generator=gen, dtype=dtype, requires_grad=True)
+    g_ND = torch.randn(n, d, generator=gen, dtype=dtype)
+    out = decode_pairs(rows_M, cols_M, vals, W, n)
+    got = torch.autograd.grad(out, (vals, W), g_ND)
+    counts = torch.bincount(rows_M, minlength=n)
+    ref_out = torch.nn.functional.embedding_bag(cols_M, W, counts.cumsum(0) - counts, mode="sum",
+                                                per_sample_weights=vals)
+    ref = torch.autograd.grad(ref_out, (vals, W), g_ND)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
 
 
 def _sparse_data(n: int, seed: int = 0):

@@ -17,8 +17,7 @@ class PairPreacts(torch.autograd.Function):
     ``z = x_ND @ W_enc_DF + bias_F + ctx_NC @ U_FC^T + onehot(bucket_N) @ P_FB^T`` (terms optional, None).
 
     Forward only gathers the precomputed z. Backward takes the pair gradients g as the sparse ``[F, N]`` matrix
-    G and returns ``dW_enc = (G x)^T`` and ``dU = G ctx`` as embedding-bags over the pairs ordered by latent
-    (`latent_sums`), ``dP``, ``dbias`` by index_add, and ``dx``, ``dctx`` by embedding-bags over the pairs in row
+    G and returns ``dW_enc = (G x)^T`` and ``dU = G ctx`` (`latent_product`), ``dP``, ``dbias`` by index_add, and ``dx``, ``dctx`` by embedding-bags over the pairs in row
     order (only those that are needed). Never forms a dense ``[N, F]`` gradient and never computes ``dL/dx``
     unless x requires it. Pairs may repeat (they are summed); `segs` gives the sizes of consecutive runs of pairs
     each sorted by row.
@@ -38,7 +37,7 @@ class PairPreacts(torch.autograd.Function):
         n, f = ctx.shape
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * 11
-        by_latent = LatentOrder(rows_M, cols_M, grad_M, f) if need[5] or need[8] else None
+        by_latent = latent_product(rows_M, cols_M, grad_M, f) if need[5] or need[8] else None
         if need[4]:
             grads[4] = segment_bags(rows_M, cols_M, grad_M, W_enc_DF.T.contiguous(), n, ctx.segs)
         if need[5]:
@@ -54,6 +53,27 @@ class PairPreacts(torch.autograd.Function):
             flat_M = cols_M * nb + bucket_N[rows_M]
             grads[9] = grad_M.new_zeros(f * nb).index_add_(0, flat_M, grad_M).view(f, nb)
         return tuple(grads)
+
+
+def latent_product(rows_M: Tensor, cols_M: Tensor, w_M: Tensor, n_latents: int) -> "LatentOrder | SparseProduct":
+    """``G @ table`` for the COO matrix ``G[cols, rows] = w`` (``.sums(table)``): per-latent embedding-bags
+    (`LatentOrder`) in float32, where on CPU they take a third to a half of `torch.sparse.mm`'s time, and
+    `torch.sparse.mm` otherwise (in float64 the bags take up to three times as long)."""
+    if w_M.dtype == torch.float32:
+        return LatentOrder(rows_M, cols_M, w_M, n_latents)
+    return SparseProduct(rows_M, cols_M, w_M, n_latents)
+
+
+class SparseProduct:
+    """``G @ table`` by `torch.sparse.mm` (see `latent_product`)."""
+
+    def __init__(self, rows_M: Tensor, cols_M: Tensor, w_M: Tensor, n_latents: int):
+        self.rows_M, self.cols_M, self.w_M, self.n_latents = rows_M, cols_M, w_M, n_latents
+
+    def sums(self, table_NA: Tensor) -> Tensor:
+        G_FN = torch.sparse_coo_tensor(torch.stack([self.cols_M, self.rows_M]), self.w_M,
+                                       (self.n_latents, table_NA.shape[0]), check_invariants=False)
+        return torch.sparse.mm(G_FN, table_NA)
 
 
 class LatentOrder:
@@ -94,7 +114,36 @@ def _bag_offsets(rows_M: Tensor, n_rows: int) -> Tensor:
 def decode_pairs(rows_M: Tensor, cols_M: Tensor, vals_M: Tensor, W_dec_FD: Tensor, n_rows: int) -> Tensor:
     """``sum_{m: rows[m]=n} vals[m] W_dec[cols[m]]`` for each row n -> ``[n_rows, D]`` (rows_M sorted)."""
     offsets_N = _bag_offsets(rows_M, n_rows)
+    if torch.is_grad_enabled() and W_dec_FD.requires_grad and W_dec_FD.dtype == torch.float32:
+        return PairDecode.apply(rows_M, cols_M, vals_M, W_dec_FD, offsets_N)
     return tnf.embedding_bag(cols_M, W_dec_FD, offsets_N, mode="sum", per_sample_weights=vals_M)
+
+
+class PairDecode(torch.autograd.Function):
+    """`decode_pairs` with the decoder's weight gradient taken per latent (`LatentOrder`: ``dW_dec[f] = sum_{m:
+    cols[m]=f} vals[m] g[rows[m]]``) instead of through `embedding_bag`'s dense backward, which on CPU costs 2-4x
+    as much in float32 (it dominates the AuxK loss, whose k_aux = d/2 codes per token are ten times TopK's; in
+    float64 it does not, and `decode_pairs` keeps `embedding_bag`'s own backward there). The forward and the
+    gradient of the values are `embedding_bag`'s own: the same bits as `embedding_bag`'s backward on CPU."""
+
+    @staticmethod
+    def forward(ctx, rows_M, cols_M, vals_M, W_dec_FD, offsets_N):
+        out_ND, offset2bag_M, _, _ = torch.ops.aten._embedding_bag(W_dec_FD, cols_M, offsets_N, False, 0, False,
+                                                                   vals_M)
+        ctx.save_for_backward(rows_M, cols_M, vals_M, W_dec_FD, offsets_N, offset2bag_M)
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        rows_M, cols_M, vals_M, W_dec_FD, offsets_N, offset2bag_M = ctx.saved_tensors
+        grad_ND = grad_ND.contiguous()
+        d_vals = d_W = None
+        if ctx.needs_input_grad[2]:
+            d_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_ND, W_dec_FD, cols_M, offsets_N,
+                                                                               offset2bag_M, 0)
+        if ctx.needs_input_grad[3]:
+            d_W = LatentOrder(rows_M, cols_M, vals_M, W_dec_FD.shape[0]).sums(grad_ND)
+        return None, None, d_vals, d_W, None
 
 
 def topk_pairs(z_NF: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as tnf
 from torch import Tensor, nn
 
 from trsae.saes.config import PartConfig, check_float, check_int, register_part
@@ -272,8 +271,9 @@ class PairSparsity(Sparsity):
         if codes.aux is None:
             return {"aux": st.x_ND.new_zeros(())}
         rows_A, cols_A, vals_A, k_aux, n_dead = codes.aux
-        e_hat_VD = tnf.embedding_bag(cols_A.view(-1, k_aux), W_dec_FD, mode="sum",
-                                     per_sample_weights=vals_A.view(-1, k_aux))
+        n_valid = rows_A.numel() // k_aux
+        e_hat_VD = decode_pairs(torch.arange(n_valid, device=rows_A.device).repeat_interleave(k_aux), cols_A, vals_A,
+                                W_dec_FD, n_valid)
         e_VD = (st.x_ND - x_hat_ND).detach()[rows_A.view(-1, k_aux)[:, 0]]
         scale = min(n_dead / self.cfg.aux_k, 1.0)
         nmse = (e_hat_VD - e_VD).pow(2).sum() / e_VD.pow(2).sum().clamp_min(1e-12)
