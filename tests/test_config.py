@@ -56,6 +56,17 @@ def test_notebook_view_merges_shared_and_own_sections(tmp_path):
         notebook_view({"shared": {"h": {"x": 1, "yy": 2}}}, two)
 
 
+def test_a_profile_may_add_where_the_work_runs_to_harvest_and_train(tmp_path):
+    nb = _notebook(tmp_path, "harvest = {'model': 'm', 'layer': 1}\ntrain = {'tokens': 10}\n")
+    gpu = {"shared": {"harvest": {"model": "m", "layer": 1, "device": "cuda", "model_dtype": "bfloat16"},
+                      "train": {"tokens": 10, "device": "cuda", "amp": "bfloat16"}}}
+    assert notebook_view(gpu, nb)["train"] == {"tokens": 10, "device": "cuda", "amp": "bfloat16"}
+    with pytest.raises(ValueError, match=r"and optionally \['amp', 'device'\].*got \['devcie', 'tokens'\]"):
+        notebook_view({"shared": {"train": {"tokens": 10, "devcie": "cuda"}}}, nb)
+    with pytest.raises(ValueError, match="must be a mapping"):  # the optional keys are harvest's and train's only
+        notebook_view({"shared": {"harvest": {"model": "m", "layer": 1, "amp": "bfloat16"}}}, nb)
+
+
 def test_cli_reports_one_error_line_and_exit_2(tmp_path):
     nb = _notebook(tmp_path, "a = 1\n")
     (tmp_path / "bad.yaml").write_text("nb:\n  zzz: 1\n")

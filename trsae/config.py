@@ -41,6 +41,20 @@ def _positive(name: str, value: float) -> None:
 
 
 STORE_DTYPES = ("float32", "bfloat16", "float64")
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""Dtypes a model can run in while harvesting (`HarvestConfig.model_dtype`)."""
+AMP_DTYPES = ("bfloat16",)
+"""Mixed-precision dtypes the trainer accepts (`TrainConfig.amp`)."""
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name that is neither ``cpu`` nor ``cuda`` / ``cuda:N`` (whether it can run here is
+    `trsae.device.resolve`'s question, asked when the work starts)."""
+    kind, colon, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 SITES = ("resid_post", "attn_out", "mlp_out")
 """Hook sites of a decoder block a store can hold (`trsae.lm` says what each is in each model family)."""
 
@@ -79,6 +93,11 @@ class HarvestConfig:
     test_frac: float = 0.05
     split_seed: int = 0
     """Seed of the permutation that assigns sequences to train / val / test."""
+    device: str = "cpu"
+    """Where the model runs: ``cpu``, ``cuda`` or ``cuda:N`` (`trsae.device`); the store is written from the CPU."""
+    model_dtype: str | None = None
+    """The dtype the model runs in, where it differs from the one the store is computed in (float64 for a float64
+    store, else float32), e.g. ``bfloat16`` on a GPU; the activations are stored in ``dtype``."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "ctx_len", "seqs_per_shard", "batch_size"):
@@ -91,6 +110,11 @@ class HarvestConfig:
             raise ValueError(f"site must be one of {', '.join(SITES)}, got {self.site!r}")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
+        if self.model_dtype is not None and self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype must be None or one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}")
+        if self.model_dtype is not None and self.dtype == "float64" and self.model_dtype != "float64":
+            raise ValueError("a float64 store is computed in float64 end to end; leave model_dtype unset")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"val_frac and test_frac must be in [0, 1) and sum below 1, "
                              f"got {self.val_frac}, {self.test_frac}")
@@ -130,18 +154,38 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between checkpoints."""
     log_every: int = 20
+    device: str = "cpu"
+    """Where the SAE trains: ``cpu``, ``cuda`` or ``cuda:N`` (`trsae.device`; under torchrun ``cuda`` is each
+    process's own GPU)."""
+    amp: str | None = None
+    """Mixed precision: None, or ``bfloat16`` (the forward under `torch.autocast`; parameters, optimiser state
+    and gradients stay in the store's dtype)."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "crop_len", "lr", "checkpoint_every", "log_every"):
             _positive(name, getattr(self, name))
         if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
             raise ValueError(f"context must be an int >= 0, got {self.context!r}")
+        check_device(self.device)
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if not 0 < self.dead_window_frac <= 1:
             raise ValueError(f"dead_window_frac must be in (0, 1], got {self.dead_window_frac}")
         if self.shuffle not in ("crop", "sequence"):
             raise ValueError(f"shuffle must be 'crop' or 'sequence', got {self.shuffle!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.decay_frac <= 1 and self.warmup_frac + self.decay_frac <= 1):
             raise ValueError("warmup_frac and decay_frac must be fractions that sum to at most 1")
+
+
+def train_identity(cfg: TrainConfig) -> dict:
+    """The fields of a `TrainConfig` that determine what a run computes (its run folder's name and run.json): all
+    but the device it runs on (like the thread count, a matter of where), and ``amp`` only when set, so that a
+    run's identity is the one it had before runs could leave the CPU."""
+    d = dataclasses.asdict(cfg)
+    d.pop("device")
+    if d["amp"] is None:
+        d.pop("amp")
+    return d
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -16,6 +16,8 @@ def dist_context() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # each process on its own GPU; device "cuda" then means that one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         # left to interpreter exit, gloo's threads were sometimes torn down mid-flight ("terminate called
         # without an active exception", exit -6 in about 1 run in 10)

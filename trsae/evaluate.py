@@ -179,8 +179,8 @@ def evaluate_saes(saes: dict[str, SAE], store: ActivationStore, model: LoadedMod
         class_of = frequency_classes(store.token_counts("train"))
     scale = store.norm_scale
 
-    def logits_at_site(ids_BT, replace=None):  # the store's site replaced (clean if None)
-        return logits_with_replacement(model, store.layer, ids_BT, replace, site=store.site)
+    def logits_at_site(ids_BT, replace=None):  # the store's site replaced (clean if None); scored on the CPU
+        return logits_with_replacement(model, store.layer, ids_BT, replace, site=store.site).cpu()
 
     if with_logits:
         refs = _references(model, (store.manifest["config_hash"], str(store.path), split, batch_size,

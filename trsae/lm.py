@@ -134,6 +134,11 @@ class LoadedModel:
         """The dtype the model computes in (its parameters')."""
         return next(self.hf.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (its parameters' device); token ids are moved there, results come back as they are."""
+        return next(self.hf.parameters()).device
+
     def numerics(self):
         """The context every forward of this model runs in: `numerics` of its dtype."""
         return numerics(self.dtype)
@@ -391,7 +396,7 @@ def site_acts(model: LoadedModel, sites: list[tuple[int, str]], ids_BT: torch.Te
         _check_site(site)
     order = sorted(set(sites), key=lambda ls: (ls[0], _RUNS_BEFORE[ls[1]]))
     got = {}
-    with model.numerics(), model.nn.trace(ids_BT) as tracer:
+    with model.numerics(), model.nn.trace(ids_BT.to(model.device)) as tracer:
         for layer, site in order:  # nnsight reads modules in the order the forward reaches them
             envoy, index = model.site(layer, site)
             got[layer, site] = (envoy.output if index is None else envoy.output[index]).save()
@@ -419,7 +424,7 @@ def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor
     if keep is not None and keep < T:
         if "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
             kw = {"logits_to_keep": keep}
-    with model.numerics(), model.nn.trace(ids_BT, **kw):
+    with model.numerics(), model.nn.trace(ids_BT.to(model.device), **kw):
         if replace is not None:
             envoy, index = model.site(layer, site)
             if index is None:
@@ -434,12 +439,14 @@ def logits_with_replacement(model: LoadedModel, layer: int, ids_BT: torch.Tensor
 def splice(sae, mask_BT: torch.Tensor, pos_BT: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ``replace`` of `logits_with_replacement` that puts ``sae.reconstruct(h_BTD)`` (raw activations in,
     raw out) where ``mask_BT`` is True and keeps the clean activation elsewhere (BOS, special tokens, padding).
-    ``pos_BT``: the tokens' positions for the SAE (default ``0 … T-1`` in every row, BOS = 0)."""
-    if pos_BT is None:
-        pos_BT = torch.arange(mask_BT.shape[1], device=mask_BT.device).expand_as(mask_BT)
+    ``pos_BT``: the tokens' positions for the SAE (default ``0 … T-1`` in every row, BOS = 0). The SAE runs where its
+    weights are; a model on another device hands it its activations there and takes the reconstruction back."""
+    at = sae.W_dec.device
+    mask_BT = mask_BT.to(at)
+    pos_BT = torch.arange(mask_BT.shape[1], device=at).expand_as(mask_BT) if pos_BT is None else pos_BT.to(at)
 
     def replace(h_BTD: torch.Tensor) -> torch.Tensor:
-        x_hat_BTD = sae.reconstruct(h_BTD, pos_BT=pos_BT, mask_BT=mask_BT)
-        return torch.where(mask_BT[..., None], x_hat_BTD.to(h_BTD.dtype), h_BTD)
+        x_hat_BTD = sae.reconstruct(h_BTD.to(at), pos_BT=pos_BT, mask_BT=mask_BT)
+        return torch.where(mask_BT[..., None].to(h_BTD.device), x_hat_BTD.to(h_BTD.device, h_BTD.dtype), h_BTD)
 
     return replace

@@ -86,11 +86,16 @@ def load_params(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[s
     return merged
 
 
+OPTIONAL_KEYS = {"harvest": {"device", "model_dtype"}, "train": {"device", "amp"}}
+"""Keys a profile may add to a notebook's mapping parameter beyond the notebook default's: where the model and the
+SAEs run (`trsae.config.HarvestConfig.device`, `TrainConfig.device`, ...), which the cpu defaults leave out."""
+
+
 def notebook_view(params: dict[str, dict[str, Any]], notebook: str | os.PathLike,
                   source: str = "parameter file") -> dict[str, Any]:
     """The flat parameters papermill gives `notebook`: the shared keys it declares, then its own section, with
     mapping values merged key by key. Raises ``ValueError`` on a key the notebook does not declare or a mapping
-    whose keys differ from the notebook default's."""
+    whose keys differ from the notebook default's (beyond `OPTIONAL_KEYS`)."""
     nb = Path(notebook)
     defaults = notebook_defaults(nb)
     own = params.get(nb.stem, {})
@@ -106,10 +111,13 @@ def notebook_view(params: dict[str, dict[str, Any]], notebook: str | os.PathLike
             view[key] = value
     for key, value in view.items():
         default = defaults[key]
-        if isinstance(default, dict) and (not isinstance(value, dict) or set(value) != set(default)):
+        extra = OPTIONAL_KEYS.get(key, set())
+        if isinstance(default, dict) and (not isinstance(value, dict) or not
+                                          set(default) <= set(value) <= set(default) | extra):
             got = sorted(value) if isinstance(value, dict) else repr(value)
-            raise ValueError(f"{source}: {key!r} for {nb.name} must be a mapping with the keys {sorted(default)} "
-                             f"(the shared section and the notebook's own merge); got {got}")
+            also = f", and optionally {sorted(extra)}" if extra else ""
+            raise ValueError(f"{source}: {key!r} for {nb.name} must be a mapping with the keys {sorted(default)}"
+                             f"{also} (the shared section and the notebook's own merge); got {got}")
     return view
 
 

@@ -26,7 +26,8 @@ import torch
 
 from trsae import timing
 from trsae.analysis import TRAIN_FVU, amortisation, summarize, variance_concentration, versus
-from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path
+from trsae.config import HarvestConfig, TrainConfig, config_hash, figures_path, train_identity
+from trsae.device import resolve
 from trsae.evaluate import evaluate_saes, split_fvu, train_mean
 from trsae.io import write_json_atomic
 from trsae.lm import LoadedModel, load_model
@@ -103,7 +104,7 @@ def ensure_stores(cfgs: list[HarvestConfig], work: str | os.PathLike, model: Loa
 def run_dir(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore,
             work: str | os.PathLike) -> Path:
     """The run folder of an SAE config trained with ``train_cfg`` on ``store`` under the current code."""
-    key = config_hash({"sae": sae_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+    key = config_hash({"sae": sae_cfg.to_dict(), "train": train_identity(train_cfg),
                        "store": store.manifest["config_hash"], "code": code_version()})
     return Path(work) / "runs" / f"{sae_cfg.label}-{key}"  # named by content, so equal configs share a run
 
@@ -114,15 +115,15 @@ def ensure_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStor
     return train_sae(sae_cfg, train_cfg, store, out, progress=progress), out
 
 
-_MODELS: dict[tuple[str, torch.dtype], LoadedModel] = {}
+_MODELS: dict[tuple[str, torch.dtype, str], LoadedModel] = {}
 
 
-def shared_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The model ``name`` in ``dtype`` (a store's `ActivationStore.dtype`), loaded once per process, so that every
-    `Evaluator` of a notebook shares it."""
-    if (name, dtype) not in _MODELS:
-        _MODELS[name, dtype] = load_model(name, dtype=dtype)
-    return _MODELS[name, dtype]
+def shared_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """The model ``name`` in ``dtype`` (a store's `ActivationStore.dtype`) on ``device``, loaded once per process, so
+    that every `Evaluator` of a notebook shares it."""
+    if (name, dtype, device) not in _MODELS:
+        _MODELS[name, dtype, device] = load_model(name, device=str(resolve(device)), dtype=dtype)
+    return _MODELS[name, dtype, device]
 
 
 RECON_SEQS = 160
@@ -137,16 +138,17 @@ class Evaluator:
 
     def __init__(self, store: ActivationStore, model: LoadedModel | None = None, split: str = "test",
                  max_seqs: int = 64, batch_size: int = 4, with_logits: bool = True, density_tokens: int = 100_000,
-                 recon_seqs: int = RECON_SEQS):
+                 recon_seqs: int = RECON_SEQS, device: str = "cpu"):
         self.store, self.split, self.max_seqs, self.batch_size = store, split, max_seqs, batch_size
         self.with_logits, self.density_tokens, self.recon_seqs = with_logits, density_tokens, recon_seqs
-        self._model = model
+        self._model, self.device = model, device
         self._mean = None
 
     @property
     def model(self) -> LoadedModel:
+        """The store's model on ``device`` (its LM passes run there; the SAEs and the scores stay on the CPU)."""
         if self._model is None:
-            self._model = shared_model(self.store.manifest["model"], self.store.dtype)
+            self._model = shared_model(self.store.manifest["model"], self.store.dtype, self.device)
         return self._model
 
     def path(self, run: Path) -> Path:
@@ -211,7 +213,7 @@ def compare(specs: dict[str, SAEConfig], seeds: list[int], train_cfg: TrainConfi
     """`train_and_evaluate` with CE / KL on the first ``eval_seqs`` test sequences, the store-only metrics on the
     first `RECON_SEQS` (dead / dense latents over ``density_tokens`` training tokens), and the means ± standard errors over seeds (`trsae.analysis.summarize`):
     ``(per_seed, summary)``."""
-    evaluate = Evaluator(store, model, max_seqs=eval_seqs, density_tokens=density_tokens)
+    evaluate = Evaluator(store, model, max_seqs=eval_seqs, density_tokens=density_tokens, device=train_cfg.device)
     per_seed = train_and_evaluate(specs, seeds, train_cfg, store, evaluate, work, progress, lrs)
     return per_seed, summarize(per_seed)
 
@@ -298,7 +300,8 @@ def site_map(cells: list[tuple[int, str]], harvest: dict, specs: Callable[[int],
         _, closed = amortisation(ceilings(trained, store, eval_seqs), {pair[0]: pair[1]})
         out[cell] = {**versus(per_seed, *pair), "ceiling": closed[pair[0]]["ceiling"],
                      "concentration": variance_concentration(test_tokens(store, RECON_SEQS)),
-                     "depth": (cell[0] + 1) / shared_model(store.manifest["model"], store.dtype).n_layers}
+                     "depth": (cell[0] + 1) / shared_model(store.manifest["model"], store.dtype,
+                                                           train_cfg.device).n_layers}
     return out
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from trsae.config import HarvestConfig, compute_dtype, config_hash
 from trsae.data import iter_mixed_documents, make_contexts
+from trsae.device import resolve
 from trsae.dist import Ranks
 from trsae.io import atomic_path, atomic_write_json, folder_lock
 from trsae.lm import LoadedModel, fixed_threads, load_model, site_acts
@@ -89,10 +90,14 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 # --- harvest ------------------------------------------------------------------------------------------
 
 def store_identity(cfg: HarvestConfig) -> dict:
-    """The fields that determine a store's content (batch size does not). A ``resid_post`` store's identity is the
-    one it had before stores held other sites, so its stores stay valid."""
+    """The fields that determine a store's content (batch size and the model's device do not; the model's dtype does
+    where it is set). A ``resid_post`` store's identity is the one it had before stores held other sites, so its
+    stores stay valid."""
     d = dataclasses.asdict(cfg)
     d.pop("batch_size")
+    d.pop("device")
+    if d["model_dtype"] is None:
+        d.pop("model_dtype")
     if d["site"] == "resid_post":
         d.pop("site")
     return d
@@ -132,13 +137,15 @@ def harvest_sites(cfgs: list[HarvestConfig], outs: list[str | os.PathLike], mode
         raise ValueError(f"need one output folder per config, got {len(cfgs)} configs and {len(outs)} folders")
 
     def shared(c: HarvestConfig) -> dict:  # what the stores of one harvest share: all but the layer and site
-        return store_identity(dataclasses.replace(c, layer=0, site="resid_post"))
+        return store_identity(dataclasses.replace(c, layer=0, site="resid_post")) | {"device": c.device}
 
     if any(shared(c) != shared(cfgs[0]) for c in cfgs):
         raise ValueError("the configs of one harvest may differ only in layer, site and batch_size: they share "
                          "the forward passes over the same text")
     if len({Path(o).resolve() for o in outs}) != len(outs):
         raise ValueError("each store needs its own output folder")
+    if model is None:
+        resolve(cfgs[0].device)  # a device that cannot run here is refused before any folder is touched
     with contextlib.ExitStack() as locks:
         if Ranks.current().main:  # rank 0 speaks for its job
             for o in outs:
@@ -178,14 +185,17 @@ def _harvest(targets: list[_Target], model: LoadedModel | None, data_dir: str | 
     left = [t for t in targets if not t.open()]
     if not left:
         return [ActivationStore(t.out) for t in targets]
-    cfg = left[0].cfg  # what the targets share: model, text, contexts, splits, dtype
+    cfg = left[0].cfg  # what the targets share: model, text, contexts, splits, dtypes, device
     compute = getattr(torch, compute_dtype(cfg.dtype))
-    model = model or load_model(cfg.model, dtype=compute, data_dir=data_dir)
+    runs_in = getattr(torch, cfg.model_dtype) if cfg.model_dtype else compute
+    model = model or load_model(cfg.model, device=str(resolve(cfg.device)), dtype=runs_in, data_dir=data_dir)
     if model.name != cfg.model:
         raise StoreError(f"harvest config names {cfg.model!r} but the model passed is {model.name!r}")
-    if cfg.dtype == "float64" and model.dtype != torch.float64:
-        raise StoreError(f"a float64 store is computed in float64, but the model passed runs in {model.dtype}; "
-                         f"pass load_model({cfg.model!r}, dtype=torch.float64) or none")
+    if model.dtype != runs_in:
+        why = ("a float64 store is computed in float64 end to end" if cfg.dtype == "float64" else
+               f"its model_dtype is {cfg.model_dtype}" if cfg.model_dtype else f"a {cfg.dtype} store is computed in it")
+        raise StoreError(f"this store's model runs in {runs_in} ({why}), but the model passed runs in {model.dtype}; "
+                         f"pass load_model({cfg.model!r}, dtype={runs_in}) or none")
     for t in left:
         model.check_layer(t.cfg.layer)
     ids_NT = make_contexts(model.tokenizer, iter_mixed_documents(cfg.data, data_dir), cfg.ctx_len, cfg.n_seq,
@@ -283,7 +293,7 @@ def _shard_acts(model: LoadedModel, cfgs: list[HarvestConfig], ids_NT: torch.Ten
             if not torch.isfinite(a_BTD).all():
                 raise StoreError(f"non-finite activations from {c.model} layer {c.layer} {c.site} in sequences "
                                  f"{b}…{min(hi, b + step) - 1}; refusing to store them")
-            a.append(a_BTD.to(compute))
+            a.append(a_BTD.to(device="cpu", dtype=compute))
         bar.update(got[0].shape[0] * got[0].shape[1])
     return [torch.cat(a) for a in acts]
 

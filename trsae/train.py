@@ -17,6 +17,9 @@ every N-th training crop of the same global batch, gradients are averaged over r
 BatchTopK's threshold are reduced so that every rank holds the same values, and only rank 0 writes the log,
 checkpoints and the SAE. The data cursor counts global batches, so a run resumes on any number of ranks.
 BatchTopK selects its top k·N activations within each rank's share of the batch.
+
+On a GPU (`TrainConfig.device`, `trsae.device`) the SAE, its optimiser and the batches live there, optionally
+under bfloat16 autocast (`TrainConfig.amp`); checkpoints load onto any device.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trsae.config import TrainConfig, given
+from trsae.config import TrainConfig, given, train_identity
+from trsae.device import amp_dtype, autocast, resolve, to_device
 from trsae.dist import Ranks
 from trsae.saes import SAE, ForwardOutput, SAEConfig, load_sae, make_sae
 from trsae.io import atomic_write_bytes, atomic_write_json, deferred_signals, folder_lock
@@ -89,14 +93,16 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x_BTD: torch.Tensor, mask_BT: torch.Tensor,
                pos_BT: torch.Tensor | None = None, dead_F: torch.Tensor | None = None,
-               ranks: Ranks | None = None, ctx_BT: torch.Tensor | None = None) -> ForwardOutput:
+               ranks: Ranks | None = None, ctx_BT: torch.Tensor | None = None,
+               amp: torch.dtype | None = None) -> ForwardOutput:
     """One optimiser step, the same for the trainer, the overhead timings and the benchmarks: forward (with the
-    AuxK loss over `dead_F`), backward, gradients averaged over `ranks`, the decoder gradient made orthogonal to
-    unit-norm rows, Adam, decoder rows renormalised (in training mode). Returns the forward's output (loss terms,
-    codes)."""
+    AuxK loss over `dead_F`; under `torch.autocast` in ``amp`` when given), backward, gradients averaged over
+    `ranks`, the decoder gradient made orthogonal to unit-norm rows, Adam, decoder rows renormalised (in training
+    mode). Returns the forward's output (loss terms, codes)."""
     unit_norm = sae.sparsity.unit_norm
     sae.train()
-    out = sae(x_BTD, mask_BT=mask_BT, pos_BT=pos_BT, dead_F=dead_F, ctx_BT=ctx_BT)
+    with autocast(x_BTD.device, amp):
+        out = sae(x_BTD, mask_BT=mask_BT, pos_BT=pos_BT, dead_F=dead_F, ctx_BT=ctx_BT)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     if ranks is not None:
@@ -142,6 +148,7 @@ def calibrate_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: in
                                         shuffle=cfg.shuffle, seed=cfg.seed + 1, context=_margin(sae, cfg))):
         if i >= n_batches:
             break
+        b = to_device(b, sae.W_dec.device)
         z_BTF = sae.pre_acts(b.acts_BTD, pos_BT=b.pos_BT, mask_BT=b.mask_BT, ctx_BT=b.ctx_BT)
         zs.append(z_BTF[b.mask_BT].flatten())
     sae.sparsity.calibrate_(torch.cat(zs), sae.cfg.width)
@@ -149,7 +156,8 @@ def calibrate_(sae: SAE, store: ActivationStore, cfg: TrainConfig, n_batches: in
 
 def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: str | os.PathLike,
               progress: bool = True, max_steps: int | None = None) -> SAE:
-    """Train (or resume, or reload) the SAE of run folder ``out``.
+    """Train (or resume, or reload) the SAE of run folder ``out``, on `TrainConfig.device` (the SAE comes back on the
+    CPU, as a finished run's loads).
 
     ``max_steps`` stops after that many steps of this call with a checkpoint (as if killed), for tests. Another
     process writing ``out`` meanwhile makes this raise `trsae.io.FolderBusyError` at once; SIGTERM or SIGINT
@@ -167,8 +175,9 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     if cfg.context > store.ctx_len - cfg.crop_len:
         raise RunError(f"context {cfg.context} leaves no room for the crop: at most the store's context length "
                        f"{store.ctx_len} minus crop_len {cfg.crop_len}")
+    resolve(cfg.device)  # a device that cannot run here is refused before the run folder is touched
     sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale, seed=cfg.seed)  # one seed: the run's
-    run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": dataclasses.asdict(cfg),
+    run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": train_identity(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
                           "model": store.manifest["model"], "layer": store.layer, "site": store.site}}
     lock = folder_lock(out) if ranks.main else nullcontext()  # rank 0 speaks for its job
@@ -234,7 +243,8 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     total = max(1, cfg.tokens // tokens_per_step)
     dead_steps = max(1, round(cfg.dead_window_frac * total))
     ckpt = out / "checkpoint.pt"
-    sae, opt, sched, since_fired_F, step = _resume(ckpt, sae_cfg, cfg, total, ranks, store.dtype)
+    device, amp = resolve(cfg.device), amp_dtype(cfg.amp)
+    sae, opt, sched, since_fired_F, step = _resume(ckpt, sae_cfg, cfg, total, ranks, store.dtype, device)
     if log_path.exists() and ranks.main:  # drop log lines written after the checkpoint we resume from
         lines = [ln for ln, rec in _log_lines(log_path)[0] if rec["step"] <= step]
         atomic_write_bytes(log_path, "".join(ln + "\n" for ln in lines).encode())
@@ -259,11 +269,11 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     t0, tok0, saved = time.perf_counter(), 0, step
     sae.train()
     with open(log_path if ranks.main else os.devnull, "a") as log, deferred_signals() as stop:
-        while step < stop_at and not _agreed(stop, ranks):
-            batch = ranks.shard(next(batches))
+        while step < stop_at and not _agreed(stop, ranks, device):
+            batch = to_device(ranks.shard(next(batches)), device)
             sae.encoder.on_step(step, total)
             out_ = train_step(sae, opt, batch.acts_BTD, batch.mask_BT, batch.pos_BT,
-                              dead_F=since_fired_F >= dead_steps, ranks=ranks, ctx_BT=batch.ctx_BT)
+                              dead_F=since_fired_F >= dead_steps, ranks=ranks, ctx_BT=batch.ctx_BT, amp=amp)
             sched.step()
             codes_MF = out_.codes_BTF[batch.mask_BT].detach()
             _count_firing_(sae, codes_MF, since_fired_F, ranks)
@@ -279,7 +289,7 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
             if step % cfg.checkpoint_every == 0 or step == stop_at:
                 checkpoint()
                 saved = step
-        stopped = _agreed(stop, ranks)
+        stopped = _agreed(stop, ranks, device)
         if stopped and step != saved:
             checkpoint()
     bar.close()
@@ -294,27 +304,27 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     if step >= total and ranks.main:
         sae.save(out / "sae")
     ranks.barrier()
-    return sae
+    return sae.cpu()  # where a finished run's SAE loads (evaluation, pursuit and dashboards run on the CPU)
 
 
 def _resume(ckpt: Path | None, sae_cfg: SAEConfig, cfg: TrainConfig, total: int, ranks: Ranks,
-            dtype: torch.dtype = torch.float32):
+            dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")):
     """(SAE, optimiser, scheduler, steps since each latent last fired, step): from ``ckpt`` if there is one, else
-    new (in ``dtype``, the store's). A checkpoint that cannot be read is set aside as ``*.corrupt`` with a warning,
-    and training restarts."""
+    new (in ``dtype``, the store's, initialised on the CPU and moved to ``device``). A checkpoint that cannot be
+    read is set aside as ``*.corrupt`` with a warning, and training restarts."""
     torch.manual_seed(cfg.seed)
-    sae = make_sae(sae_cfg, dtype)
+    sae = make_sae(sae_cfg, dtype).to(device)
     opt = torch.optim.Adam(sae.optim_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, cfg.warmup_frac, cfg.decay_frac))
     if ckpt is None or not ckpt.exists():
-        return sae, opt, sched, torch.zeros(sae_cfg.width, dtype=torch.long), 0
+        return sae, opt, sched, torch.zeros(sae_cfg.width, dtype=torch.long, device=device), 0
     try:
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # Adam's state follows its parameters
         sae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
-        return sae, opt, sched, state["since_fired"], state["step"]
+        return sae, opt, sched, state["since_fired"].to(device), state["step"]
     except FileNotFoundError:  # rank 0 set it aside meanwhile
         pass
     except PermissionError:
@@ -326,14 +336,15 @@ def _resume(ckpt: Path | None, sae_cfg: SAEConfig, cfg: TrainConfig, total: int,
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"warning: checkpoint {ckpt} cannot be read ({why}); set aside as {bad.name}, training restarts "
                   "from step 0", file=sys.stderr, flush=True)
-    return _resume(None, sae_cfg, cfg, total, ranks, dtype)  # a new run
+    return _resume(None, sae_cfg, cfg, total, ranks, dtype, device)  # a new run
 
 
-def _agreed(stop: list[int], ranks: Ranks) -> bool:
-    """Whether any rank was asked to stop (all ranks then stop after the same step)."""
+def _agreed(stop: list[int], ranks: Ranks, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether any rank was asked to stop (all ranks then stop after the same step; the count travels on the
+    training device, which NCCL needs)."""
     if ranks.world == 1:
         return bool(stop)
-    return bool(ranks.sum_(torch.tensor([len(stop)])).item())
+    return bool(ranks.sum_(torch.tensor([len(stop)], device=device)).item())
 
 
 def read_run_info(out: str | os.PathLike) -> dict | None:

@@ -114,8 +114,10 @@ class TokenEncoder(nn.Module):
         return EncState(x_BTD.reshape(B * T, D), bias_F, mask_N, B, T, ctx_N=ctx_N)
 
     def dense(self, st: EncState) -> Tensor:
-        """``z_NF`` for every token and latent (autograd-capable)."""
-        return torch.addmm(st.bias_F, st.enc_in_ND, self.W_enc)
+        """``z_NF`` for every token and latent (autograd-capable), in the parameters' dtype: under
+        `torch.autocast` the product runs in the autocast dtype and comes back here, so that the selection, the
+        decode and the sparse backward run as without it (`trsae.device`)."""
+        return torch.addmm(st.bias_F, st.enc_in_ND, self.W_enc).to(self.W_enc.dtype)
 
     def at_pairs(self, st: EncState, z_NF: Tensor, rows_M: Tensor, cols_M: Tensor,
                  segs: tuple[int, ...]) -> Tensor:

@@ -268,7 +268,8 @@ class TRSAEEncoder(TokenEncoder):
                                             mask_BT, causal=c.causal)
         ctx_BTC = ctx_BTV @ self.W_o if c.d_v != c.d_ctx else ctx_BTV
         ctx_BTC = ctx_BTC * torch.rsqrt(ctx_BTC.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return ctx_BTC, q_BTK
+        dtype = self.W_qkv.dtype  # back from an autocast dtype, as `TokenEncoder.dense`
+        return ctx_BTC.to(dtype), q_BTK.to(dtype)
 
     def gates(self) -> Tensor:
         """Per-feature gates ``sigmoid(gate_logit)`` [F] (ones when gates are off; with per-token gates
@@ -343,7 +344,7 @@ class TRSAEEncoder(TokenEncoder):
             return
         ctx_NC = st.extra["ctx_NC"]
         with torch.no_grad():
-            p_NF = torch.addmm(self.b_pred, ctx_NC, self.V_pred.T)
+            p_NF = torch.addmm(self.b_pred, ctx_NC, self.V_pred.T).to(self.V_pred.dtype)
             rows_M, cols_M = topk_pairs(p_NF, self.cfg.pred_k)
         # the pairs' values re-attached through the sparse backward of the encoder's own pairs: a plain autograd
         # gather (V_pred[cols_M]) backpropagates by index_put_ with accumulation, whose parallel CPU kernel adds in
@@ -358,7 +359,7 @@ class TRSAEEncoder(TokenEncoder):
 
     def _token_gates(self, q_NK: Tensor) -> Tensor:
         """``g_NF = sigmoid(gate_logit + q G^T)``."""
-        return torch.addmm(self.gate_logit, q_NK, self.G.T).sigmoid_()
+        return torch.addmm(self.gate_logit, q_NK, self.G.T).to(self.G.dtype).sigmoid_()
 
     def dense(self, st: EncState) -> Tensor:
         z_NF = super().dense(st)
