@@ -86,11 +86,17 @@ def test_a_small_tuning_chooses_from_its_own_val_runs(tiny_store, tmp_path):
     val = runner.Evaluator(tiny_store, split="val", max_seqs=0, with_logits=False, density_tokens=1_500)({run: sae})[run]
     chosen = next(t for t in topk if t["lr"] == result["lrs"]["TopK"])
     assert chosen["fvu"] == pytest.approx(1 - val["reconstruction_quality"]["explained_variance"], rel=1e-12)
-    # the L1 search moved the weight and kept the run nearest the target
+    # the L1 weight is searched at each rate; each rate's row is the run of its search nearest the target, and the
+    # chosen weight is the chosen rate's
     l1 = result["l1_trials"]
     assert len({t["l1_coeff"] for t in l1}) > 1
-    final = [t for t in l1 if t["stage"] == "at the chosen rate"]
-    assert result["relu_l1_coeff"] == min(final, key=lambda t: abs(math.log(t["l0"] / k)))["l1_coeff"]
+    for t in result["trials"]["ReLU-L1"]:
+        at_lr = [u for u in l1 if u["stage"] == f"at lr {t['lr']:g}"]
+        nearest = min(at_lr, key=lambda u: abs(math.log(u["l0"] / k)))
+        assert t == {key: v for key, v in nearest.items() if key != "stage"}
+    relu = result["trials"]["ReLU-L1"]
+    assert [t["lr"] for t in relu] == [1e-4, 1e-3] and result["lrs"]["ReLU-L1"] == tuning.choose_lr(relu, k)
+    assert result["relu_l1_coeff"] == next(t for t in relu if t["lr"] == result["lrs"]["ReLU-L1"])["l1_coeff"]
     table = tuning.markdown(result, k, "tiny", train_cfg.tokens)
     assert "| TopK |" in table and "**" in table and f"{result['relu_l1_coeff']:.4g}" in table
 
@@ -101,7 +107,7 @@ def _result(families: dict[str, float], jump_weight: float | None = None, relu: 
               for n, base in families.items()}
     out = {"lrs": {n: 1e-3 for n in families}, "trials": trials, "l1_trials": []}
     if relu:
-        out["l1_trials"] = [{"stage": "at the base rate", "lr": 1e-3, "l1_coeff": 0.003, "l0": 31.0, "fvu": 0.7}]
+        out["l1_trials"] = [{"stage": "at lr 0.001", "lr": 1e-3, "l1_coeff": 0.003, "l0": 31.0, "fvu": 0.7}]
         out["relu_l1_coeff"] = 0.003
     if jump_weight is not None:
         out["penalty_trials"] = [{"stage": "at the base rate", "lr": 1e-3, "l0_coeff": jump_weight, "l0": 35.0,

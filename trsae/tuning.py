@@ -11,8 +11,11 @@ whose L0 is nearest the target among the runs that keep dead latents under the l
 mean (FVU < 1; among all runs when none does), then the fewest dead latents. (High rates can buy a lower FVU with a
 dictionary half dead: TopK at 3.2e-3 on gemma-3-270m, 300k tokens, reconstructs best with 48 % of its latents dead.)
 
-ReLU + L1 first gets its L1 weight at the base learning rate (a secant search on log L0 against log weight), then the
-grid at that weight, then its weight again at the chosen rate. JumpReLU, whose L0 follows learned thresholds and a
+ReLU + L1's L0 follows the learning rate as much as its L1 weight (on gemma-3-270m at 300k tokens the weight that
+gives L0 = k at 4e-4 gives L0 4 at 1.6e-3), so its weight is searched at every rate of the grid (a secant search on
+log L0 against log weight, each rate starting from the previous rate's weight) and the rule chooses among those
+runs, each at its own weight; one weight for the whole grid would leave only the rate it was found at near k.
+JumpReLU, whose L0 follows learned thresholds and a
 penalty around k rather than a selection, goes the same way with its penalty's weight: times `PENALTY_MULTS` in
 turn while its run does not qualify, at the base rate, then the grid at that weight, then again at the chosen rate
 (the rule above then chooses among those runs). Every run is one seed (the profile's first)
@@ -147,16 +150,23 @@ class Tuner:
 
     def tune(self, specs: dict[str, SAEConfig], lrs: tuple[float, ...] = LR_GRID, base_lr: float | None = None) -> dict:
         """``{"lrs": {family: lr}, "relu_l1_coeff": weight, "jumprelu_l0_coeff": weight, "trials": {family: [...]},
-        "l1_trials": [...], "penalty_trials": [...]}`` (the weights for the families in ``specs``)."""
+        "l1_trials": [...], "penalty_trials": [...]}`` (the weights for the families in ``specs``; ReLU + L1's row of
+        ``trials`` holds, per rate, the run of its search that `l1_search` kept)."""
         base_lr = self.train_cfg.lr if base_lr is None else base_lr
         specs = dict(specs)
         chosen: dict[str, float] = {}
         trials: dict[str, list[dict]] = {}
         l1_trials: list[dict] = []
         penalty_trials: list[dict] = []
-        if "ReLU-L1" in specs:
-            specs["ReLU-L1"], found = self.l1_search(specs["ReLU-L1"], base_lr)
-            l1_trials += [t | {"stage": "at the base rate"} for t in found]
+        relu_at: dict[float, SAEConfig] = {}
+        if "ReLU-L1" in specs:  # its weight found at each rate, the rate chosen among those runs
+            cfg, trials["ReLU-L1"] = specs.pop("ReLU-L1"), []
+            for lr in lrs:
+                cfg, found = self.l1_search(cfg, lr)
+                l1_trials += [t | {"stage": f"at lr {lr:g}"} for t in found]
+                trials["ReLU-L1"].append(next(t for t in found if t["l1_coeff"] == cfg.sparsity.l1_coeff))
+                relu_at[lr] = cfg
+            chosen["ReLU-L1"] = choose_lr(trials["ReLU-L1"], self.k)
         if "JumpReLU" in specs:
             cfg = specs["JumpReLU"]
             specs["JumpReLU"], found = self.penalty_search(cfg, self.score(cfg, base_lr))
@@ -170,10 +180,8 @@ class Tuner:
             jump, found = self.penalty_search(specs["JumpReLU"], first)
             out["penalty_trials"] = penalty_trials + [t | {"stage": "at the chosen rate"} for t in found]
             out["jumprelu_l0_coeff"] = jump.sparsity.l0_coeff
-        if "ReLU-L1" in specs:
-            relu, found = self.l1_search(specs["ReLU-L1"], chosen["ReLU-L1"])
-            l1_trials += [t | {"stage": "at the chosen rate"} for t in found]
-            out["relu_l1_coeff"] = relu.sparsity.l1_coeff
+        if relu_at:
+            out["relu_l1_coeff"] = relu_at[chosen["ReLU-L1"]].sparsity.l1_coeff
         out["l1_trials"] = l1_trials
         return out
 
