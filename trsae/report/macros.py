@@ -188,8 +188,9 @@ def tuning_macros(lrs: dict[str, float] | None, base_lr: float, relu_l1_coeff: f
                 f"target L0 and whose dictionary has fewer than {dead_limit:.0%} dead latents "
                 f"(Table~\\ref{{tab:lrs}}).").replace("%", "\\%")
     if relu_l1_coeff is not None:
-        text += (f" ReLU + L1's L1 weight, {num(relu_l1_coeff)}, is set on the validation split so that its L0 lands "
-                 f"at \\(k\\).")
+        text += (f" ReLU + L1's L0 follows its learning rate as much as its L1 weight, so the weight is searched on "
+                 f"the validation split at every rate of the grid until its L0 lands at \\(k\\), and the rate is "
+                 f"chosen among those runs; its weight is the chosen rate's, {num(relu_l1_coeff)}.")
     if jumprelu_l0_coeff is not None:
         text += (f" JumpReLU's weight on its penalty around \\(k\\), {num(jumprelu_l0_coeff)}, is raised on the "
                  f"validation split until its L0 is within {l0_tolerance:.0%} of \\(k\\), before its learning rate is "
