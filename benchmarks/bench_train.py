@@ -110,7 +110,8 @@ def main() -> None:
     dead_F = None
     if a.dead_frac > 0:  # a fixed random set, as many as the trainer's dead window leaves mid-run
         dead_F = torch.zeros(a.width, dtype=torch.bool)
-        dead_F[torch.randperm(a.width, generator=torch.Generator().manual_seed(0))[:round(a.dead_frac * a.width)]] = True
+        order = torch.randperm(a.width, generator=torch.Generator().manual_seed(0))
+        dead_F[order[:round(a.dead_frac * a.width)]] = True
     saes = {arch: make_sae(make_config(arch, a.d, a.width, a.k)) for arch in a.archs}
     opts = {arch: make_optimizer(s) for arch, s in saes.items()}
     steps = {arch: (lambda arch=arch: train_step(saes[arch], opts[arch], x_BTD, mask_BT, dead_F=dead_F))
