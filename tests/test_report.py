@@ -388,7 +388,8 @@ def test_notebook_macros_carry_their_files_prefix(tmp_path):
     assert made[R.SETUP]["setupReconTokens"] == 20_000 and made[R.SETUP]["setupContext"] == 16
     untuned = R.tuning_macros(None, 4e-4, None, (4e-4, 8e-4), 0.1, 0.1)["setupTuning"]
     tuned = R.tuning_macros({"TopK": 8e-4}, 4e-4, 0.003, (4e-4, 8e-4), 0.1, 0.1)["setupTuning"]
-    assert "not tuned" in untuned and "0.0004" in untuned and "validation" in tuned and "0.003," in tuned
+    assert "not tuned" in untuned and "0.0004" in untuned and "validation" in tuned
+    assert "searched on the validation split at every rate" in tuned and "the chosen rate's, 0.003." in tuned
     assert "JumpReLU" not in tuned
     assert "JumpReLU's weight on its penalty around \\(k\\), 0.0625," in R.tuning_macros(
         {"JumpReLU": 4e-4}, 4e-4, None, (4e-4,), 0.1, 0.1, jumprelu_l0_coeff=0.0625)["setupTuning"]
