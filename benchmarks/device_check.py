@@ -25,14 +25,7 @@ from pathlib import Path
 
 import torch
 
-
-def no_gpu_line() -> str | None:
-    """The one line this script prints where it cannot run, else None."""
-    if torch.cuda.is_available():
-        return None
-    built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-    return (f"device_check: no CUDA device visible to torch {torch.__version__} ({built}); nothing to check on "
-            "this machine")
+from trsae.device import no_cuda
 
 
 def _say(msg: str) -> None:
@@ -102,7 +95,7 @@ def check_two_processes(work: Path) -> None:
 
 
 def throughput(d: int, steps: int) -> None:
-    from trsae.overhead import make_batch, make_config
+    from trsae.overhead import make_batch, make_config, make_optimizer
     from trsae.saes import make_sae
     from trsae.train import train_step
 
@@ -111,7 +104,7 @@ def throughput(d: int, steps: int) -> None:
     rate = {}
     for arch in ("topk", "trsae"):
         sae = make_sae(make_config(arch, d, 16 * d, 64)).to("cuda")
-        opt = torch.optim.Adam(sae.optim_groups(1e-4), lr=1e-4)
+        opt = make_optimizer(sae)
         for _ in range(3):
             train_step(sae, opt, x_BTD, mask_BT, dead_F=dead_F, amp=torch.bfloat16)
         torch.cuda.synchronize()
@@ -131,9 +124,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="training steps per SAE")
     p.add_argument("--d", type=int, default=2304, help="d of the throughput check (F = 16 d)")
     a = p.parse_args()
-    line = no_gpu_line()
-    if line is not None:
-        print(line)
+    why = no_cuda()
+    if why is not None:
+        print(f"device_check: no CUDA device visible to {why}; nothing to check on this machine")
         return 0
     _say(f"device_check on {torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible), torch "
          f"{torch.__version__}, CUDA {torch.version.cuda}")

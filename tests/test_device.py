@@ -20,6 +20,7 @@ from trsae.overhead import make_batch, make_optimizer
 from trsae.saes import make_sae
 from trsae.store import StoreError, harvest, store_identity
 from trsae.train import train_sae, train_step
+from trsae.tuning import families
 
 ROOT = Path(__file__).resolve().parents[1]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -65,13 +66,10 @@ def test_identities_leave_out_where_and_keep_what():
     assert store_identity(dataclasses.replace(h, model_dtype="bfloat16"))["model_dtype"] == "bfloat16"
 
 
-def _all_specs(d: int, width: int, k: int):
-    return (experiments.baseline_specs(d, width, k)
-            | experiments.temporal_specs(d, width, k, window=4, curriculum_frac=0.3)
-            | experiments.field_specs(d, width, k, window=4, curriculum_frac=0.3))
+SPECS = families(64, 256, 8, {"window": 4, "curriculum_frac": 0.3})  # every family the notebooks compare
 
 
-@pytest.mark.parametrize("name", list(_all_specs(64, 256, 8)))
+@pytest.mark.parametrize("name", list(SPECS))
 def test_a_bfloat16_autocast_step_trains_in_float32(name):
     """One training step under bfloat16 autocast from the same weights as a float32 step: the loss is the float32
     one to bfloat16's precision but not bit for bit (autocast acts), and parameters, gradients and Adam's state
@@ -79,7 +77,7 @@ def test_a_bfloat16_autocast_step_trains_in_float32(name):
     x_BTD, mask_BT = make_batch(2, 32, 64)
     dead_F = torch.zeros(256, dtype=torch.bool)
     dead_F[::3] = True
-    spec = _all_specs(64, 256, 8)[name]
+    spec = SPECS[name]
     losses = {}
     for amp in (None, torch.bfloat16):
         torch.manual_seed(0)

@@ -27,16 +27,25 @@ class DeviceError(RuntimeError):
     """A device that this machine or this torch build cannot provide."""
 
 
+def no_cuda() -> str | None:
+    """None where CUDA can run; else the torch that sees no CUDA device, in words (``torch 2.13.0+cpu (a CPU-only
+    build)``), for the messages that say so."""
+    if torch.cuda.is_available():
+        return None
+    built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    return f"torch {torch.__version__} ({built})"
+
+
 def resolve(device: str) -> torch.device:
     """``device`` as a `torch.device`, refused with what to do when it cannot run here. Plain ``"cuda"`` under
     torchrun is the local rank's GPU."""
     check_device(device)
     if device == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise DeviceError(f"device {device!r} asked for, but torch {torch.__version__} ({built}) sees no CUDA "
-                          "device; run on 'cpu', or install a CUDA build of torch on a machine with a GPU")
+    why = no_cuda()
+    if why is not None:
+        raise DeviceError(f"device {device!r} asked for, but {why} sees no CUDA device; run on 'cpu', or install a "
+                          "CUDA build of torch on a machine with a GPU")
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     index = int(device.split(":")[1])
@@ -63,8 +72,6 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def to_device(batch, device: torch.device):
-    """A batch (a NamedTuple of tensors, e.g. `trsae.store.Batch`) with its tensors on ``device`` (itself when
-    already there)."""
-    if device.type == "cpu" and all(t.device.type == "cpu" for t in batch if isinstance(t, torch.Tensor)):
-        return batch
+    """A batch (a NamedTuple of tensors, e.g. `trsae.store.Batch`) with its tensors on ``device`` (the same tensors
+    where they are there already)."""
     return type(batch)(*(t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch))

@@ -175,14 +175,14 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out:
     if cfg.context > store.ctx_len - cfg.crop_len:
         raise RunError(f"context {cfg.context} leaves no room for the crop: at most the store's context length "
                        f"{store.ctx_len} minus crop_len {cfg.crop_len}")
-    resolve(cfg.device)  # a device that cannot run here is refused before the run folder is touched
+    device = resolve(cfg.device)  # a device that cannot run here is refused before the run folder is touched
     sae_cfg = dataclasses.replace(sae_cfg, input_scale=store.norm_scale, seed=cfg.seed)  # one seed: the run's
     run_info = {"format": RUN_FORMAT, "sae": sae_cfg.to_dict(), "train": train_identity(cfg),
                 "store": {"path": str(store.path), "config_hash": store.manifest["config_hash"],
                           "model": store.manifest["model"], "layer": store.layer, "site": store.site}}
     lock = folder_lock(out) if ranks.main else nullcontext()  # rank 0 speaks for its job
     with lock, phase("train", sae_cfg.label):
-        return _train(sae_cfg, cfg, store, out, run_info, ranks, progress, max_steps)
+        return _train(sae_cfg, cfg, store, out, run_info, ranks, device, progress, max_steps)
 
 
 def _open_run(out: Path, run_info: dict, ranks: Ranks) -> Path:
@@ -234,7 +234,7 @@ def _log_record(sae: SAE, out_: ForwardOutput, batch, codes_MF: torch.Tensor, si
 
 
 def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Path, run_info: dict, ranks: Ranks,
-           progress: bool, max_steps: int | None) -> SAE:
+           device: torch.device, progress: bool, max_steps: int | None) -> SAE:
     log_path = _open_run(out, run_info, ranks)
     if (out / "sae" / "config.json").exists():
         return load_sae(out / "sae")
@@ -243,7 +243,7 @@ def _train(sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, out: Pa
     total = max(1, cfg.tokens // tokens_per_step)
     dead_steps = max(1, round(cfg.dead_window_frac * total))
     ckpt = out / "checkpoint.pt"
-    device, amp = resolve(cfg.device), amp_dtype(cfg.amp)
+    amp = amp_dtype(cfg.amp)
     sae, opt, sched, since_fired_F, step = _resume(ckpt, sae_cfg, cfg, total, ranks, store.dtype, device)
     if log_path.exists() and ranks.main:  # drop log lines written after the checkpoint we resume from
         lines = [ln for ln, rec in _log_lines(log_path)[0] if rec["step"] <= step]

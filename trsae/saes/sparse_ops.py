@@ -84,8 +84,7 @@ class LatentOrder:
 
     def __init__(self, rows_M: Tensor, cols_M: Tensor, w_M: Tensor, n_latents: int):
         order_M = cols_M.argsort(stable=True)
-        counts_F = torch.bincount(cols_M, minlength=n_latents)
-        self.rows_M, self.w_M, self.offsets_F = rows_M[order_M], w_M[order_M], counts_F.cumsum(0) - counts_F
+        self.rows_M, self.w_M, self.offsets_F = rows_M[order_M], w_M[order_M], _bag_offsets(cols_M, n_latents)
 
     def sums(self, table_NA: Tensor) -> Tensor:
         """``[F, A]``: each latent's weighted sum of the rows of ``table_NA`` it is paired with."""
@@ -106,7 +105,7 @@ def segment_bags(rows_M: Tensor, cols_M: Tensor, w_M: Tensor, table_FA: Tensor, 
 
 
 def _bag_offsets(rows_M: Tensor, n_rows: int) -> Tensor:
-    """Start of each row's run in `rows_M` (sorted), as `embedding_bag` offsets."""
+    """Start of each row's run in `rows_M` once sorted, as `embedding_bag` offsets."""
     counts_N = torch.bincount(rows_M, minlength=n_rows)
     return counts_N.cumsum(0) - counts_N
 
