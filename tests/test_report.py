@@ -173,6 +173,18 @@ def test_results_table(tmp_path):
     assert "†" not in md and "single seed" not in tex  # every cell has three seeds
 
 
+def test_results_table_in_latex_stacks_a_long_column_name_over_its_cells(tmp_path):
+    """A name of several words (the site map's "model Lx site") is set on two lines, so that three such columns
+    fit the text width (the cpu build's site table ran 143 pt past it with one-line heads); a one-word name stays
+    as it is, and the columns are 4 pt apart."""
+    res = _results()
+    res = {"gemma-3-270m L15 resid_post": res["TopK"], "TopK": res["TRSAE"]}
+    tex = R.results_table(res, R.RECONSTRUCTION_PANELS, path_tex=tmp_path / "t.tex")["tex"].read_text()
+    assert tex.splitlines()[0] == r"\setlength{\tabcolsep}{4pt}"
+    head = next(line for line in tex.splitlines() if line.startswith("Metric &"))
+    assert head == (r"Metric & \begin{tabular}[b]{@{}r@{}}gemma-3-270m\\L15 resid\_post\end{tabular} & TopK \\")
+
+
 def test_case_table_in_latex_repeats_the_case_columns_beside_each_block():
     """Notebook 05's rows: the measured columns in blocks of `TEX_VALUE_COLUMNS`, each beside arch, F/d, w and T."""
     from trsae.report.tables import CASE_KEYS, TEX_VALUE_COLUMNS

@@ -51,6 +51,15 @@ TEX_COLUMNS = 3
 column up to 140 pt, so three fit the paper's 468 pt text width and four do not."""
 
 
+def _tex_head(name: str) -> str:
+    """A column head in LaTeX: a name of several words (a site map's "gemma-3-270m L15 resid_post") on two lines,
+    its first word above the rest, so that the column is as wide as its cells rather than its name."""
+    first, _, rest = name.partition(" ")
+    if not rest:
+        return _tex_escape(name)
+    return f"\\begin{{tabular}}[b]{{@{{}}r@{{}}}}{_tex_escape(first)}\\\\{_tex_escape(rest)}\\end{{tabular}}"
+
+
 def results_table(
     results: dict[str, dict[str, Any]],
     rows: Sequence[Panel],
@@ -84,11 +93,12 @@ def results_table(
 
     if path_tex is not None:
         width = min(len(names), TEX_COLUMNS)
-        lines = ["\\begin{tabular}{l" + "r" * width + "}", "\\hline"]
+        # 4 pt between columns instead of LaTeX's 6: the widest label and three mean ± se cells then fit at small size
+        lines = ["\\setlength{\\tabcolsep}{4pt}", "\\begin{tabular}{l" + "r" * width + "}", "\\hline"]
         for start in range(0, len(names), width):  # blocks of at most TEX_COLUMNS SAEs, one under the other
             block = {n: results[n] for n in names[start:start + width]}
             pad = [""] * (width - len(block))
-            lines += ["Metric & " + " & ".join([_tex_escape(n) for n in block] + pad) + " \\\\", "\\hline"]
+            lines += ["Metric & " + " & ".join([_tex_head(n) for n in block] + pad) + " \\\\", "\\hline"]
             for row, label in zip(rows, labels):
                 lines.append(_tex_escape(label) + " & " + " & ".join(_cells(block, row, True, digits) + pad) + " \\\\")
             lines.append("\\hline")
